@@ -1,0 +1,45 @@
+# Two commands matter: `make demo` and `make test`. Both build .venv from nothing when it is
+# missing or when the pins change, so a fresh clone needs only Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-output
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build instead of the CPU wheel.
+$(STAMP): constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rayformers demo-data text-classification $(DEMO_DIR)/data
+	$(VENV)/bin/rayformers train jobs/examples/text-classification.yaml \
+		data.train=$(DEMO_DIR)/data/train data.eval=$(DEMO_DIR)/data/eval train.output=$(DEMO_DIR)/run
+	$(VENV)/bin/rayformers predict jobs/examples/text-classification.yaml \
+		predict.model=$(DEMO_DIR)/run/model predict.input=$(DEMO_DIR)/data/eval \
+		predict.output=$(DEMO_DIR)/predictions
+
+# Starts a real S3 endpoint (moto's server) on a free loopback port for the whole run, and stops it.
+test: $(STAMP)
+	@set -e; \
+	port=$$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	$(PY) -m moto.server -H 127.0.0.1 -p $$port > .s3-server.log 2>&1 & s3pid=$$!; \
+	trap 'kill $$s3pid 2>/dev/null || true' EXIT; \
+	RAYFORMERS_TEST_S3=http://127.0.0.1:$$port $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/predict_vs_pipeline.py
+
+clean:
+	rm -rf $(DEMO_DIR) .s3-server.log

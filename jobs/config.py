@@ -1,0 +1,287 @@
+"""The job configuration: one YAML per job plus dotted `key=value` overrides, validated once here.
+
+Every mistake becomes a `UserError` with one line naming the key (`train.lr: expected a number,
+got 'fast'`). Inner code receives these typed objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models import get_task, task_names
+from models.spec import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(Section):
+    """Only for from-scratch runs: the tokenizer trained on the training split."""
+
+    vocab_size: int = Field(4000, ge=100)
+    lowercase: bool = True
+    max_train_rows: int = Field(100_000, ge=1)
+
+
+class ModelInit(Section):
+    architecture: str
+    size: Literal["tiny", "mini", "small", "base"] = "tiny"
+    overrides: dict[str, Any] = {}
+
+
+class ModelConfig(Section):
+    source: str | None = None  # hub id, local HF directory, or s3://… HF directory
+    init: ModelInit | None = None  # from-scratch: architecture + size preset
+    revision: str | None = None
+    trust_remote_code: bool = False
+    max_length: int | None = Field(None, ge=8)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, Ceph); else AWS_ENDPOINT_URL
+    region: str | None = None
+    anonymous: bool = False
+
+
+class DataConfig(Section):
+    train: str | None = None
+    eval: str | None = None
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    columns: dict[str, str] = {}  # canonical column -> the user's column name
+    id_column: str | None = "id"  # carried into predictions; the row position when absent
+    preprocess_actors: int = Field(1, ge=1)
+    preprocess_batch_size: int = Field(256, ge=1)
+
+
+class TrainConfig(Section):
+    output: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)  # per worker
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = Field(100, ge=1)  # steps; each eval also writes a checkpoint
+    log_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    seed: int = 42
+    length_buckets: int = Field(8, ge=1)  # batches sorted together by length
+    stop_after_steps: int | None = Field(None, ge=1)  # end this run early (the next run resumes)
+
+
+class PredictConfig(Section):
+    model: str | None = None  # defaults to train.output/model, then model.source
+    input: str | None = None
+    output: str | None = None
+    batch_size: int = Field(8, ge=1)
+    sort_window: int = Field(1024, ge=1)  # rows sorted by length together before batching
+    actors: int | None = Field(None, ge=1)  # default: one per CPU (one per GPU with use_gpu)
+    threads_per_actor: int = Field(1, ge=1)
+    use_gpu: bool = False
+    quantize: Literal["none", "int8"] = "none"
+    parameters: dict[str, Any] = {}
+
+
+class ServeConfig(Section):
+    model: str | None = None
+    models: dict[str, str] = {}  # model id -> source, for /v1/models/<id>/predict
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+    upscale_delay_s: float = Field(5, ge=0)
+    downscale_delay_s: float = Field(30, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_models_per_replica: int = Field(3, ge=1)
+    use_gpu: bool = False
+    threads_per_replica: int = Field(1, ge=1)
+    api_key: str | None = None
+    max_request_bytes: int = Field(1_000_000, ge=1)
+    max_items_per_request: int = Field(64, ge=1)
+    allow_uris: bool = False
+
+    @model_validator(mode="after")
+    def _batching_fits(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("serve.max_ongoing_requests must be at least serve.max_batch_size")
+        if self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError("serve.max_replicas must be at least serve.min_replicas")
+        return self
+
+
+class RayConfig(Section):
+    address: str | None = None  # else RAY_ADDRESS, else a local Ray
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only
+
+
+class JobConfig(Section):
+    task: str
+    model: ModelConfig = ModelConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _fits_task(self):
+        task = get_task(self.task)
+        if (self.model.source is None) == (self.model.init is None):
+            raise ValueError("model: set exactly one of model.source (a pretrained model) or model.init (from scratch)")
+        if self.model.init and self.model.init.architecture not in task.architectures:
+            raise ValueError(
+                f"model.init.architecture: {self.model.init.architecture!r} is not one of {', '.join(task.architectures)} for {self.task}"
+            )
+        known = {c.name for c in task.columns}
+        for key in self.data.columns:
+            if key not in known:
+                raise ValueError(f"data.columns.{key}: {self.task} has no column {key!r} (columns: {', '.join(sorted(known))})")
+        return self
+
+    def with_absolute_paths(self) -> "JobConfig":
+        """Local paths made absolute, since Ray workers do not share the driver's directory."""
+
+        def fix(value: str | None, model: bool = False) -> str | None:
+            if value is None or "://" in value:
+                return value
+            if model and not (os.path.exists(value) or value.startswith((".", "/", "~"))):
+                return value  # a hub id
+            return os.path.abspath(os.path.expanduser(value))
+
+        out = self.model_copy(deep=True)
+        out.model.source = fix(out.model.source, model=True)
+        out.data.train, out.data.eval = fix(out.data.train), fix(out.data.eval)
+        out.train.output = fix(out.train.output)
+        out.predict.model = fix(out.predict.model, model=True)
+        out.predict.input, out.predict.output = fix(out.predict.input), fix(out.predict.output)
+        out.serve.model = fix(out.serve.model, model=True)
+        out.serve.models = {k: fix(v, model=True) for k, v in out.serve.models.items()}
+        return out
+
+    def column(self, canonical: str) -> str:
+        """The user's name for a canonical column."""
+        return self.data.columns.get(canonical, canonical)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind, given = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    if kind in ("float_parsing", "float_type"):
+        return f"{loc}: expected a number, got {given!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{loc}: expected an integer, got {given!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{loc}: expected true or false, got {given!r}"
+    if kind in ("string_type",):
+        return f"{loc}: expected a string, got {given!r}"
+    if kind in ("dict_type", "model_type"):
+        return f"{loc}: expected a mapping of keys, got {given!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(("model", "serve.", "task:")) or loc == "":
+        return message
+    return f"{loc}: {message}"
+
+
+def _suggest(error: dict, data: dict) -> str:
+    """`did you mean …` for a misspelt key."""
+    if error["type"] != "extra_forbidden":
+        return ""
+    *parents, key = [str(p) for p in error["loc"]]
+    model: Any = JobConfig
+    for p in parents:
+        field = model.model_fields.get(p)
+        model = getattr(field, "annotation", None) if field else None
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean {'.'.join(parents + close)}?)" if close else ""
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r}: expected key=value, e.g. train.lr=3e-5")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def validate(data: dict) -> JobConfig:
+    if not isinstance(data, dict):
+        raise UserError("config: expected a mapping of keys at the top level")
+    if "task" in data and data["task"] not in task_names():
+        raise UserError(f"task: unknown task {data['task']!r} (known: {', '.join(task_names())})")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(_describe(first) + _suggest(first, data)) from None
+
+
+def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> JobConfig:
+    """The validated config from a YAML file (or `base`) with overrides applied on top."""
+    data: Any = dict(base or {})
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}:{where} is not valid YAML") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of keys at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(data, key, value)
+    return validate(data).with_absolute_paths()
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,25 @@
+"""The task registry: every task family rayformers knows, by its Hugging Face pipeline name.
+
+Adding a task is one module here with a `TASK` object (a `models.spec.TaskSpec`) and one line
+in `TASK_MODULES`. Modules are imported on first use, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from models.spec import TaskSpec, UserError
+
+TASK_MODULES = {
+    "text-classification": "models.text_classification",
+}
+
+
+def task_names() -> list[str]:
+    return sorted(TASK_MODULES)
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASK_MODULES:
+        raise UserError(f"task: unknown task {name!r} (known: {', '.join(task_names())})")
+    return importlib.import_module(TASK_MODULES[name]).TASK

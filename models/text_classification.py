@@ -1,0 +1,250 @@
+"""text-classification: one label per text (or text pair), BERT / DistilBERT with a pooled head.
+
+Inputs `text` (+ optional `text_pair`), training label `label` (strings or ints). Output as
+`transformers.pipeline("text-classification")`: `{"label", "score"}`, or the top-k list when
+`parameters.top_k` is given. Metrics: accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+)
+
+from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.text_tokenizers import load_tokenizer, train_wordpiece
+
+# Sizes for from-scratch runs; "tiny" trains in a minute on a laptop CPU.
+BERT_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+DISTILBERT_SIZES = {
+    name: dict(dim=s["hidden_size"], n_layers=s["num_hidden_layers"], n_heads=s["num_attention_heads"], hidden_dim=s["intermediate_size"])
+    for name, s in BERT_SIZES.items()
+}
+
+
+def check_text(value, column: str) -> str | None:
+    """Why `value` cannot be used as text, or None when it can."""
+    if value is None:
+        return f"{column} is null"
+    if not isinstance(value, str):
+        return f"{column} is not a string (got {type(value).__name__})"
+    if not value.strip():
+        return f"{column} is empty"
+    return None
+
+
+def pad(rows: list, value: int, dtype=torch.long) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(np.asarray(r), dtype=dtype)
+    return out
+
+
+class ClassificationMetric(StreamingMetric):
+    def __init__(self, num_labels: int):
+        self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.macro_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+
+    def to(self, device):
+        self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
+        return self
+
+    def update(self, outputs, batch):
+        predicted = outputs.logits.argmax(-1)
+        self.accuracy.update(predicted, batch["labels"])
+        self.macro_f1.update(predicted, batch["labels"])
+
+    def compute(self):
+        return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
+
+
+class TextClassification(TaskSpec):
+    name = "text-classification"
+    architectures = ("bert", "distilbert")
+    columns = (
+        Column("text", "the text to classify"),
+        Column("text_pair", "a second text, for pair tasks (NLI, paraphrase)", required=False),
+        Column("label", "the class, a string or an int", training_only=True),
+    )
+    label_column = "label"
+    best_metric = "accuracy"
+    best_metric_mode = "max"
+    output_columns = {"label": "string", "score": "float64"}
+
+    # --- processor and model ----------------------------------------------------------------
+    def build_processor(self, model_cfg, source_dir, train_rows):
+        if source_dir:
+            return load_tokenizer(source_dir, model_cfg.max_length)
+
+        def texts():
+            for row in train_rows:
+                for column in ("text", "text_pair"):
+                    if isinstance(row.get(column), str):
+                        yield row[column]
+
+        return train_wordpiece(texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512)
+
+    def build_model(self, model_cfg, source_dir, labels, processor):
+        id2label = {i: str(label) for i, label in enumerate(labels)}
+        label2id = {name: i for i, name in id2label.items()}
+        if source_dir:
+            return AutoModelForSequenceClassification.from_pretrained(
+                source_dir,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                ignore_mismatched_sizes=True,  # a new head on a checkpoint trained for other labels
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
+            )
+        init = model_cfg.init
+        common = dict(
+            vocab_size=len(processor),
+            pad_token_id=processor.pad_token_id,
+            max_position_embeddings=max(processor.model_max_length, 64) if processor.model_max_length < 10**6 else 512,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            **init.overrides,
+        )
+        if init.architecture == "bert":
+            return BertForSequenceClassification(BertConfig(**BERT_SIZES[init.size], **common))
+        return DistilBertForSequenceClassification(DistilBertConfig(**DISTILBERT_SIZES[init.size], **common))
+
+    def load(self, model_dir):
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        return model, load_tokenizer(model_dir, None)
+
+    # --- preprocess / collate / postprocess -------------------------------------------------
+    def preprocess(self, batch, processor, labels):
+        n = len(batch["text"])
+        pairs = batch.get("text_pair")
+        errors: list[str | None] = []
+        for i in range(n):
+            why = check_text(batch["text"][i], "text")
+            if why is None and pairs is not None:
+                why = check_text(pairs[i], "text_pair")
+            if why is None and labels is not None:
+                label = batch["label"][i]
+                label = label.item() if isinstance(label, np.generic) else label
+                if label is None:
+                    why = "label is null"
+                elif label not in labels:
+                    why = f"unknown label {label!r} (not in the training split)"
+            errors.append(why)
+        ok = [i for i in range(n) if errors[i] is None]
+        texts = [batch["text"][i] for i in ok]
+        text_pairs = [pairs[i] for i in ok] if pairs is not None else None
+        encoded = processor(texts, text_pairs, truncation=False) if ok else {"input_ids": []}
+        limit = processor.model_max_length
+        too_long = [j for j, ids in enumerate(encoded["input_ids"]) if len(ids) > limit]
+        if too_long:  # rare: re-encode only those rows, with the tokenizer's own truncation rules
+            again = processor(
+                [texts[j] for j in too_long],
+                [text_pairs[j] for j in too_long] if text_pairs else None,
+                truncation=True,
+                max_length=limit,
+            )
+            for key in encoded:
+                for k, j in enumerate(too_long):
+                    encoded[key][j] = again[key][k]
+
+        arrays: dict[str, list] = {"input_ids": [None] * n}
+        if "token_type_ids" in encoded:
+            arrays["token_type_ids"] = [None] * n
+        if labels is not None:
+            arrays["labels"] = [None] * n
+        lengths, flags = [0] * n, [None] * n
+        for j, i in enumerate(ok):
+            arrays["input_ids"][i] = encoded["input_ids"][j]
+            if "token_type_ids" in arrays:
+                arrays["token_type_ids"][i] = encoded["token_type_ids"][j]
+            if labels is not None:
+                label = batch["label"][i]
+                arrays["labels"][i] = labels[label.item() if isinstance(label, np.generic) else label]
+            lengths[i] = len(encoded["input_ids"][j])
+        for j in too_long:
+            flags[ok[j]] = f"truncated to {limit} tokens"
+        return Features(arrays=arrays, lengths=lengths, errors=errors, flags=flags)
+
+    def collate(self, arrays, processor):
+        ids = arrays["input_ids"]
+        batch = {"input_ids": pad(ids, processor.pad_token_id), "attention_mask": pad([[1] * len(r) for r in ids], 0)}
+        if arrays.get("token_type_ids") is not None:
+            batch["token_type_ids"] = pad(arrays["token_type_ids"], 0)
+        if arrays.get("labels") is not None:
+            batch["labels"] = torch.as_tensor(np.asarray(arrays["labels"], dtype=np.int64))
+        return batch
+
+    def postprocess(self, outputs, inputs, model, parameters):
+        probs = outputs.logits.float().softmax(-1)
+        id2label = model.config.id2label
+        top_k = parameters.get("top_k")
+        k = min(int(top_k or 1), probs.shape[-1])
+        scores, ids = probs.topk(k, dim=-1)
+        results = []
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
+            ranked = [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
+            results.append(ranked if top_k else ranked[0])
+        return results
+
+    def to_columns(self, predictions):
+        best = [p[0] if isinstance(p, list) else p for p in predictions]
+        return {"label": [p["label"] if p else None for p in best], "score": [p["score"] if p else None for p in best]}
+
+    def request_inputs(self, inputs):
+        items = inputs if isinstance(inputs, list) else [inputs]
+        rows = []
+        for item in items:
+            if isinstance(item, dict):
+                unknown = set(item) - {"text", "text_pair"}
+                if unknown:
+                    raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected 'text' and optional 'text_pair'")
+                rows.append({"text": item.get("text"), "text_pair": item.get("text_pair")})
+            else:
+                rows.append({"text": item})
+        if any(r.get("text_pair") is not None for r in rows):
+            return rows
+        return [{"text": r["text"]} for r in rows]
+
+    def metrics(self, labels):
+        return ClassificationMetric(len(labels))
+
+    # --- demo data --------------------------------------------------------------------------
+    def demo_data(self, n, seed):
+        """Texts whose topic words decide the label, buried in shared filler words."""
+        rng = random.Random(seed)
+        topics = {
+            "sports": "goal match team coach league striker referee season stadium score",
+            "tech": "software chip server cloud code laptop network robot database app",
+            "food": "pasta recipe oven garlic bakery flavor soup chef spice dessert",
+            "travel": "flight hotel beach passport museum train island tour luggage map",
+        }
+        filler = ("the a today we they said about very new old some with from this that it was really "
+                  "people time week report story just also more many").split()
+        rows = []
+        for i in range(n):
+            label = rng.choice(sorted(topics))
+            words = rng.sample(topics[label].split(), rng.randint(1, 3))
+            words += [rng.choice(filler) for _ in range(rng.randint(3, 30))]
+            rng.shuffle(words)
+            rows.append({"id": f"doc-{seed}-{i}", "text": " ".join(words), "label": label})
+        return rows
+
+
+TASK = TextClassification()

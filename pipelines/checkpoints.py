@@ -1,0 +1,64 @@
+"""Training checkpoints in Hugging Face format plus the state needed to resume exactly.
+
+A checkpoint directory holds `model/` (weights as safetensors + config + processor, loadable by
+`transformers.pipeline`), `optimizer.safetensors` + `optimizer.json`, `scheduler.json` and
+`state.json` (step, epoch, data position, best metric). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_DIR = "model"
+
+
+def save_checkpoint(directory: str, model, processor, optimizer, scheduler, state: dict) -> None:
+    d = Path(directory)
+    model.save_pretrained(d / MODEL_DIR)
+    processor.save_pretrained(d / MODEL_DIR)
+    tensors, meta = _split_optimizer_state(optimizer.state_dict())
+    save_file(tensors, str(d / "optimizer.safetensors"))
+    (d / "optimizer.json").write_text(json.dumps(meta))
+    (d / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    (d / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
+    """Restores model, optimizer and scheduler in place; returns the saved training state."""
+    d = Path(directory)
+    weights = {}
+    for file in sorted((d / MODEL_DIR).glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith(("decoder.weight", "lm_head.weight", "position_ids"))}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    meta = json.loads((d / "optimizer.json").read_text())
+    optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / "optimizer.safetensors")), meta))
+    scheduler.load_state_dict(json.loads((d / "scheduler.json").read_text()))
+    return json.loads((d / "state.json").read_text())
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
+    tensors, per_param = {}, {}
+    for index, values in state_dict["state"].items():
+        entry = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}/{key}"] = value.detach().cpu().contiguous()
+                entry[key] = {"tensor": f"{index}/{key}"}
+            else:
+                entry[key] = value
+        per_param[str(index)] = entry
+    return tensors, {"state": per_param, "param_groups": state_dict["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for index, entry in meta["state"].items():
+        state[int(index)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,106 @@
+"""`rayformers predict`: a corpus in object storage -> preprocessing actors -> an actor pool of
+predictors -> Parquet.
+
+Exactly one output row per input row: the input's id (or its `source` file and `row` position),
+the task's prediction columns, `error` (null when fine) and `flag` (e.g. truncated). Predictors
+sort each window of rows by length before batching, so little compute goes into padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+
+from jobs.config import JobConfig
+from models import get_task
+from models.spec import UserError
+from pipelines.cluster import connect
+from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
+from pipelines.readers import ROW, SOURCE, read_rows
+from pipelines.storage import Storage
+
+
+def model_uri(cfg: JobConfig, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if cfg.train.output:
+        return cfg.train.output.rstrip("/") + "/model"
+    if cfg.model.source:
+        return cfg.model.source
+    raise UserError("predict.model: say which model to use (or set train.output / model.source)")
+
+
+def predict(cfg: JobConfig) -> dict:
+    task = get_task(cfg.task)
+    p = cfg.predict
+    if not p.input:
+        raise UserError("predict.input: required by `rayformers predict` (the corpus to score)")
+    if not p.output:
+        raise UserError("predict.output: required by `rayformers predict` (where the Parquet goes)")
+    storage = Storage.from_config(cfg.storage)
+    source = model_uri(cfg, p.model)
+    local_model = storage.model_path(source)
+    storage.list_files(p.input, (".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv"))
+    output = storage.check_writable(p.output)
+    if output.fs.ls(output.path):
+        output.fs.rm(output.path, recursive=True)  # a re-run replaces its predictions, never mixes them
+        output.fs.makedirs(output.path, exist_ok=True)
+    processor = task.build_processor(cfg.model, local_model, iter(()))
+
+    started = time.perf_counter()
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    actors = p.actors
+    if local and actors is None:  # one single-threaded predictor per core beats one multi-threaded one
+        actors = 1 if p.use_gpu else max(1, (os.cpu_count() or 1) // p.threads_per_actor)
+    connect(cfg.ray.address, cfg.ray.num_cpus, (actors or 0) * p.threads_per_actor + 1)
+    if p.use_gpu and ray.cluster_resources().get("GPU", 0) == 0:
+        raise UserError("predict.use_gpu: the Ray cluster has no GPUs")
+    if actors is None:
+        resources = ray.cluster_resources()
+        actors = int(resources["GPU"]) if p.use_gpu else max(1, int(resources.get("CPU", 2) - 1) // p.threads_per_actor)
+
+    ds = read_rows(storage, p.input, cfg.data.format)
+    names = ds.schema().names
+    check_columns(names, task, cfg.data.columns, training=False)
+    keep = (cfg.data.id_column,) if cfg.data.id_column in names else (SOURCE, ROW)
+    ds = ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs=dict(task_name=cfg.task, processor=processor, column_map=cfg.data.columns, labels=None, keep=keep),
+        batch_format="pyarrow",
+        batch_size=cfg.data.preprocess_batch_size,
+        concurrency=cfg.data.preprocess_actors,
+        num_cpus=0.5,
+    )
+    ds = ds.map_batches(
+        PredictStage,
+        fn_constructor_kwargs=dict(task_name=cfg.task, model_uri=source, storage_cfg=cfg.storage.model_dump(),
+                                   batch_size=p.batch_size, use_gpu=p.use_gpu, quantize=p.quantize,
+                                   threads=p.threads_per_actor, parameters=p.parameters, keep=keep),
+        batch_format="pyarrow",
+        batch_size=p.sort_window,
+        concurrency=actors,
+        num_gpus=1 if p.use_gpu else 0,
+        num_cpus=0 if p.use_gpu else p.threads_per_actor,
+    )
+    ds.write_parquet(output.path, filesystem=output.arrow_fs())
+    seconds = time.perf_counter() - started
+    return summarize(output, seconds, actors)
+
+
+def summarize(output, seconds: float, actors: int) -> dict:
+    table = pads.dataset(output.path, filesystem=output.arrow_fs(), format="parquet").to_table()
+    rows = table.num_rows
+    errors = rows - pc.sum(pc.is_null(table.column(ERROR))).as_py() if rows else 0
+    flagged = rows - pc.sum(pc.is_null(table.column(FLAG))).as_py() if rows else 0
+    summary = {"rows": rows, "errors": errors, "flagged": flagged, "seconds": round(seconds, 1),
+               "rows_per_s": round(rows / seconds, 1), "actors": actors, "output": output.uri}
+    print(f"wrote {rows} predictions ({errors} errors, {flagged} flagged) to {output.uri} in {seconds:.1f}s "
+          f"({rows / seconds:.1f} rows/s, {actors} predictor actors)", flush=True)
+    for row in table.slice(0, 5).to_pylist():
+        print("  " + json.dumps(row, default=str), flush=True)
+    return summary

@@ -1,0 +1,208 @@
+"""The training loop every Ray Train worker runs, for every task, readable top to bottom.
+
+Workers receive ready features from Ray Data (tokenised / decoded by preprocessing actors),
+batch them by similar length, and run AdamW with warm-up and linear decay, gradient
+accumulation and bf16 autocast where the device supports it. Every `eval_every` steps they
+evaluate with streaming metrics and report a checkpoint; a restarted run continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from transformers import get_linear_schedule_with_warmup
+
+from jobs.config import JobConfig
+from models import get_task
+from pipelines.checkpoints import MODEL_DIR, load_checkpoint, save_checkpoint
+from pipelines.predictor import ERROR, FLAG, LENGTH
+from pipelines.storage import Storage
+
+
+def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random):
+    """Batches of rows with similar lengths, in shuffled order; rows with errors are left out."""
+    for block in shard.iter_batches(batch_size=batch_size * buckets, batch_format="pyarrow"):
+        usable = block.filter(pa.compute.is_null(block.column(ERROR)))
+        skipped = block.num_rows - usable.num_rows
+        order = sorted(range(usable.num_rows), key=usable.column(LENGTH).to_pylist().__getitem__)
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(chunks)
+        names = [n for n in usable.column_names if n not in (ERROR, FLAG, LENGTH)]
+        columns = {n: usable.column(n).to_pylist() for n in names}
+        for n, rows in enumerate(chunks):
+            yield {name: [values[i] for i in rows] for name, values in columns.items()}, (skipped if n == 0 else 0)
+        if not chunks and skipped:
+            yield None, skipped
+
+
+def all_have(flag: bool, device) -> bool:
+    """True when every worker has a batch: keeps DDP steps in lockstep when shards differ."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def evaluate(model, task, processor, labels, device, autocast) -> dict:
+    shard = ray.train.get_dataset_shard("eval")
+    metric = task.metrics(labels).to(device)
+    loss_sum = torch.zeros(2, device=device)
+    model.eval()
+    with torch.no_grad():
+        for batch, _ in length_bucketed(shard, 32, 4, random.Random(0)):
+            if batch is None:
+                continue
+            inputs = {k: v.to(device) for k, v in task.collate(batch, processor).items()}
+            with autocast():
+                outputs = model(**inputs)
+            n = len(next(iter(batch.values())))
+            loss_sum += torch.tensor([float(outputs.loss) * n, n], device=device)
+            metric.update(outputs, inputs)
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    values = metric.compute() if loss_sum[1] > 0 else {}
+    return {"loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), **values}
+
+
+def train_loop(config: dict) -> None:
+    cfg = JobConfig.model_validate(config["job"])
+    task, processor, labels = get_task(cfg.task), config["processor"], config["labels"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+
+    source_dir = Storage.from_config(cfg.storage).model_path(cfg.model.source) if cfg.model.source else None
+    model = task.build_model(cfg.model, source_dir, labels, processor)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": t.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr)
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / world / t.batch_size / t.grad_accum))
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
+             "skipped_rows": 0, "best": None, "best_step": None, "labels": labels}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']})", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    has_eval = config["has_eval"]
+    sign = 1 if task.best_metric_mode == "max" else -1
+    storage = Storage.from_config(cfg.storage)
+    output = config["output"]
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        metrics = {**metrics, "step": state["step"], "epoch": state["epoch"]}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_checkpoint(d, core, processor, optimizer, scheduler, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
+                             checkpoint_dir_name=f"step-{state['step']:08d}")
+
+    def eval_and_checkpoint() -> None:
+        metrics = {}
+        if has_eval:
+            metrics = {f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, device, autocast).items()}
+            score = metrics.get(f"eval_{task.best_metric}")
+            if score is not None and (state["best"] is None or sign * score > sign * state["best"]):
+                state["best"], state["best_step"] = score, state["step"]
+                if rank == 0:  # the best model so far, kept apart from the rotating checkpoints
+                    with tempfile.TemporaryDirectory() as d:
+                        core.save_pretrained(d)
+                        processor.save_pretrained(d)
+                        (open(os.path.join(d, "eval_metrics.json"), "w")).write(json.dumps({**metrics, "step": state["step"]}))
+                        storage.upload_dir(d, f"{output}/checkpoints/best")
+            if rank == 0:
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                print(f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step {state['best_step']})", flush=True)
+        report({**metrics, "samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
+                "best": state["best"], "best_step": state["best_step"], "skipped_rows": state["skipped_rows"]}, True)
+
+    model.train()
+    rng = random.Random(t.seed)
+    window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+    last_eval_step = state["step"] if checkpoint else -1
+    stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
+    while state["step"] < stop_at:
+        rng.seed(t.seed + state["epoch"])
+        batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng)
+        to_skip, micro = state["batches_in_epoch"], 0
+        exhausted = False  # some worker ran out of data: this epoch ends for everyone
+        for batch, skipped in batches:
+            if batch is None or micro < to_skip:  # resuming: skip what the checkpoint already saw
+                micro += batch is not None
+                continue
+            state["skipped_rows"] += skipped
+            if state["step"] >= stop_at:
+                break
+            if exhausted:
+                continue  # drain the shard so that the next epoch starts cleanly
+            if not all_have(True, device):
+                exhausted = True
+                continue
+            start = time.perf_counter()
+            inputs = {k: v.to(device) for k, v in task.collate(batch, processor).items()}
+            with autocast():
+                loss = model(**inputs).loss / t.grad_accum
+            loss.backward()
+            micro += 1
+            n = len(inputs["input_ids"]) if "input_ids" in inputs else len(next(iter(batch.values())))
+            window_loss += float(loss.detach()) * t.grad_accum * n
+            window_samples += n
+            state["samples"] += n * world
+            state["batches_in_epoch"] = micro
+            if micro % t.grad_accum:
+                state["train_seconds"] += time.perf_counter() - start
+                continue
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["train_seconds"] += time.perf_counter() - start
+            step = state["step"]
+            if step % t.log_every == 0 and rank == 0:
+                elapsed = time.perf_counter() - window_start
+                print(f"step {step}/{total_steps} epoch {state['epoch']} loss {window_loss / max(window_samples, 1):.4f} "
+                      f"samples/s {window_samples * world / elapsed:.1f} lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+                window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+            if step % t.eval_every == 0:
+                eval_and_checkpoint()
+                last_eval_step = step
+        if not exhausted and state["step"] < stop_at:
+            all_have(False, device)  # this worker ran out: release workers waiting in `all_have`
+        if state["step"] < stop_at:  # the epoch ended, not the run
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    if state["step"] != last_eval_step:
+        eval_and_checkpoint()
