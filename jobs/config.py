@@ -6,6 +6,7 @@ got 'fast'`). Inner code receives these typed objects, never raw dicts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -265,7 +266,7 @@ def validate(data: dict) -> JobConfig:
 
 def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> JobConfig:
     """The validated config from a YAML file (or `base`) with overrides applied on top."""
-    data: Any = dict(base or {})
+    data: Any = copy.deepcopy(base or {})
     if path is not None:
         file = Path(path)
         if not file.is_file():

@@ -57,6 +57,53 @@ def table_from_rows(rows: list[dict], errors: list[str | None]) -> pa.Table:
     return table.append_column(READ_ERROR, pa.array(errors, pa.string()))
 
 
+def parse_parquet(data: bytes) -> Iterator[pa.Table]:
+    for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=ROWS_PER_BLOCK):
+        table = pa.Table.from_batches([batch])
+        yield table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
+
+
+def parse_lines(data: bytes, fmt: str) -> Iterator[pa.Table]:
+    """JSON Lines or CSV, a block at a time; a line that does not parse becomes an error row."""
+    text = data.decode("utf-8", errors="replace")
+    rows: list[dict] = []
+    errors: list[str | None] = []
+    if fmt == "jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+                if not isinstance(value, dict):
+                    raise ValueError("not an object")
+                rows.append(value)
+                errors.append(None)
+            except ValueError as exc:
+                rows.append({})
+                errors.append(f"line {lineno}: not a JSON object ({exc})")
+            if len(rows) == ROWS_PER_BLOCK:
+                yield table_from_rows(rows, errors)
+                rows, errors = [], []
+    else:
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, None) or []
+        for values in reader:
+            lineno = reader.line_num
+            if not values:
+                continue
+            if len(values) != len(header):
+                rows.append({})
+                errors.append(f"line {lineno}: {len(values)} fields, the header has {len(header)}")
+            else:
+                rows.append(dict(zip(header, values)))
+                errors.append(None)
+            if len(rows) == ROWS_PER_BLOCK:
+                yield table_from_rows(rows, errors)
+                rows, errors = [], []
+    if rows:
+        yield table_from_rows(rows, errors)
+
+
 class RowsDatasource(FileBasedDatasource):
     """Parquet, JSON Lines and CSV files, streamed in blocks, each row tagged with file and line."""
 
@@ -67,7 +114,7 @@ class RowsDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = format_of(path, self._format)
         data = f.readall()
-        blocks = self._parquet(data) if fmt == "parquet" else self._lines(data, fmt, path)
+        blocks = parse_parquet(data) if fmt == "parquet" else parse_lines(data, fmt)
         start = 0
         for block in blocks:
             n = block.num_rows
@@ -75,48 +122,6 @@ class RowsDatasource(FileBasedDatasource):
                 ROW, pa.array(range(start, start + n), pa.int64())
             )
             start += n
-
-    def _parquet(self, data: bytes) -> Iterator[pa.Table]:
-        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=ROWS_PER_BLOCK):
-            table = pa.Table.from_batches([batch])
-            yield table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
-
-    def _lines(self, data: bytes, fmt: str, path: str) -> Iterator[pa.Table]:
-        text = data.decode("utf-8", errors="replace")
-        rows: list[dict] = []
-        errors: list[str | None] = []
-        if fmt == "jsonl":
-            records = ((i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip())
-            for lineno, line in records:
-                try:
-                    value = json.loads(line)
-                    if not isinstance(value, dict):
-                        raise ValueError("not an object")
-                    rows.append(value)
-                    errors.append(None)
-                except ValueError as exc:
-                    rows.append({})
-                    errors.append(f"line {lineno}: not a JSON object ({exc})")
-                if len(rows) == ROWS_PER_BLOCK:
-                    yield table_from_rows(rows, errors)
-                    rows, errors = [], []
-        else:
-            reader = csv.reader(io.StringIO(text))
-            header = next(reader, None) or []
-            for lineno, values in enumerate(reader, 2):
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    rows.append({})
-                    errors.append(f"line {lineno}: {len(values)} fields, the header has {len(header)}")
-                else:
-                    rows.append(dict(zip(header, values)))
-                    errors.append(None)
-                if len(rows) == ROWS_PER_BLOCK:
-                    yield table_from_rows(rows, errors)
-                    rows, errors = [], []
-        if rows:
-            yield table_from_rows(rows, errors)
 
 
 def read_rows(storage: Storage, uri: str, fmt: str = "auto") -> ray.data.Dataset:

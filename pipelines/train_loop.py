@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import ray.train
@@ -133,13 +133,16 @@ def train_loop(config: dict) -> None:
         if has_eval:
             metrics = {f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, device, autocast).items()}
             score = metrics.get(f"eval_{task.best_metric}")
-            if score is not None and (state["best"] is None or sign * score > sign * state["best"]):
-                state["best"], state["best_step"] = score, state["step"]
+            loss = metrics["eval_loss"]
+            better = score is not None and (state["best"] is None or sign * score > sign * state["best"] or (
+                score == state["best"] and loss < state.get("best_loss", float("inf"))))  # ties go to the lower loss
+            if better:
+                state["best"], state["best_step"], state["best_loss"] = score, state["step"], loss
                 if rank == 0:  # the best model so far, kept apart from the rotating checkpoints
                     with tempfile.TemporaryDirectory() as d:
                         core.save_pretrained(d)
                         processor.save_pretrained(d)
-                        (open(os.path.join(d, "eval_metrics.json"), "w")).write(json.dumps({**metrics, "step": state["step"]}))
+                        Path(d, "eval_metrics.json").write_text(json.dumps({**metrics, "step": state["step"]}))
                         storage.upload_dir(d, f"{output}/checkpoints/best")
             if rank == 0:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())

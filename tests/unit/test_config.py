@@ -1,0 +1,83 @@
+"""A job config is validated before Ray starts; each mistake reads as one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.config import load_config, validate
+from models.spec import UserError
+
+BASE = {"task": "text-classification", "model": {"init": {"architecture": "bert"}}}
+
+
+def error_of(data=None, overrides=()):
+    with pytest.raises(UserError) as info:
+        load_config(None, list(overrides), base=data or BASE)
+    return str(info.value)
+
+
+def test_a_word_where_a_number_belongs_names_the_key_and_the_value():
+    assert error_of(overrides=["train.lr=fast"]) == "train.lr: expected a number, got 'fast'"
+
+
+def test_an_unknown_key_is_named_with_a_suggestion():
+    assert error_of(overrides=["train.lrr=0.1"]) == "train.lrr: unknown key (did you mean train.lr?)"
+
+
+def test_an_unknown_task_lists_the_known_ones():
+    message = error_of({**BASE, "task": "summarise"})
+    assert message.startswith("task: unknown task 'summarise' (known: ") and "text-classification" in message
+
+
+def test_a_missing_task_is_a_missing_key():
+    assert error_of({"model": {"init": {"architecture": "bert"}}}) == "task: required key is missing"
+
+
+def test_model_needs_exactly_one_of_source_or_init():
+    assert "exactly one of model.source" in error_of({"task": "text-classification"})
+
+
+def test_an_architecture_the_task_lacks_is_refused():
+    assert error_of(overrides=["model.init.architecture=gpt2"]).startswith("model.init.architecture: 'gpt2' is not one of bert")
+
+
+def test_a_column_mapping_for_a_column_the_task_does_not_have():
+    assert error_of(overrides=["data.columns.image=img"]).startswith("data.columns.image: text-classification has no column 'image'")
+
+
+def test_serve_batching_must_fit_in_ongoing_requests():
+    assert "max_ongoing_requests" in error_of(overrides=["serve.max_batch_size=64", "serve.max_ongoing_requests=8"])
+
+
+def test_an_override_without_equals_sign():
+    assert "expected key=value" in error_of(overrides=["train.lr"])
+
+
+def test_overrides_are_typed_and_paths_made_absolute(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-5", "train.num_workers=2", "train.output=runs/a", "model.init.size=mini"], base=BASE)
+    assert cfg.train.lr == 3e-5 and cfg.train.num_workers == 2 and cfg.model.init.size == "mini"
+    assert cfg.train.output.startswith("/") and cfg.train.output.endswith("runs/a")
+
+
+def test_uris_and_hub_ids_are_left_alone():
+    cfg = load_config(None, ["model.init=null", "model.source=bert-base-uncased", "data.train=s3://b/train"], base=BASE)
+    assert cfg.model.source == "bert-base-uncased" and cfg.data.train == "s3://b/train"
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(UserError, match="job.yaml: line 1 is not valid YAML|job.yaml:.* is not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(UserError, match="no such config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_the_example_config_is_valid():
+    cfg = load_config("jobs/examples/text-classification.yaml")
+    assert cfg.task == "text-classification" and cfg.model.init.architecture == "bert"
+
+
+def test_defaults_are_filled_in():
+    cfg = validate(BASE)
+    assert cfg.train.keep_checkpoints == 2 and cfg.predict.quantize == "none" and cfg.serve.max_batch_size == 8

@@ -1,0 +1,57 @@
+"""Readers keep every row: a line that does not parse, or a value of the wrong type, becomes an
+error row instead of failing the file."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from models.spec import UserError
+from pipelines.readers import READ_ERROR, format_of, parse_lines, parse_parquet
+
+
+def rows_of(blocks):
+    return pa.concat_tables(list(blocks), promote_options="default").to_pylist()
+
+
+def test_jsonl_bad_lines_become_error_rows_in_place():
+    data = b'{"text": "a", "label": "x"}\nnot json\n\n[1, 2]\n{"text": "b", "label": "y"}\n'
+    rows = rows_of(parse_lines(data, "jsonl"))
+    assert len(rows) == 4
+    assert rows[0]["text"] == "a" and rows[0][READ_ERROR] is None
+    assert rows[1][READ_ERROR].startswith("line 2: not a JSON object")
+    assert rows[2][READ_ERROR].startswith("line 4: not a JSON object")
+    assert rows[3]["text"] == "b"
+
+
+def test_a_number_in_a_text_column_is_nulled_and_named():
+    data = b'{"text": "fine"}\n{"text": 42}\n{"text": null}\n'
+    rows = rows_of(parse_lines(data, "jsonl"))
+    assert [r["text"] for r in rows] == ["fine", None, None]
+    assert rows[1][READ_ERROR] == "column 'text' holds a int, expected str"
+    assert rows[2][READ_ERROR] is None  # a null is the task's to judge
+
+
+def test_csv_rows_with_the_wrong_field_count_are_kept_as_errors():
+    data = b'text,label\nhello,a\n"comma, inside",b\nonly-one\nthree,fields,here\n'
+    rows = rows_of(parse_lines(data, "csv"))
+    assert [r["text"] for r in rows] == ["hello", "comma, inside", None, None]
+    assert rows[2][READ_ERROR] == "line 4: 1 fields, the header has 2"
+
+
+def test_parquet_is_read_in_blocks_with_an_empty_error_column():
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["a", "b", None]}), buf)
+    rows = rows_of(parse_parquet(buf.getvalue()))
+    assert [r["text"] for r in rows] == ["a", "b", None] and all(r[READ_ERROR] is None for r in rows)
+
+
+def test_formats_come_from_suffixes_or_config():
+    assert format_of("x/part-0.PARQUET", "auto") == "parquet"
+    assert format_of("x/data.ndjson", "auto") == "jsonl"
+    assert format_of("x/data.txt", "csv") == "csv"
+    with pytest.raises(UserError, match="data.txt: unknown data format"):
+        format_of("x/data.txt", "auto")

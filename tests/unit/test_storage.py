@@ -1,0 +1,46 @@
+"""Local URIs: files, folders and globs resolve to data files; a missing path is one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.spec import UserError
+from pipelines.storage import Storage
+
+SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def test_a_folder_a_file_and_a_glob(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "_SUCCESS", ".hidden.jsonl", "notes.txt"):
+        (tmp_path / "d" / name).write_text("{}\n")
+    storage = Storage()
+    assert [l.path.rsplit("/", 1)[-1] for l in storage.list_files(str(tmp_path / "d"), SUFFIXES)] == ["a.jsonl", "b.jsonl"]
+    assert len(storage.list_files(str(tmp_path / "d" / "a.jsonl"), SUFFIXES)) == 1
+    assert len(storage.list_files(f"file://{tmp_path}/d/*.jsonl", SUFFIXES)) == 2
+
+
+def test_a_missing_path_names_the_uri(tmp_path):
+    with pytest.raises(UserError, match=f"^{tmp_path}/nope: no such file or folder$"):
+        Storage().list_files(str(tmp_path / "nope"), SUFFIXES)
+
+
+def test_a_folder_without_data_files(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(UserError, match="no data files"):
+        Storage().list_files(str(tmp_path), SUFFIXES)
+
+
+def test_an_unsupported_scheme():
+    with pytest.raises(UserError, match="unsupported storage scheme 'nosuch'"):
+        Storage().resolve("nosuch://bucket/x")
+
+
+def test_copy_dir_and_text_round_trip(tmp_path):
+    storage = Storage()
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "f.txt").write_text("x")
+    storage.copy_dir(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert (tmp_path / "dst" / "sub" / "f.txt").read_text() == "x"
+    storage.write_text(str(tmp_path / "out" / "m.json"), "{}")
+    assert storage.read_text(str(tmp_path / "out" / "m.json")) == "{}"
