@@ -67,6 +67,8 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Ray placement group strategy for the workers: PACK fills a node first, STRICT_SPREAD puts each on its own node
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)  # per worker
@@ -109,6 +111,10 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(4, gt=0)
     upscale_delay_s: float = Field(5, ge=0)
     downscale_delay_s: float = Field(30, ge=0)
+    look_back_period_s: float = Field(30, gt=0)  # window the autoscaler averages load over
+    metrics_interval_s: float = Field(10, gt=0)  # how often load is reported to the autoscaler
+    health_check_period_s: float = Field(10, gt=0)  # each check runs the model on a tiny input
+    health_check_timeout_s: float = Field(30, gt=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)

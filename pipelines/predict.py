@@ -47,8 +47,8 @@ def predict(cfg: JobConfig) -> dict:
     local_model = storage.model_path(source)
     storage.list_files(p.input, (".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv"))
     output = storage.check_writable(p.output)
-    if output.fs.ls(output.path):
-        output.fs.rm(output.path, recursive=True)  # a re-run replaces its predictions, never mixes them
+    if output.fs.find(output.path):  # a re-run replaces its predictions, never mixes them
+        output.fs.rm(output.path, recursive=True)
         output.fs.makedirs(output.path, exist_ok=True)
     processor = task.build_processor(cfg.model, local_model, iter(()))
 

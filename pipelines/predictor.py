@@ -123,14 +123,18 @@ class Predictor:
                 predictions[i] = prediction
         return predictions
 
-    def predict_rows(self, rows: list[dict], parameters: dict | None = None) -> tuple[list, list, list]:
-        """Raw rows in canonical column names -> (predictions, errors, flags). Used by Serve."""
+    def preprocess_rows(self, rows: list[dict]) -> Features:
+        """Raw rows in canonical column names -> features; Serve checks their errors before batching."""
         batch = {}
         for column in self.task.columns:
             values = [r.get(column.name) for r in rows]
             if not column.training_only and (column.required or any(v is not None for v in values)):
                 batch[column.name] = values
-        features = self.task.preprocess(batch, self.processor, None)
+        return self.task.preprocess(batch, self.processor, None)
+
+    def predict_rows(self, rows: list[dict], parameters: dict | None = None) -> tuple[list, list, list]:
+        """Raw rows in canonical column names -> (predictions, errors, flags)."""
+        features = self.preprocess_rows(rows)
         predictions = self.predict_arrays(features.arrays, features.lengths, features.errors, parameters)
         return predictions, features.errors, features.flags or [None] * len(rows)
 

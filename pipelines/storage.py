@@ -67,7 +67,10 @@ class Storage:
             import s3fs
 
             client_kwargs = {"region_name": self.region} if self.region else {}
-            fs = s3fs.S3FileSystem(anon=self.anonymous, endpoint_url=self.endpoint_url, client_kwargs=client_kwargs)
+            # No listings cache: another process (a train worker, an earlier run) may have rewritten
+            # the objects, and a stale ETag makes reads fail.
+            fs = s3fs.S3FileSystem(anon=self.anonymous, endpoint_url=self.endpoint_url, client_kwargs=client_kwargs,
+                                   use_listings_cache=False)
             return Location(uri, fs, rest)
         if scheme == "file":
             return Location(uri, fsspec.filesystem("file"), rest if rest.startswith("/") else str(Path(rest).absolute()))

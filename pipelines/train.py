@@ -115,7 +115,8 @@ def train(cfg: JobConfig) -> dict:
         train_loop_config={"job": cfg.model_dump(mode="json"), "processor": processor, "labels": labels,
                            "train_rows": rows, "has_eval": "eval" in datasets, "output": t.output},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=output.path,
@@ -145,8 +146,8 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     """Copies the best model to train.output/model and writes train.output/metrics.json."""
     out = cfg.train.output.rstrip("/")
     final = dict(result.metrics or {})
-    if final.get("step", 0) < (cfg.train.max_steps or 0) and cfg.train.stop_after_steps:
-        print(f"stopped after step {final.get('step')} as asked (train.stop_after_steps); run again to resume", flush=True)
+    if cfg.train.stop_after_steps:
+        print(f"stopped at step {final.get('step')} as asked (train.stop_after_steps); the same command resumes", flush=True)
     best_uri = f"{out}/checkpoints/best"
     if storage.exists(f"{best_uri}/config.json"):
         best = json.loads(storage.read_text(f"{best_uri}/eval_metrics.json"))
@@ -160,6 +161,8 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
         "best": best,
         "throughput_samples_per_s": final.get("samples_per_s"),
         "skipped_rows": final.get("skipped_rows"),
+        "resumed_at_steps": final.get("resumed_at", []),
+        "worker_nodes": final.get("worker_nodes"),  # Ray node id of each worker, by rank
         "wall_seconds": round(seconds, 1),
     }
     storage.write_text(f"{out}/metrics.json", json.dumps(summary, indent=2))

@@ -82,6 +82,11 @@ def train_loop(config: dict) -> None:
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    node = ray.get_runtime_context().get_node_id()
+    print(f"worker rank {rank} on node {node}", flush=True)
+    worker_nodes = [None] * world if dist.is_initialized() else [node]  # metrics.json records where workers ran
+    if dist.is_initialized():
+        dist.all_gather_object(worker_nodes, node)
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -108,6 +113,7 @@ def train_loop(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer, scheduler)
+        state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
         if rank == 0:
             print(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']})", flush=True)
     model = ray.train.torch.prepare_model(model)
@@ -148,7 +154,8 @@ def train_loop(config: dict) -> None:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step {state['best_step']})", flush=True)
         report({**metrics, "samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
-                "best": state["best"], "best_step": state["best_step"], "skipped_rows": state["skipped_rows"]}, True)
+                "best": state["best"], "best_step": state["best_step"], "skipped_rows": state["skipped_rows"],
+                "resumed_at": state.get("resumed_at", []), "worker_nodes": worker_nodes}, True)
 
     model.train()
     rng = random.Random(t.seed)

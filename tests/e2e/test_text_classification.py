@@ -31,3 +31,81 @@ def test_training_from_s3_beats_chance_by_a_wide_margin(trained_text_model):
     assert metrics["best"]["eval_accuracy"] == summary["best"]["eval_accuracy"]
     checkpoints = [p for p in fs.ls(f"{out}/checkpoints") if p.rsplit("/", 1)[-1].startswith("step-")]
     assert 1 <= len(checkpoints) <= 2  # train.keep_checkpoints=2 by default
+
+
+def write_jsonl(uri: str, lines: list[str]) -> None:
+    with s3fs.S3FileSystem().open(uri.removeprefix("s3://"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_predict_keeps_every_row_and_marks_the_bad_ones(trained_text_model, bucket):
+    from pipelines.predict import predict
+    from tests.conftest import job_config
+
+    good = [json.dumps({"id": f"g{i}", "text": t}) for i, t in
+            enumerate(["the striker scored a late goal", "new laptop chip and cloud server", "garlic soup recipe from the chef"])]
+    bad = [json.dumps({"id": "null", "text": None}), json.dumps({"id": "empty", "text": "  "}),
+           json.dumps({"id": "number", "text": 12}), "{not json", json.dumps({"id": "long", "text": "goal " * 400})]
+    write_jsonl(f"s3://{bucket}/corpus/a.jsonl", good + bad)
+    write_jsonl(f"s3://{bucket}/corpus/b.jsonl", [json.dumps({"id": f"b{i}", "text": "hotel beach flight"}) for i in range(50)])
+    cfg = job_config(predict={"model": trained_text_model["model"], "input": f"s3://{bucket}/corpus",
+                              "output": f"s3://{bucket}/predictions", "actors": 1, "sort_window": 16})
+    summary = predict(cfg)
+    table = read_parquet_dir(f"s3://{bucket}/predictions").to_pylist()
+    assert len(table) == summary["rows"] == 58  # 8 + 50 input rows, none lost, none doubled
+    by_id = {r["id"]: r for r in table if r["id"] is not None}
+    assert len(by_id) == 57 and sum(r["id"] is None for r in table) == 1  # the unparsable line has no id
+    assert {by_id[k]["label"] for k in ("g0", "g1", "g2")} and by_id["g0"]["label"] == "sports"
+    assert by_id["g1"]["label"] == "tech" and by_id["g2"]["label"] == "food" and by_id["b7"]["label"] == "travel"
+    assert by_id["null"]["error"] == "text is null" and by_id["null"]["label"] is None
+    assert by_id["empty"]["error"] == "text is empty"
+    assert by_id["number"]["error"] == "column 'text' holds a int, expected str"
+    assert [r for r in table if r["id"] is None][0]["error"].startswith("line 7: not a JSON object")
+    assert by_id["long"]["error"] is None and by_id["long"]["flag"] == "truncated to 64 tokens" and by_id["long"]["label"]
+    assert summary["errors"] == 4 and summary["flagged"] == 1
+
+
+def test_rows_without_an_id_carry_their_file_and_position(trained_text_model, bucket):
+    from pipelines.predict import predict
+    from tests.conftest import job_config
+
+    write_jsonl(f"s3://{bucket}/noid/part.jsonl", [json.dumps({"text": f"goal match {i}"}) for i in range(20)])
+    cfg = job_config(predict={"model": trained_text_model["model"], "input": f"s3://{bucket}/noid",
+                              "output": f"s3://{bucket}/noid-out", "actors": 1})
+    predict(cfg)
+    table = read_parquet_dir(f"s3://{bucket}/noid-out")
+    assert sorted(table.column("row").to_pylist()) == list(range(20))
+    assert set(table.column("source").to_pylist()) == {f"{bucket}/noid/part.jsonl"}
+
+
+def test_the_saved_model_loads_in_a_transformers_pipeline_with_the_same_labels(trained_text_model, tmp_path):
+    from transformers import pipeline
+
+    from pipelines.predictor import Predictor
+    from pipelines.storage import Storage
+
+    local = Storage().local_copy(trained_text_model["model"])
+    texts = ["referee season stadium", "the database app crashed", "a beach tour and a museum", "spice dessert bakery"]
+    plain = pipeline("text-classification", model=local)(texts)
+    ours, errors, _ = Predictor("text-classification", local).predict_rows([{"text": t} for t in texts])
+    assert errors == [None] * 4
+    assert [p["label"] for p in plain] == [p["label"] for p in ours]
+    assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(plain, ours))
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(ray_session, demo_data_s3, bucket):
+    from pipelines.train import train
+    from tests.conftest import job_config
+
+    output = f"s3://{bucket}/resume"
+    sections = dict(data={"train": f"{demo_data_s3}/train", "eval": f"{demo_data_s3}/eval"},
+                    train={"output": output, "max_steps": 60, "eval_every": 20, "stop_after_steps": 20})
+    first = train(job_config(**sections))
+    assert first["final"]["step"] == 20 and first["resumed_at_steps"] == []
+    sections["train"]["stop_after_steps"] = None
+    second = train(job_config(**sections))
+    assert second["final"]["step"] == 60
+    assert second["resumed_at_steps"] == [20]  # continued from the first run's checkpoint, not from 0
+    fs = s3fs.S3FileSystem()
+    steps = sorted(p.rsplit("-", 1)[-1] for p in fs.ls(f"{bucket}/resume/checkpoints") if "/step-" in p)
+    assert steps == ["00000040", "00000060"]  # keep_checkpoints=2: the newest two

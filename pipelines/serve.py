@@ -1,0 +1,285 @@
+"""`rayformers serve`: the configured model(s) behind one Ray Serve deployment with a FastAPI ingress.
+
+Each replica holds the default model (`serve.model`, else `train.output/model`, else `model.source`)
+and loads the models of `serve.models` on demand, evicting the least recently used (Serve model
+multiplexing). Requests are checked and preprocessed by the task spec on arrival, then grouped
+with `@serve.batch` and run through the same `Predictor` as `rayformers predict`, so both give
+the same answer for the same input. `check_health` runs every loaded model on a tiny input, so
+a replica whose model is broken is replaced. `build_app` is the application builder that
+`serve deploy` imports (see `export_config`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import weakref
+from dataclasses import dataclass
+
+import yaml
+from ray import serve
+
+from jobs.config import JobConfig, load_config
+from models import get_task
+from models.spec import Features, UserError
+from pipelines.cluster import connect
+from pipelines.predictor import Predictor
+from pipelines.serve_http import API_KEY_ENV, RequestError, http_app, row_errors
+from pipelines.storage import Storage
+
+APP_NAME = "rayformers"
+DEPLOYMENT_NAME = "Predictor"
+IMPORT_PATH = "pipelines.serve:build_app"
+DEFAULT = "default"  # how the default model is named in health reports
+
+
+def default_source(cfg: JobConfig) -> str | None:
+    if cfg.serve.model:
+        return cfg.serve.model
+    if cfg.train.output:
+        return cfg.train.output.rstrip("/") + "/model"
+    return cfg.model.source
+
+
+def probe_rows(task) -> list[dict]:
+    """A tiny input the task accepts, for health checks: one row of its own demo data."""
+    row = task.demo_data(1, 0)[0]
+    return [{c.name: row[c.name] for c in task.columns if not c.training_only and c.name in row}]
+
+
+@dataclass
+class Pending:
+    """One request's rows, preprocessed and checked, waiting for the model."""
+
+    predictor: Predictor
+    features: Features
+    parameters: dict
+    key: str  # requests with the same model and parameters run in one batch
+
+
+def merge(features: list[Features]) -> Features:
+    names = features[0].arrays.keys()
+    return Features(arrays={n: [v for f in features for v in f.arrays[n]] for n in names},
+                    lengths=[n for f in features for n in f.lengths], errors=[e for f in features for e in f.errors])
+
+
+class PredictorDeployment:
+    """One Serve replica: the models, the batching, the health check; HTTP is `serve_http.http_app`."""
+
+    def __init__(self, cfg: JobConfig):
+        s = cfg.serve
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.storage = Storage.from_config(cfg.storage)
+        self.api_key = s.api_key or os.environ.get(API_KEY_ENV) or None
+        self.max_request_bytes, self.max_items_per_request = s.max_request_bytes, s.max_items_per_request
+        self.probe = probe_rows(self.task)
+        self.loaded: weakref.WeakValueDictionary[str, Predictor] = weakref.WeakValueDictionary()
+        source = default_source(cfg)
+        self.default = self.load(DEFAULT, source) if source else None
+
+        async def load_named(model_id: str) -> Predictor:
+            return await asyncio.to_thread(self.load, model_id, s.models[model_id])
+
+        # Set up here rather than as decorators so that the limits come from the config.
+        self.load_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_named)
+        self.batching = s.max_batch_size > 1
+        self.predict_batch.set_max_batch_size(s.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self):
+        return http_app(self)
+
+    # --- models ---------------------------------------------------------------------------------
+    def load(self, name: str, source: str) -> Predictor:
+        s, p = self.cfg.serve, self.cfg.predict
+        predictor = Predictor(self.cfg.task, self.storage.model_path(source), batch_size=p.batch_size, use_gpu=s.use_gpu,
+                              quantize=p.quantize, threads=s.threads_per_replica, parameters=p.parameters)
+        self.check(name, predictor)  # a model that cannot answer never takes traffic
+        self.loaded[name] = predictor
+        return predictor
+
+    def check(self, name: str, predictor: Predictor) -> None:
+        predictions, errors, _ = predictor.predict_rows(self.probe)
+        if errors[0] is not None or predictions[0] is None:
+            raise RuntimeError(f"model {name!r} refused the health-check input: {errors[0]}")
+        try:
+            json.dumps(predictions, allow_nan=False)
+        except ValueError:
+            raise RuntimeError(f"model {name!r} answered the health-check input with NaN or infinity") from None
+
+    async def check_health(self) -> None:
+        """Serve calls this every serve.health_check_period_s; raising gets the replica replaced."""
+        for name, predictor in list(self.loaded.items()):
+            self.check(name, predictor)
+
+    def check_model(self, model_id: str | None) -> None:
+        named = sorted(self.cfg.serve.models)
+        if model_id is None and self.default is None:
+            raise RequestError(404, f"no default model is served; use /v1/models/<id>/predict with one of {named}")
+        if model_id is not None and model_id not in self.cfg.serve.models:
+            served = f"served: {', '.join(named)}" if named else "no named models are served (serve.models); use /predict"
+            raise RequestError(404, f"unknown model {model_id!r} ({served})")
+
+    def health(self) -> dict:
+        return {"status": "ok", "task": self.task.name, "models": sorted(self.cfg.serve.models),
+                "loaded": sorted(self.loaded.keys())}
+
+    # --- prediction -----------------------------------------------------------------------------
+    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+        if model_id is None:
+            predictor = self.default
+        else:
+            try:
+                predictor = await self.load_model(model_id)
+            except Exception as exc:
+                raise RequestError(500, f"model {model_id!r} could not be loaded: {exc}") from None
+        features = predictor.preprocess_rows(rows)
+        problem = row_errors(features.errors, is_list)
+        if problem:
+            raise problem
+        key = f"{id(predictor)}:{json.dumps(parameters, sort_keys=True, default=str)}"
+        pending = Pending(predictor, features, parameters, key)
+        result = await self.predict_batch(pending) if self.batching else self.run([pending])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result, features.flags or [None] * len(rows)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # replaced from the config in __init__
+    async def predict_batch(self, batch: list[Pending]) -> list:
+        return self.run(batch)
+
+    def run(self, batch: list[Pending]) -> list:
+        """Predictions for each request of a batch (or the exception that its group raised)."""
+        groups: dict[str, list[int]] = {}
+        for i, pending in enumerate(batch):
+            groups.setdefault(pending.key, []).append(i)
+        results: list = [None] * len(batch)
+        for members in groups.values():
+            first = batch[members[0]]
+            merged = merge([batch[i].features for i in members])
+            try:
+                predictions = first.predictor.predict_arrays(merged.arrays, merged.lengths, merged.errors, first.parameters)
+            except (ValueError, TypeError, KeyError) as exc:
+                if not first.parameters:
+                    raise
+                error = RequestError(422, f"parameters: {json.dumps(first.parameters)} cannot be used with this model "
+                                          f"({type(exc).__name__}: {exc})")
+                for i in members:
+                    results[i] = error
+                continue
+            except Exception as exc:  # only this group fails; the replica keeps serving
+                for i in members:
+                    results[i] = exc
+                continue
+            start = 0
+            for i in members:
+                n = len(batch[i].features.errors)
+                results[i], start = predictions[start : start + n], start + n
+        return results
+
+
+def deployment_options(cfg: JobConfig) -> dict:
+    """The Serve deployment options for the config (also written by `export_config`)."""
+    s = cfg.serve
+    actor = {"num_cpus": s.threads_per_replica}
+    if s.use_gpu:
+        actor["num_gpus"] = 1
+    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests, "ray_actor_options": actor,
+               "health_check_period_s": s.health_check_period_s, "health_check_timeout_s": s.health_check_timeout_s}
+    if s.min_replicas == s.max_replicas:
+        options["num_replicas"] = s.max_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
+        }
+        if s.metrics_interval_s != 10:  # Serve's default; other values are allowed but warned about
+            options["autoscaling_config"]["metrics_interval_s"] = s.metrics_interval_s
+    return options
+
+
+def app_for(cfg: JobConfig, cls: type = PredictorDeployment):
+    return serve.deployment(serve.ingress()(cls)).options(**deployment_options(cfg)).bind(cfg)
+
+
+def build_app(args: dict):
+    """The application builder `serve deploy` imports: args {"config": YAML path, "overrides": [k=v, ...]}."""
+    if "config" not in args:
+        raise UserError(f"{IMPORT_PATH}: args.config is required (the job YAML)")
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise UserError(f"{IMPORT_PATH}: unknown args {sorted(unknown)}; expected config and overrides")
+    return app_for(load_config(args["config"], list(args.get("overrides") or [])))
+
+
+# --- the CLI verb -----------------------------------------------------------------------------------
+
+
+def check_sources(cfg: JobConfig) -> None:
+    """Every model location exists, checked before Ray starts (hub ids are left to `from_pretrained`)."""
+    storage = Storage.from_config(cfg.storage)
+    sources = {f"serve.models.{k}": v for k, v in cfg.serve.models.items()}
+    default = default_source(cfg)
+    if default:
+        sources["serve.model"] = default
+    elif not sources:
+        raise UserError("serve.model: say which model to serve (or set train.output, model.source or serve.models)")
+    for key, source in sources.items():
+        is_path = "://" in source or source.startswith((".", "/", "~")) or os.path.exists(source)
+        if is_path and not storage.exists(source):
+            raise UserError(f"{key}: {source}: no such model directory (train first, or point it at a saved model)")
+
+
+def run_serve(cfg: JobConfig) -> None:
+    check_sources(cfg)
+    s = cfg.serve
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    connect(cfg.ray.address, cfg.ray.num_cpus, s.max_replicas * s.threads_per_replica)
+    import ray
+
+    if s.use_gpu and ray.cluster_resources().get("GPU", 0) == 0:
+        raise UserError("serve.use_gpu: the Ray cluster has no GPUs")
+    if not s.api_key and os.environ.get(API_KEY_ENV):  # replicas on other machines do not see this shell
+        cfg = cfg.model_copy(deep=True)
+        cfg.serve.api_key = os.environ[API_KEY_ENV]
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(app_for(cfg), name=APP_NAME, route_prefix=s.route_prefix)
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    print(f"serving {cfg.task} at {url}/predict (health {url}/healthz, API docs {url}/docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.delete(APP_NAME)
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_file: str) -> None:
+    """Writes a Serve config YAML for `serve deploy` (or a KubeRay RayService's serveConfigV2)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    s = cfg.serve
+    kept = [o for o in overrides if o.partition("=")[0].strip() != "serve.api_key"]
+    args: dict = {"config": os.path.abspath(config_path)}
+    if kept:
+        args["overrides"] = kept
+    application = {"name": APP_NAME, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH, "args": args,
+                   "deployments": [deployment_options(cfg)]}
+    config = {"http_options": {"host": s.host, "port": s.port}, "applications": [application]}
+    ServeDeploySchema.model_validate(config)
+    try:
+        with open(out_file, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+    except OSError as exc:
+        raise UserError(f"{out_file}: cannot write the Serve config ({exc.strerror})") from None
+    note = " (serve.api_key left out: set RAYFORMERS_API_KEY on the cluster)" if len(kept) < len(overrides) else ""
+    print(f"wrote {out_file}{note}; deploy it with: serve deploy {out_file}", flush=True)

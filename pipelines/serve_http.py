@@ -1,0 +1,188 @@
+"""The HTTP face of `rayformers serve`: routes, request checks and JSON errors, without Ray.
+
+The FastAPI app built here is the Serve deployment's ingress. Every request a user can get wrong
+is answered here with a 4xx JSON body `{"error": "<one line naming the problem>"}` before any model
+sees it; the replica behind it only ever receives well-formed rows. `backend` is the deployment
+(see `pipelines/serve.py`); tests hand in a stand-in.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from models.spec import TaskSpec, UserError
+
+API_KEY_ENV = "RAYFORMERS_API_KEY"
+logger = logging.getLogger("ray.serve")
+
+
+class RequestError(Exception):
+    """A request the client can fix: answered with `status` and `{"error": message, **details}`."""
+
+    def __init__(self, status: int, message: str, **details: Any):
+        super().__init__(message)
+        self.status, self.message, self.details = status, message, details
+
+
+class PredictRequest(BaseModel):
+    """The body of a prediction request, as the Hugging Face Inference API takes it (for /docs)."""
+
+    inputs: Any = Field(..., description="one item or a list of items, e.g. a text or {'text': ..., 'text_pair': ...}",
+                        examples=["a sentence to classify"])
+    parameters: dict[str, Any] = Field({}, description="postprocessing options, e.g. {'top_k': 3}")
+
+
+class Backend(Protocol):
+    task: TaskSpec
+    api_key: str | None
+    max_request_bytes: int
+    max_items_per_request: int
+
+    def check_model(self, model_id: str | None) -> None: ...  # RequestError(404) when not served
+
+    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+        """(one prediction per row, one flag per row); RequestError(422) naming unusable rows."""
+
+    def health(self) -> dict: ...
+
+
+# --- request checks (pure functions) --------------------------------------------------------------
+
+
+def check_api_key(authorization: str | None, api_key: str | None) -> None:
+    if not api_key:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def parse_body(body: bytes, limit: int) -> tuple[Any, dict]:
+    """A request body -> (inputs, parameters)."""
+    if len(body) > limit:
+        raise RequestError(413, f"body is {len(body)} bytes, more than the {limit} allowed (serve.max_request_bytes)")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" (line {exc.lineno} column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RequestError(400, f"body is not valid JSON{where}") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, f"body: expected a JSON object with 'inputs', got {type(data).__name__}")
+    if "inputs" not in data:
+        raise RequestError(422, "body: 'inputs' is missing")
+    unknown = set(data) - {"inputs", "parameters", "options"}  # `options` as the Inference API sends it; ignored
+    if unknown:
+        raise RequestError(422, f"body: unknown field(s) {sorted(unknown)}; expected 'inputs' and 'parameters'")
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise RequestError(422, f"parameters: expected a JSON object, got {type(parameters).__name__}")
+    return data["inputs"], parameters
+
+
+def request_rows(task: TaskSpec, inputs: Any, max_items: int) -> list[dict]:
+    """The `inputs` value -> rows in the task's canonical columns."""
+    if isinstance(inputs, list):
+        if not inputs:
+            raise RequestError(422, "inputs: the list is empty")
+        if len(inputs) > max_items:
+            raise RequestError(413, f"inputs: {len(inputs)} items, more than the {max_items} allowed per request "
+                                    "(serve.max_items_per_request); split the list")
+    try:
+        return task.request_inputs(inputs)
+    except UserError as exc:
+        raise RequestError(422, str(exc)) from None
+
+
+def row_errors(errors: list[str | None], is_list: bool) -> RequestError | None:
+    """One 422 for every unusable item; for a list it names each item's index and reason."""
+    bad = [(i, why) for i, why in enumerate(errors) if why is not None]
+    if not bad:
+        return None
+    if not is_list:
+        return RequestError(422, f"inputs: {bad[0][1]}")
+    first = f"inputs[{bad[0][0]}]: {bad[0][1]}"
+    more = f" (and {len(bad) - 1} more item(s))" if len(bad) > 1 else ""
+    return RequestError(422, first + more, items=[{"index": i, "error": why} for i, why in bad])
+
+
+def render(result: Any, flags: list[str | None], is_list: bool) -> Response:
+    try:
+        body = json.dumps(result, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        raise RequestError(500, "the model produced a non-finite value (NaN or infinity); it may be broken") from None
+    headers = {}
+    notes = [f"inputs[{i}]: {f}" if is_list else f"inputs: {f}" for i, f in enumerate(flags) if f]
+    if notes:
+        headers["x-rayformers-warnings"] = "; ".join(notes)[:2000]
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": exc.message, **exc.details}, status_code=exc.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes `limit` bytes (it is never read in full)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body is {declared} bytes, more than the {limit} allowed (serve.max_request_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body is more than the {limit} bytes allowed (serve.max_request_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- the app ----------------------------------------------------------------------------------------
+
+
+def http_app(backend: Backend) -> FastAPI:
+    app = FastAPI(
+        title=f"rayformers: {backend.task.name}",
+        description="Predictions in the `transformers.pipeline` output format. Send "
+                    "`{\"inputs\": ..., \"parameters\": {...}}` as the Hugging Face Inference API takes it.",
+    )
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}}
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):  # unknown routes and methods, as JSON like the rest
+        return JSONResponse({"error": f"{exc.detail}"}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def answer(request: Request, model_id: str | None) -> Response:
+        try:
+            check_api_key(request.headers.get("authorization"), backend.api_key)
+            backend.check_model(model_id)
+            inputs, parameters = parse_body(await read_body(request, backend.max_request_bytes), backend.max_request_bytes)
+            rows = request_rows(backend.task, inputs, backend.max_items_per_request)
+            predictions, flags = await backend.predict(model_id, rows, parameters, isinstance(inputs, list))
+            return render(predictions if isinstance(inputs, list) else predictions[0], flags, isinstance(inputs, list))
+        except RequestError as exc:
+            return error_response(exc)
+        except Exception as exc:  # a bug or a broken model: answer 500, keep the replica serving
+            logger.exception("prediction failed")
+            return JSONResponse({"error": f"prediction failed: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.post("/predict", openapi_extra=body_doc, summary="Predict with the served model")
+    async def predict(request: Request):
+        return await answer(request, None)
+
+    @app.post("/v1/models/{model_id}/predict", openapi_extra=body_doc, summary="Predict with one of serve.models")
+    async def predict_with(model_id: str, request: Request):
+        return await answer(request, model_id)
+
+    @app.get("/healthz", summary="Liveness: the replica answers (its model is probed by Serve's health check)")
+    async def healthz():
+        return backend.health()
+
+    return app
