@@ -206,6 +206,8 @@ def _describe(error: dict) -> str:
         return f"{loc}: expected an integer, got {given!r}"
     if kind in ("bool_parsing", "bool_type"):
         return f"{loc}: expected true or false, got {given!r}"
+    if kind == "literal_error":
+        return f"{loc}: expected {error['ctx']['expected']}, got {given!r}"
     if kind in ("string_type",):
         return f"{loc}: expected a string, got {given!r}"
     if kind in ("dict_type", "model_type"):

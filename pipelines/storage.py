@@ -209,8 +209,10 @@ def _uri_for(loc: Location, path: str) -> str:
 def _check_bucket(loc: Location) -> None:
     if "s3" in _protocols(loc.fs):
         bucket = loc.path.split("/")[0]
-        if not loc.fs.exists(bucket):
-            raise UserError(f"{loc.uri}: bucket {bucket!r} does not exist")
+        try:
+            loc.fs.info(bucket)  # HEAD on the bucket: 404 and 403 are told apart, unlike exists()
+        except FileNotFoundError:
+            raise UserError(f"{loc.uri}: bucket {bucket!r} does not exist") from None
 
 
 @contextlib.contextmanager

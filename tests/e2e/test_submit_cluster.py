@@ -41,7 +41,8 @@ deadline = time.monotonic() + 120
 while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
     time.sleep(0.5)
 info = client.get_job_info(job_id)
-actors = list_actors(address=dashboard, filters=[("job_id", "=", info.driver_info.id)], detail=True, limit=1000)
+driver = info.driver_info  # None when the job failed before its driver joined Ray
+actors = list_actors(address=dashboard, filters=[("job_id", "=", driver.id)], detail=True, limit=1000) if driver else []
 print(json.dumps({
     "status": str(info.status.value),
     "nodes": [n.node_id for n in list_nodes(address=dashboard) if n.state == "ALIVE"],
