@@ -20,12 +20,12 @@ $(STAMP): constraints.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/rayformers demo-data text-classification $(DEMO_DIR)/data
 	$(VENV)/bin/rayformers train jobs/examples/text-classification.yaml \
 		data.train=$(DEMO_DIR)/data/train data.eval=$(DEMO_DIR)/data/eval train.output=$(DEMO_DIR)/run
 	$(VENV)/bin/rayformers predict jobs/examples/text-classification.yaml \
-		predict.model=$(DEMO_DIR)/run/model predict.input=$(DEMO_DIR)/data/eval \
-		predict.output=$(DEMO_DIR)/predictions
+		predict.model=$(DEMO_DIR)/run/model predict.input=$(DEMO_DIR)/data/eval predict.output=$(DEMO_DIR)/predictions
 
 # Starts a real S3 endpoint (moto's server) on a free loopback port for the whole run, and stops it.
 test: $(STAMP)

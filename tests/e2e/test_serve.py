@@ -70,7 +70,7 @@ def endpoint(batch_predictions, trained_text_model):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = job_config(serve={"model": model, "models": {"alpha": model, "beta": model}, "max_models_per_replica": 1,
-                            "max_request_bytes": 4000, "max_items_per_request": 50})
+                            "max_request_bytes": 6000, "max_items_per_request": 50})
     serve.run(app_for(cfg), name=APP, route_prefix="/")
     serve.run(app_for(job_config(serve={"model": model, "api_key": "s3cret"})), name=SECURE, route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
@@ -107,7 +107,7 @@ def test_bad_requests_get_4xx_json_errors_and_the_replica_keeps_serving(endpoint
         (json.dumps({"inputs": 42}).encode(), 422, "inputs: text is not a string (got int)"),
         (json.dumps({"inputs": ["a match", "   ", "chef"]}).encode(), 422, "inputs[1]: text is empty"),
         (json.dumps({"inputs": ["x"] * 51}).encode(), 413, "51 items, more than the 50 allowed"),
-        (json.dumps({"inputs": "word " * 1000}).encode(), 413, "serve.max_request_bytes"),
+        (json.dumps({"inputs": "word " * 1500}).encode(), 413, "serve.max_request_bytes"),
         (json.dumps({"inputs": "a", "parameters": {"top_k": "many"}}).encode(), 422, "parameters: {\"top_k\": \"many\"}"),
     ]
     with httpx.Client(timeout=30) as client:

