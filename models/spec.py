@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 
 
@@ -89,8 +88,9 @@ class TaskSpec:
         raise NotImplementedError
 
     # --- the three steps, shared by train, predict and serve ---------------------------------
-    def preprocess(self, batch: dict[str, np.ndarray], processor: Any, labels: dict | None) -> Features:
-        """Rows (canonical column names) -> model inputs. `labels` maps label -> id when training."""
+    def preprocess(self, batch: dict[str, list], processor: Any, labels: dict | None) -> Features:
+        """Columns of rows (canonical names, Python values) -> model inputs, one error or None per
+        row. `labels` maps label -> id when training, None when predicting."""
         raise NotImplementedError
 
     def collate(self, arrays: dict[str, list], processor: Any) -> dict[str, torch.Tensor]:

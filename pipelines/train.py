@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -169,8 +168,3 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     print(f"model: {out}/model", flush=True)
     print("metrics: " + json.dumps(summary), flush=True)
     return summary
-
-
-def shutdown() -> None:
-    if ray.is_initialized():
-        ray.shutdown()
