@@ -17,6 +17,7 @@ answers that it needs one (HTTP 401), so a cluster without authentication never 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import shutil
@@ -55,9 +56,11 @@ def entrypoint(verb: str, shipped_config: Path, overrides: list[str]) -> str:
 
 
 def runtime_env(working_dir: Path) -> dict:
-    # env_vars must not repeat a key that pipelines.cluster.connect passes to ray.init inside the
-    # job: Ray refuses to merge a job's and a driver's runtime_env that set the same variable.
-    return {"working_dir": str(working_dir), "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    # Set before any process of the job starts, so Ray Data's progress bars stay out of the logs as
+    # they do in local runs. env_vars must not repeat a key that pipelines.cluster.connect passes to
+    # ray.init inside the job: Ray refuses to merge a job's and a driver's runtime_env that do.
+    return {"working_dir": str(working_dir),
+            "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
 
 
 def local_paths(cfg: JobConfig, verb: str) -> list[str]:
@@ -108,25 +111,22 @@ def connect_and_submit(address: str, **job) -> tuple[JobSubmissionClient, str, s
     """Submits the job; returns the client, the job id and the token that worked. Each way of failing
     to reach or to satisfy the dashboard is one UserError naming the address."""
     token, source = find_token()
-    attempts = tokens_to_try(os.environ.get("RAY_AUTH_MODE"), token)
-    for n, sent in enumerate(attempts, 1):
+    for sent in tokens_to_try(os.environ.get("RAY_AUTH_MODE"), token):
         try:
             # An explicit Authorization header also keeps Ray from adding its own.
             client = JobSubmissionClient(address, headers={"Authorization": f"Bearer {sent}"} if sent else None)
             return client, client.submit_job(**job), sent
         except AuthenticationError:
-            if n < len(attempts):
-                continue
-            if sent:
-                raise UserError(f"{address}: the cluster refused the Ray auth token from {source}") from None
-            raise UserError(f"{address}: the cluster requires a Ray auth token and none was found "
-                            "(set RAY_AUTH_TOKEN, or put the head node's token in ~/.ray/auth_token)") from None
+            continue  # the next try, if any, sends the token
         except (ConnectionError, requests.exceptions.ConnectionError):
             raise UserError(f"{address}: no Ray dashboard answers there (is the cluster up, and is this its "
                             "dashboard address, by default port 8265?)") from None
         except RuntimeError as exc:  # an HTTP error from something that is not a Ray 2.x dashboard
             raise UserError(f"{address}: {str(exc).splitlines()[0]}") from None
-    raise AssertionError("unreachable")
+    if sent:
+        raise UserError(f"{address}: the cluster refused the Ray auth token from {source}")
+    raise UserError(f"{address}: the cluster requires a Ray auth token and none was found "
+                    "(set RAY_AUTH_TOKEN, or put the head node's token in ~/.ray/auth_token)")
 
 
 # --- the verb ----------------------------------------------------------------------------------
@@ -170,13 +170,15 @@ def submit(config_path: str, overrides: list[str], cfg: JobConfig, address: str,
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED", flush=True)
         return 0
-    message = (client.get_job_info(job_id).message or "").strip().splitlines()
+    # e.g. "Job entrypoint command failed with exit code 2, last available logs (...):" and the logs again
+    message = (client.get_job_info(job_id).message or "").strip().split(", last available logs")[0].splitlines()
     print(f"rayformers: job {job_id} {status}" + (f": {message[0]}" if message else ""), file=sys.stderr)
     return 1
 
 
 def follow(client: JobSubmissionClient, job_id: str) -> str:
     """Prints the job's logs as they come until it ends; returns its final status."""
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..."
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):

@@ -10,7 +10,6 @@ per process, and this process keeps no Ray state of its own.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -53,11 +52,16 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def cluster():
-    # 2 logical CPUs per node: one train worker per node (STRICT_SPREAD) and room for Ray Data.
-    with local_cluster(workers=1, cpus_per_node=2) as cluster:
-        run([RAYFORMERS, "demo-data", "text-classification", cluster.s3_uri("demo"), "--rows", str(DEMO_ROWS)],
-            cluster.env, check=True)
-        yield cluster
+    with pytest.MonkeyPatch.context() as patch:
+        # The nodes, and so every process of every job, inherit this: an actor pool is complete before
+        # Ray Data feeds it, so the first predictor cannot score the small corpus alone while the
+        # second one is still starting (and never gets a node).
+        patch.setenv("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "300")
+        # 2 logical CPUs per node: one train worker per node (STRICT_SPREAD) and room for Ray Data.
+        with local_cluster(workers=1, cpus_per_node=2) as cluster:
+            run([RAYFORMERS, "demo-data", "text-classification", cluster.s3_uri("demo"), "--rows", str(DEMO_ROWS)],
+                cluster.env, check=True)
+            yield cluster
 
 
 def run(argv: list[str], env: dict, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
