@@ -62,7 +62,9 @@ def predict(cfg: JobConfig) -> dict:
         raise UserError("predict.use_gpu: the Ray cluster has no GPUs")
     if actors is None:
         resources = ray.cluster_resources()
-        actors = int(resources["GPU"]) if p.use_gpu else max(1, int(resources.get("CPU", 2) - 1) // p.threads_per_actor)
+        # leave room for the preprocessing actors (0.5 CPU each) and Ray Data's read tasks (1 CPU)
+        spare = resources.get("CPU", 2) - 0.5 * cfg.data.preprocess_actors - 1
+        actors = int(resources["GPU"]) if p.use_gpu else max(1, int(spare) // p.threads_per_actor)
 
     ds = read_rows(storage, p.input, cfg.data.format)
     names = ds.schema().names

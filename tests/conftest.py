@@ -105,7 +105,7 @@ def job_config(**sections):
     data = {
         "task": "text-classification",
         "model": {"init": {"architecture": "bert", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": 800}},
-        "train": {"epochs": 3, "batch_size": 32, "lr": 1e-3, "eval_every": 40, "log_every": 20, "num_workers": 1},
+        "train": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "eval_every": 40, "log_every": 20, "num_workers": 1},
     }
     for section, values in sections.items():
         if isinstance(values, dict):
