@@ -27,12 +27,12 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
                         "use `rayformers submit --address` with it, or the cluster's GCS address (host:6379 or auto)")
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-        return
-    # Train workers take their CPUs for the whole run; Ray Data's preprocessing actors need CPUs
-    # of their own or they are never scheduled (a known deadlock), so a laptop gets extra logical CPUs.
-    # One more for Ray Data's read tasks.
-    cpus = num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 1)
-    # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-    ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-             logging_level=logging.WARNING, configure_logging=True)
+    else:
+        # Train workers take their CPUs for the whole run; Ray Data's preprocessing actors need CPUs
+        # of their own or they are never scheduled (a known deadlock), so a laptop gets extra logical
+        # CPUs, plus one for Ray Data's read tasks. The dashboard serves the State API that Ray
+        # Train's placement-group cleaner polls.
+        cpus = num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 1)
+        ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 logging_level=logging.WARNING, configure_logging=True)
     ray.data.DataContext.get_current().enable_progress_bars = False

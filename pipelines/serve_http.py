@@ -1,9 +1,10 @@
 """The HTTP face of `rayformers serve`: routes, request checks and JSON errors, without Ray.
 
-The FastAPI app built here is the Serve deployment's ingress. Every request a user can get wrong
-is answered here with a 4xx JSON body `{"error": "<one line naming the problem>"}` before any model
-sees it; the replica behind it only ever receives well-formed rows. `backend` is the deployment
-(see `pipelines/serve.py`); tests hand in a stand-in.
+The FastAPI app built here is the Serve deployment's ingress. A request a user can get wrong is
+answered with a 4xx JSON body `{"error": "<one line naming the problem>"}` before any model sees it
+(items the task's preprocess refuses included); only `parameters` the task's postprocess cannot use
+are found after the forward pass (422 as well). `backend` is the deployment (`pipelines/serve.py`);
+tests hand in a stand-in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ logger = logging.getLogger("ray.serve")
 
 
 class RequestError(Exception):
-    """A request the client can fix: answered with `status` and `{"error": message, **details}`."""
+    """Answered with `status` and `{"error": message, **details}`; the 4xx ones are the client's to fix."""
 
     def __init__(self, status: int, message: str, **details: Any):
         super().__init__(message)

@@ -1,4 +1,4 @@
-"""The serving HTTP layer without Ray: what a client sees for good and bad requests, and that no bad
+"""The serving HTTP layer without a Ray cluster: what a client sees for good and bad requests, and that no bad
 request reaches the model. The backend here is a stand-in that records what it was asked."""
 
 from __future__ import annotations
@@ -168,3 +168,12 @@ def test_row_errors_name_the_item_or_each_index():
 def test_parse_body_returns_inputs_and_parameters():
     assert parse_body(b'{"inputs": ["a"], "parameters": {"top_k": 2}}', 100) == (["a"], {"top_k": 2})
     assert parse_body(b'{"inputs": "a", "parameters": null}', 100) == ("a", {})
+
+
+def test_rows_share_a_forward_pass_only_when_padding_wastes_little():
+    from pipelines.serve import similar_lengths
+
+    lengths = [10, 11, 12, 30, 31, 5, 100]
+    assert similar_lengths(lengths, 8, 0.25) == [[5], [0, 1, 2], [3, 4], [6]]
+    assert similar_lengths([10] * 10, 8, 0.25) == [list(range(8)), [8, 9]]  # and never more than batch_size
+    assert similar_lengths(lengths, 8, None) == [[5, 0, 1, 2, 3, 4, 6]]  # unbounded (GPU): sorted batches only
