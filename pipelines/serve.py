@@ -4,9 +4,10 @@ Each replica holds the default model (`serve.model`, else `train.output/model`, 
 and loads the models of `serve.models` on demand, evicting the least recently used (Serve model
 multiplexing). Requests are checked and preprocessed by the task spec on arrival, then grouped
 with `@serve.batch` and run through the same `Predictor` as `rayformers predict`, so both give
-the same answer for the same input. `check_health` runs every loaded model on a tiny input, so
-a replica whose model is broken is replaced. `build_app` is the application builder that
-`serve deploy` imports (see `export_config`).
+the same label and score for the same input (to float32 rounding: the rows sharing a forward pass
+differ). `check_health` runs every loaded model on a tiny input, so a replica whose model is
+broken is replaced. `build_app` is the application builder that `serve deploy` imports (see
+`export_config`).
 """
 
 from __future__ import annotations

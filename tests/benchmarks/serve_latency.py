@@ -101,13 +101,11 @@ def drive(url: str, bodies: list[bytes], clients: int, seconds: float, warmup_s:
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-# Word counts the texts cycle through: short messages to long paragraphs, mean 80 words. With these,
-# MiniLM on 2 threads scores about what NOTES.md measured on real mixed-length text (55 rows/s at batch 1).
-TEXT_WORDS = (12, 24, 40, 60, 80, 110, 150, 160)
-
-
-def real_texts(n: int, words: tuple[int, ...] = TEXT_WORDS) -> list[str]:
-    """`n` texts of real English prose cut from the standard library's docstrings, of mixed lengths."""
+def real_texts(n: int, shortest: int = 10, longest: int = 150) -> list[str]:
+    """`n` texts of real English prose cut from the standard library's docstrings, each of a random length
+    between `shortest` and `longest` words (repeatably). With the default mix, mean 80 words, MiniLM on
+    2 threads scores about what NOTES.md measured on real mixed-length text (55 rows/s at batch 1)."""
+    import random
     import importlib
     import inspect
     import re
@@ -128,9 +126,10 @@ def real_texts(n: int, words: tuple[int, ...] = TEXT_WORDS) -> list[str]:
                     if len(paragraph.split()) >= 8 and not any(c in paragraph for c in "=#>{"):  # prose, not code
                         paragraphs.add(" ".join(paragraph.split()))
     stream = " ".join(sorted(paragraphs)).split()
+    rng = random.Random(0)
     texts, start = [], 0
-    for i in range(n):
-        count = words[(i * 3) % len(words)]  # a stride, so that neighbours differ in length
+    for _ in range(n):
+        count = rng.randint(shortest, longest)
         if start + count > len(stream):
             start = 0
         texts.append(" ".join(stream[start : start + count]))
@@ -219,8 +218,9 @@ def main() -> None:
     from pipelines.serve import app_for
     from tests.conftest import free_port, job_config
 
-    minilm = minilm_classifier(tempfile.mkdtemp(prefix="serve-bench-minilm-"))
-    tiny = tiny_classifier(tempfile.mkdtemp(prefix="serve-bench-tiny-"))
+    scratch = tempfile.TemporaryDirectory(prefix="serve-bench-")
+    minilm = minilm_classifier(f"{scratch.name}/minilm")
+    tiny = tiny_classifier(f"{scratch.name}/tiny")
     texts = real_texts(512)
     bodies = [json.dumps({"inputs": t}).encode() for t in texts]
     cpus = os.cpu_count() or 1
@@ -278,6 +278,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        scratch.cleanup()
 
     one = report["one_client"]
     best_round = {name: {c: max(rows, key=lambda r: r["rps"]) for c, rows in levels.items()}
