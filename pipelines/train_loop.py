@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from jobs.config import JobConfig
 from models import get_task
-from pipelines.checkpoints import MODEL_DIR, load_checkpoint, save_checkpoint
+from pipelines.checkpoints import load_checkpoint, save_checkpoint
 from pipelines.predictor import ERROR, FLAG, LENGTH
 from pipelines.storage import Storage
 

@@ -66,7 +66,7 @@ def test_refused_credentials_are_named_without_printing_them(tmp_path):
         line = one_line_error(result)
         assert line == "rayformers: error: s3://data/train: access denied (the credentials were refused or lack permission)"
         assert "wrong-secret" not in result.stderr + result.stdout and "AKIAWRONGKEY" not in result.stderr + result.stdout
-        result = rayformers("train", EXAMPLE, f"train.output=s3://out/run", env=env)
+        result = rayformers("train", EXAMPLE, "train.output=s3://out/run", env=env)
         assert one_line_error(result) == "rayformers: error: s3://out/run: access denied (the credentials were refused or lack permission)"
     finally:
         proc.terminate()
