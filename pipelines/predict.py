@@ -21,7 +21,7 @@ from models import get_task
 from models.spec import UserError
 from pipelines.cluster import connect
 from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
-from pipelines.readers import ROW, SOURCE, read_rows
+from pipelines.readers import FORMATS, ROW, SOURCE, read_rows
 from pipelines.storage import Storage
 
 
@@ -45,7 +45,7 @@ def predict(cfg: JobConfig) -> dict:
     storage = Storage.from_config(cfg.storage)
     source = model_uri(cfg, p.model)
     local_model = storage.model_path(source)
-    storage.list_files(p.input, (".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv"))
+    storage.list_files(p.input, tuple(FORMATS))
     output = storage.check_writable(p.output)
     if output.fs.find(output.path):  # a re-run replaces its predictions, never mixes them
         output.fs.rm(output.path, recursive=True)

@@ -23,7 +23,7 @@ from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR
 from pipelines.cluster import connect
 from pipelines.predictor import Preprocessor, check_columns
-from pipelines.readers import read_rows
+from pipelines.readers import FORMATS, read_rows
 from pipelines.storage import Storage
 from pipelines.train_loop import train_loop
 
@@ -82,9 +82,9 @@ def train(cfg: JobConfig) -> dict:
         raise UserError("data.train: required by `rayformers train`")
     storage = Storage.from_config(cfg.storage)
     output = storage.check_writable(t.output)
-    storage.list_files(cfg.data.train, (".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv"))
+    storage.list_files(cfg.data.train, tuple(FORMATS))
     if cfg.data.eval:
-        storage.list_files(cfg.data.eval, (".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv"))
+        storage.list_files(cfg.data.eval, tuple(FORMATS))
     if cfg.model.source:
         storage.model_path(cfg.model.source)  # a wrong model URI fails here, before any worker starts
 
