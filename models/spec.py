@@ -2,7 +2,17 @@
 
 The runtimes in `pipelines/` (train, batch predict, serve) only ever talk to a `TaskSpec`; a task
 owns tensors and meaning (columns, processor, model head, metrics, output format), the runtime
-owns Ray, storage and batching. Nothing here imports Ray.
+owns Ray, storage, file reading and batching. Nothing here imports Ray.
+
+The flow for every task, in training, batch prediction and serving alike:
+
+    rows (canonical column names, Python values; media columns already fetched as bytes)
+      -> preprocess(batch, processor, ctx)        in Ray Data actors / on request arrival
+      -> Features(arrays, lengths, errors, flags) stored between stages (numpy arrays welcome)
+      -> collate(arrays, processor)               model inputs for a batch of usable rows
+      -> forward(model, inputs, parameters)       model(**inputs) unless the task says otherwise
+      -> postprocess(outputs, inputs, arrays, model, processor, parameters)
+      -> one JSON-ready prediction per row        (to_columns: the same as Parquet columns)
 """
 
 from __future__ import annotations
@@ -19,21 +29,47 @@ class UserError(Exception):
 
 @dataclass(frozen=True)
 class Column:
-    """A canonical input column of a task; users map their own column names onto it."""
+    """A canonical input column of a task; users map their own column names onto it.
+
+    `kind="media"` marks a file's content (an image, a clip, a mask, a depth map). In data it may hold
+    the bytes themselves or a path/URI (absolute, `s3://…`, or relative to the data file's folder); in
+    an HTTP request base64 (or a multipart upload). The runtime fetches/decodes it and hands the task
+    `bytes`; when that fails the row reaches `preprocess` with None there and the runtime's reason
+    replaces whatever error the task gives it.
+    """
 
     name: str
     description: str
     required: bool = True
     training_only: bool = False
+    kind: str = "value"  # "value" (any JSON-like value) or "media" (bytes of a file)
+
+
+@dataclass
+class Context:
+    """What `preprocess` knows besides the rows.
+
+    `labels` maps label -> id for the training and eval splits, and is None when predicting.
+    `train` is True only for the training split (random augmentations on). `options` is the task's
+    validated `task_options` (an instance of `TaskSpec.Options`, or None when the task has none);
+    `data` is the job's `DataConfig` (e.g. `max_image_pixels`, `max_audio_seconds`, `long_audio`).
+    """
+
+    labels: dict | None = None
+    train: bool = False
+    options: Any = None
+    data: Any = None
 
 
 @dataclass
 class Features:
     """The output of `TaskSpec.preprocess` for one batch of rows.
 
-    `arrays` are model inputs per row (ragged lists are fine: `collate` pads them); `lengths`
-    lets the runtime batch similar rows together; `errors[i]` is None when row i is usable;
-    `flags[i]` is a note kept with a usable row (for example "truncated").
+    `arrays` are per-row values (numpy arrays of any shape/dtype, lists, numbers, strings; None for
+    unusable rows). Every key reaches `collate` and `postprocess`; `collate` picks the model inputs,
+    so per-row facts that only postprocessing needs (original image size, offsets, the input text)
+    ride along here. `lengths` lets the runtime batch similar rows together (tokens, pixels, samples);
+    `errors[i]` is None when row i is usable; `flags[i]` is a note kept with a usable row ("truncated").
     """
 
     arrays: dict[str, list]
@@ -45,7 +81,11 @@ class Features:
 class StreamingMetric:
     """A metric over an eval split with memory bounded by the label count, not the row count."""
 
-    def update(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+    def bind(self, model: torch.nn.Module, processor: Any) -> None:
+        """Called before each evaluation; metrics that generate (seq2seq, ASR decoding) keep these."""
+
+    def update(self, outputs: Any, inputs: dict[str, Any], arrays: dict[str, list]) -> None:
+        """One eval batch: the model's outputs, the collated inputs, and the rows' feature arrays."""
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:
@@ -62,22 +102,46 @@ class TaskSpec:
     name: str = ""
     architectures: tuple[str, ...] = ()  # what `model.init.architecture` accepts
     columns: tuple[Column, ...] = ()
-    label_column: str | None = None  # canonical column whose values make the label set
+    label_column: str | None = None  # canonical column whose values make the label set (None: no classes)
     best_metric: str = "loss"  # eval metric that picks the best checkpoint
     best_metric_mode: str = "min"  # "max" or "min"
-    output_columns: dict[str, str] = {}  # Parquet prediction columns: name -> arrow type name
+    output_columns: dict[str, Any] = {}  # Parquet prediction columns: name -> arrow type alias or pa.DataType
+    Options: Any = None  # a pydantic model for `task_options` in the YAML, or None
+    # Data formats this task adds to the generic ones (parquet, jsonl, csv, text, folder):
+    # name -> parser(data: bytes, path: str) -> iterator of rows (dicts). Media paths in rows may be
+    # relative to the parsed file's folder. `format_suffixes` maps file suffixes to those names.
+    formats: dict[str, Any] = {}
+    format_suffixes: dict[str, str] = {}
+    media_suffixes: tuple[str, ...] = ()  # files the `folder` format takes as inputs (".png", ".wav", ...)
 
     # --- data -------------------------------------------------------------------------------
     def labels_in(self, values: Iterable[Any]) -> set:
         """The label values present in a batch of the label column."""
         return {v for v in values if v is not None}
 
+    def folder_rows(self, files: list[str]) -> list[dict]:
+        """The `folder` format without a metadata file: relative file paths -> rows (media columns
+        hold the relative paths). Default, the `imagefolder`/`audiofolder` convention: every media
+        file is a row of the first media column, and its parent folder's name is the label."""
+        media = next(c.name for c in self.columns if c.kind == "media")
+        rows = []
+        for path in sorted(files):
+            if not path.lower().endswith(self.media_suffixes):
+                continue
+            row = {media: path}
+            if self.label_column and "/" in path:
+                row[self.label_column] = path.rsplit("/", 2)[-2]
+            rows.append(row)
+        return rows
+
     def demo_data(self, n: int, seed: int) -> list[dict]:
+        """A small learnable dataset in the canonical columns (media as bytes)."""
         raise NotImplementedError
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg: Any, source_dir: str | None, train_texts: Iterator[dict]) -> Any:
-        """The checkpoint's processor, or one derived from training data for from-scratch runs."""
+    def build_processor(self, model_cfg: Any, source_dir: str | None, train_rows: Iterator[dict]) -> Any:
+        """The checkpoint's processor, or one derived from training data for from-scratch runs.
+        Must have `save_pretrained(dir)`; `load` reads it back."""
         raise NotImplementedError
 
     def build_model(self, model_cfg: Any, source_dir: str | None, labels: list, processor: Any) -> torch.nn.Module:
@@ -88,25 +152,37 @@ class TaskSpec:
         raise NotImplementedError
 
     # --- the three steps, shared by train, predict and serve ---------------------------------
-    def preprocess(self, batch: dict[str, list], processor: Any, labels: dict | None) -> Features:
-        """Columns of rows (canonical names, Python values) -> model inputs, one error or None per
-        row. `labels` maps label -> id when training, None when predicting."""
+    def preprocess(self, batch: dict[str, list], processor: Any, ctx: Context) -> Features:
+        """Columns of rows (canonical names, Python values) -> per-row features and errors."""
         raise NotImplementedError
 
-    def collate(self, arrays: dict[str, list], processor: Any) -> dict[str, torch.Tensor]:
+    def collate(self, arrays: dict[str, list], processor: Any) -> dict[str, Any]:
+        """Feature arrays of usable rows -> model inputs (tensors, or lists/dicts of tensors, e.g.
+        DETR's `labels`); with `labels` present when the arrays hold them (training, eval)."""
         raise NotImplementedError
 
-    def postprocess(self, outputs: Any, inputs: dict[str, torch.Tensor], model: Any, parameters: dict) -> list:
+    def forward(self, model: torch.nn.Module, inputs: dict[str, Any], parameters: dict) -> Any:
+        """Prediction's forward pass (training always calls `model(**inputs)` for the loss)."""
+        return model(**{k: v for k, v in inputs.items() if k != "labels"})
+
+    def postprocess(self, outputs: Any, inputs: dict[str, Any], arrays: dict[str, list], model: Any,
+                    processor: Any, parameters: dict) -> list:
         """Model outputs -> one JSON-ready prediction per row, in the HF pipeline output format."""
         raise NotImplementedError
 
     def to_columns(self, predictions: list) -> dict[str, list]:
-        """Predictions -> Parquet columns (names and types as in `output_columns`)."""
+        """Predictions (None for error rows) -> Parquet columns (names and types as in `output_columns`)."""
         raise NotImplementedError
 
-    def metrics(self, labels: list) -> StreamingMetric:
+    def metrics(self, labels: list, options: Any) -> StreamingMetric:
         raise NotImplementedError
 
     def request_inputs(self, inputs: Any) -> list[dict]:
-        """An HTTP `inputs` value (one item or a list) -> rows in canonical column names."""
+        """An HTTP `inputs` value (one item or a list) -> rows in canonical column names. Media
+        columns keep the request's strings (base64, data: URL, or a URI); the runtime decodes them."""
         raise NotImplementedError
+
+    def stream(self, model: torch.nn.Module, processor: Any, arrays: dict[str, list], parameters: dict) -> Iterator[str] | None:
+        """Pieces of one row's prediction as they are produced (text generation streams tokens);
+        None when the task does not stream."""
+        return None

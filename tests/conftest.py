@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,22 @@ def ray_session(s3_endpoint):
     connect(None, num_cpus=4)
     yield
     ray.shutdown()
+
+
+@contextmanager
+def served(cfg, name: str = "app"):
+    """The config's model behind Ray Serve on a free loopback port, for one test module: yields the base URL."""
+    from ray import serve
+
+    from pipelines.serve import app_for
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_for(cfg), name=name, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
 
 
 def job_config(**sections):
