@@ -12,6 +12,7 @@ from models.spec import TaskSpec, UserError
 
 TASK_MODULES = {
     "text-classification": "models.text_classification",
+    "image-classification": "models.image_classification",
 }
 
 
