@@ -16,6 +16,7 @@ TASK_MODULES = {
     "question-answering": "models.question_answering",
     "fill-mask": "models.fill_mask",
     "image-classification": "models.image_classification",
+    "object-detection": "models.object_detection",
 }
 
 
