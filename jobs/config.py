@@ -55,8 +55,14 @@ class StorageConfig(Section):
 class DataConfig(Section):
     train: str | None = None
     eval: str | None = None
-    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    # auto (by file suffix), parquet, jsonl, csv, text (one row per line), folder (imagefolder/audiofolder),
+    # or a format the task adds (coco, squad, conll, ...)
+    format: str = "auto"
     columns: dict[str, str] = {}  # canonical column -> the user's column name
+    labels: list[str | int] | None = None  # the label set, in id order; discovered from the training split when absent
+    max_image_pixels: int = Field(89_478_485, ge=1)  # larger images get an error row (decompression bombs)
+    max_audio_seconds: float = Field(600, gt=0)
+    long_audio: Literal["chunk", "reject"] = "chunk"  # clips over max_audio_seconds
     id_column: str | None = "id"  # carried into predictions; the row position when absent
     preprocess_actors: int = Field(1, ge=1)
     preprocess_batch_size: int = Field(256, ge=1)
@@ -149,10 +155,29 @@ class JobConfig(Section):
     predict: PredictConfig = PredictConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+    task_options: dict[str, Any] = {}  # the task's own settings (its `Options`; see `rayformers tasks`)
 
     @model_validator(mode="after")
     def _fits_task(self):
         task = get_task(self.task)
+        generic = {"auto", "parquet", "jsonl", "csv", "text", "folder"}
+        if self.data.format not in generic | set(task.formats):
+            known = ", ".join(sorted(generic) + sorted(task.formats))
+            raise ValueError(f"data.format: expected one of {known} for {self.task}, got {self.data.format!r}")
+        if task.Options is None and self.task_options:
+            raise ValueError(f"task_options: {self.task} takes no options, got {sorted(self.task_options)}")
+        if task.Options is not None:
+            for key in self.task_options:
+                if key not in task.Options.model_fields:
+                    close = difflib.get_close_matches(key, list(task.Options.model_fields), n=1)
+                    hint = f" (did you mean task_options.{close[0]}?)" if close else ""
+                    raise ValueError(f"task_options.{key}: unknown key for {self.task}{hint}")
+            try:
+                task.Options.model_validate(self.task_options)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                first = {**first, "loc": ("task_options", *first["loc"])}
+                raise ValueError(_describe(first)) from None
         if (self.model.source is None) == (self.model.init is None):
             raise ValueError("model: set exactly one of model.source (a pretrained model) or model.init (from scratch)")
         if self.model.init and self.model.init.architecture not in task.architectures:
@@ -185,6 +210,11 @@ class JobConfig(Section):
         out.serve.models = {k: fix(v, model=True) for k, v in out.serve.models.items()}
         return out
 
+    def options(self) -> Any:
+        """The task's validated `task_options` (an instance of its `Options`), or None."""
+        task = get_task(self.task)
+        return task.Options.model_validate(self.task_options) if task.Options is not None else None
+
     def column(self, canonical: str) -> str:
         """The user's name for a canonical column."""
         return self.data.columns.get(canonical, canonical)
@@ -213,7 +243,7 @@ def _describe(error: dict) -> str:
     if kind in ("dict_type", "model_type"):
         return f"{loc}: expected a mapping of keys, got {given!r}"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(("model", "serve.", "task:")) or loc == "":
+    if message.startswith(("model", "serve.", "task:", "task_options", "data.format")) or loc == "":
         return message
     return f"{loc}: {message}"
 

@@ -64,10 +64,10 @@ class ClassificationMetric(StreamingMetric):
         self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
         return self
 
-    def update(self, outputs, batch):
+    def update(self, outputs, inputs, arrays):
         predicted = outputs.logits.argmax(-1)
-        self.accuracy.update(predicted, batch["labels"])
-        self.macro_f1.update(predicted, batch["labels"])
+        self.accuracy.update(predicted, inputs["labels"])
+        self.macro_f1.update(predicted, inputs["labels"])
 
     def compute(self):
         return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
@@ -131,7 +131,8 @@ class TextClassification(TaskSpec):
         return model, load_tokenizer(model_dir, None)
 
     # --- preprocess / collate / postprocess -------------------------------------------------
-    def preprocess(self, batch, processor, labels):
+    def preprocess(self, batch, processor, ctx):
+        labels = ctx.labels
         n = len(batch["text"])
         pairs = batch.get("text_pair")
         errors: list[str | None] = []
@@ -191,7 +192,7 @@ class TextClassification(TaskSpec):
             batch["labels"] = torch.as_tensor(np.asarray(arrays["labels"], dtype=np.int64))
         return batch
 
-    def postprocess(self, outputs, inputs, model, parameters):
+    def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         probs = outputs.logits.float().softmax(-1)
         id2label = model.config.id2label
         top_k = parameters.get("top_k")
@@ -222,7 +223,7 @@ class TextClassification(TaskSpec):
             return rows
         return [{"text": r["text"]} for r in rows]
 
-    def metrics(self, labels):
+    def metrics(self, labels, options):
         return ClassificationMetric(len(labels))
 
     # --- demo data --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from models import get_task
 from models.spec import UserError
 from pipelines.cluster import connect
 from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
-from pipelines.readers import FORMATS, ROW, SOURCE, read_rows
+from pipelines.readers import ROW, SOURCE, data_files, read_rows
 from pipelines.storage import Storage
 
 
@@ -45,7 +45,7 @@ def predict(cfg: JobConfig) -> dict:
     storage = Storage.from_config(cfg.storage)
     source = model_uri(cfg, p.model)
     local_model = storage.model_path(source)
-    storage.list_files(p.input, tuple(FORMATS))
+    data_files(storage, p.input, cfg.data.format, task)
     output = storage.check_writable(p.output)
     if output.fs.find(output.path):  # a re-run replaces its predictions, never mixes them
         output.fs.rm(output.path, recursive=True)
@@ -66,13 +66,14 @@ def predict(cfg: JobConfig) -> dict:
         spare = resources.get("CPU", 2) - 0.5 * cfg.data.preprocess_actors - 1
         actors = int(resources["GPU"]) if p.use_gpu else max(1, int(spare) // p.threads_per_actor)
 
-    ds = read_rows(storage, p.input, cfg.data.format)
+    ds = read_rows(storage, p.input, cfg.data.format, task)
     names = ds.schema().names
     check_columns(names, task, cfg.data.columns, training=False)
+    job = cfg.model_dump(mode="json")
     keep = (cfg.data.id_column,) if cfg.data.id_column in names else (SOURCE, ROW)
     ds = ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs=dict(task_name=cfg.task, processor=processor, column_map=cfg.data.columns, labels=None, keep=keep),
+        fn_constructor_kwargs=dict(job=job, processor=processor, labels=None, keep=keep, data_uri=p.input),
         batch_format="pyarrow",
         batch_size=cfg.data.preprocess_batch_size,
         concurrency=cfg.data.preprocess_actors,
@@ -80,9 +81,7 @@ def predict(cfg: JobConfig) -> dict:
     )
     ds = ds.map_batches(
         PredictStage,
-        fn_constructor_kwargs=dict(task_name=cfg.task, model_uri=source, storage_cfg=cfg.storage.model_dump(),
-                                   batch_size=p.batch_size, use_gpu=p.use_gpu, quantize=p.quantize,
-                                   threads=p.threads_per_actor, parameters=p.parameters, keep=keep),
+        fn_constructor_kwargs=dict(job=job, model_uri=source, keep=keep),
         batch_format="pyarrow",
         batch_size=p.sort_window,
         concurrency=actors,

@@ -1,4 +1,6 @@
-"""Reads tabular data (Parquet, JSON Lines, CSV: a file, a folder or a glob) into Ray Data.
+"""Reads data (a file, a folder or a glob) into Ray Data: Parquet, JSON Lines, CSV, plain text (one
+row per line), a `folder` of media files (the Hugging Face imagefolder/audiofolder layout), and the
+formats a task adds (COCO, SQuAD, CoNLL: `TaskSpec.formats`).
 
 Each row keeps where it came from (`_source` file and `_row` position in it), so predictions can
 name their input even without an id column. A line that does not parse becomes a row with
@@ -10,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
+import re
 from collections import Counter
 from typing import Iterator
 
@@ -18,21 +22,38 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
-from models.spec import UserError
-from pipelines.storage import Storage
+from models import get_task
+from models.spec import TaskSpec, UserError
+from pipelines.storage import Storage, storage_errors
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+           ".txt": "text"}
 SOURCE, ROW, READ_ERROR = "_source", "_row", "_read_error"
 ROWS_PER_BLOCK = 2048
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
-def format_of(path: str, configured: str) -> str:
+def suffix_formats(task: TaskSpec | None) -> dict[str, str]:
+    """File suffix -> format name; a task's own suffixes win (its `.json` may be COCO or SQuAD)."""
+    return {**FORMATS, **(task.format_suffixes if task else {})}
+
+
+def suffixes_for(fmt: str, task: TaskSpec | None) -> tuple[str, ...]:
+    table = suffix_formats(task)
+    if fmt == "auto":
+        return tuple(table)
+    own = tuple(s for s, f in table.items() if f == fmt)
+    return own or ("",)  # a format with no suffix of its own takes every file
+
+
+def format_of(path: str, configured: str, task: TaskSpec | None = None) -> str:
     if configured != "auto":
         return configured
-    for suffix, fmt in FORMATS.items():
+    for suffix, fmt in suffix_formats(task).items():
         if path.lower().endswith(suffix):
             return fmt
-    raise UserError(f"{path}: unknown data format; name it with data.format (parquet, jsonl or csv)")
+    names = ", ".join(sorted({"parquet", "jsonl", "csv", "text", "folder", *(task.formats if task else ())}))
+    raise UserError(f"{path}: unknown data format; name it with data.format ({names})")
 
 
 def table_from_rows(rows: list[dict], errors: list[str | None]) -> pa.Table:
@@ -63,12 +84,32 @@ def parse_parquet(data: bytes) -> Iterator[pa.Table]:
         yield table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
 
 
+def parse_rows(rows: Iterator[dict]) -> Iterator[pa.Table]:
+    """Rows a task's format parser yields, a block at a time."""
+    block: list[dict] = []
+    for row in rows:
+        block.append(row)
+        if len(block) == ROWS_PER_BLOCK:
+            yield table_from_rows(block, [None] * len(block))
+            block = []
+    if block:
+        yield table_from_rows(block, [None] * len(block))
+
+
 def parse_lines(data: bytes, fmt: str) -> Iterator[pa.Table]:
-    """JSON Lines or CSV, a block at a time; a line that does not parse becomes an error row."""
+    """JSON Lines, CSV or plain text, a block at a time; a line that does not parse becomes an error row."""
     text = data.decode("utf-8", errors="replace")
     rows: list[dict] = []
     errors: list[str | None] = []
-    if fmt == "jsonl":
+    if fmt == "text":
+        for line in text.splitlines():
+            if line.strip():
+                rows.append({"text": line})
+                errors.append(None)
+            if len(rows) == ROWS_PER_BLOCK:
+                yield table_from_rows(rows, errors)
+                rows, errors = [], []
+    elif fmt == "jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -105,16 +146,23 @@ def parse_lines(data: bytes, fmt: str) -> Iterator[pa.Table]:
 
 
 class RowsDatasource(FileBasedDatasource):
-    """Parquet, JSON Lines and CSV files, streamed in blocks, each row tagged with file and line."""
+    """Data files streamed in blocks, each row tagged with file and line."""
 
-    def __init__(self, paths, fmt: str, **kwargs):
+    def __init__(self, paths, fmt: str, task_name: str | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self._format = fmt
+        self._task_name = task_name
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        fmt = format_of(path, self._format)
+        task = get_task(self._task_name) if self._task_name else None
+        fmt = format_of(path, self._format, task)
         data = f.readall()
-        blocks = parse_parquet(data) if fmt == "parquet" else parse_lines(data, fmt)
+        if task and fmt in task.formats:
+            blocks = parse_file(task, fmt, data, path)
+        elif fmt == "parquet":
+            blocks = parse_parquet(data)
+        else:
+            blocks = parse_lines(data, fmt)
         start = 0
         for block in blocks:
             n = block.num_rows
@@ -124,11 +172,78 @@ class RowsDatasource(FileBasedDatasource):
             start += n
 
 
-def read_rows(storage: Storage, uri: str, fmt: str = "auto") -> ray.data.Dataset:
-    """A Ray dataset of every row behind `uri`, tagged with `_source`, `_row` and `_read_error`."""
-    suffixes = tuple(FORMATS) if fmt == "auto" else tuple(s for s, f in FORMATS.items() if f == fmt)
-    files = storage.list_files(uri, suffixes)
+def parse_file(task: TaskSpec, fmt: str, data: bytes, path: str) -> Iterator[pa.Table]:
+    """A task's own format; a file it cannot parse becomes one error row naming the problem."""
+    try:
+        yield from parse_rows(task.formats[fmt](data, path))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, UserError) as exc:
+        yield table_from_rows([{}], [f"not a valid {fmt} file ({type(exc).__name__}: {exc})"])
+
+
+def folder_rows(storage: Storage, uri: str, task: TaskSpec) -> list[dict]:
+    """The `folder` layout: rows from `metadata.jsonl`/`metadata.csv` files (their `file_name`
+    is the first media column), else the task's `folder_rows` over every file. Media paths become
+    full URIs; `_source` names the row's (first) media file."""
+    root = storage.resolve(uri)
+    with storage_errors(uri):
+        if not root.fs.isdir(root.path):
+            raise UserError(f"{uri}: data.format folder expects a folder")
+        files = sorted(p for p in root.fs.find(root.path) if not posixpath.basename(p).startswith((".", "_")))
+    media = [c.name for c in task.columns if c.kind == "media"]
+    base = root.path.rstrip("/")
+    relative = [p[len(base) + 1 :] for p in files]
+    metadata = [p for p in relative if posixpath.basename(p) in METADATA_FILES]
+    rows: list[dict] = []
+    if metadata:
+        for meta in metadata:
+            folder = posixpath.dirname(meta)
+            data = storage.resolve(f"{uri.rstrip('/')}/{meta}")
+            with storage_errors(data.uri):
+                raw = data.fs.cat_file(data.path)
+            fmt = "jsonl" if meta.endswith(".jsonl") else "csv"
+            for table in parse_lines(raw, fmt):
+                for row in table.to_pylist():
+                    if "file_name" in row and media:
+                        row[media[0]] = row.pop("file_name")
+                    for name in media:
+                        if isinstance(row.get(name), str):
+                            row[name] = posixpath.normpath(posixpath.join(folder, row[name]))
+                    rows.append(row)
+    else:
+        rows = task.folder_rows([p for p in relative])
+    if not rows:
+        raise UserError(f"{uri}: no {', '.join(task.media_suffixes) or 'media'} files or metadata.jsonl/csv found there")
+    prefix = uri.rstrip("/")
+    for row in rows:
+        for name in media:
+            if isinstance(row.get(name), str) and not re.match(r"^[a-zA-Z][\w+.-]*://", row[name]):
+                row[name] = f"{prefix}/{row[name]}" if "://" in prefix else posixpath.join(base, row[name])
+        first = row.get(media[0]) if media else None
+        row[SOURCE] = first if isinstance(first, str) else prefix
+        row[ROW] = 0
+    return rows
+
+
+def data_files(storage: Storage, uri: str, fmt: str, task: TaskSpec | None) -> list:
+    """The files behind `uri` in `fmt`, checked before Ray reads anything (one-line errors)."""
+    if fmt == "folder":
+        return [storage.resolve(uri)]
+    files = storage.list_files(uri, suffixes_for(fmt, task))
     for file in files:
-        format_of(file.path, fmt)  # unknown formats fail here, before Ray reads anything
-    source = RowsDatasource([f.path for f in files], fmt, filesystem=files[0].arrow_fs())
+        format_of(file.path, fmt, task)
+    return files
+
+
+def read_rows(storage: Storage, uri: str, fmt: str = "auto", task: TaskSpec | None = None) -> ray.data.Dataset:
+    """A Ray dataset of every row behind `uri`, tagged with `_source`, `_row` and `_read_error`."""
+    if fmt == "folder":
+        rows = folder_rows(storage, uri, task)
+        errors = [None] * len(rows)
+        table = table_from_rows([{k: v for k, v in r.items() if k not in (SOURCE, ROW)} for r in rows], errors)
+        table = table.append_column(SOURCE, pa.array([r[SOURCE] for r in rows], pa.string()))
+        table = table.append_column(ROW, pa.array([r[ROW] for r in rows], pa.int64()))
+        blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
+        return ray.data.from_arrow(blocks)
+    files = data_files(storage, uri, fmt, task)
+    source = RowsDatasource([f.path for f in files], fmt, task.name if task else None, filesystem=files[0].arrow_fs())
     return ray.data.read_datasource(source)

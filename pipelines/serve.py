@@ -120,7 +120,8 @@ class PredictorDeployment:
     def load(self, name: str, source: str) -> Predictor:
         s, p = self.cfg.serve, self.cfg.predict
         predictor = Predictor(self.cfg.task, self.storage.model_path(source), batch_size=p.batch_size, use_gpu=s.use_gpu,
-                              quantize=p.quantize, threads=s.threads_per_replica, parameters=p.parameters)
+                              quantize=p.quantize, threads=s.threads_per_replica, parameters=p.parameters,
+                              options=self.cfg.options(), data=self.cfg.data, storage=self.storage, allow_uris=s.allow_uris)
         self.check(name, predictor)  # a model that cannot answer never takes traffic
         return predictor
 
@@ -153,14 +154,35 @@ class PredictorDeployment:
                 "models": sorted(self.cfg.serve.models), "loaded": sorted(self.loaded.keys())}
 
     # --- prediction -----------------------------------------------------------------------------
-    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+    async def predictor_for(self, model_id: str | None) -> Predictor:
         if model_id is None:
-            predictor = self.default
-        else:
-            try:
-                predictor = await self.load_model(model_id)
-            except Exception as exc:
-                raise RequestError(500, f"model {model_id!r} could not be loaded: {exc}") from None
+            return self.default
+        try:
+            return await self.load_model(model_id)
+        except Exception as exc:
+            raise RequestError(500, f"model {model_id!r} could not be loaded: {exc}") from None
+
+    async def stream(self, model_id: str | None, row: dict, parameters: dict):
+        predictor = await self.predictor_for(model_id)
+        features = predictor.preprocess_rows([row])
+        problem = row_errors(features.errors, False)
+        if problem:
+            raise problem
+        pieces = predictor.task.stream(predictor.model, predictor.processor, features.arrays,
+                                       {**predictor.parameters, **parameters})
+        if pieces is None:
+            raise RequestError(422, f"stream: {self.task.name} answers whole predictions; leave 'stream' out")
+
+        async def produced():
+            # The model makes each piece in a worker thread, so the replica keeps answering while it does.
+            done, it = object(), iter(pieces)
+            while (piece := await asyncio.to_thread(next, it, done)) is not done:
+                yield piece
+
+        return produced()
+
+    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+        predictor = await self.predictor_for(model_id)
         features = predictor.preprocess_rows(rows)
         problem = row_errors(features.errors, is_list)
         if problem:

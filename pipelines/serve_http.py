@@ -12,10 +12,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -36,9 +36,11 @@ class RequestError(Exception):
 class PredictRequest(BaseModel):
     """The body of a prediction request, as the Hugging Face Inference API takes it (for /docs)."""
 
-    inputs: Any = Field(..., description="one item or a list of items, e.g. a text or {'text': ..., 'text_pair': ...}",
+    inputs: Any = Field(..., description="one item or a list of items, e.g. a text or {'text': ..., 'text_pair': ...}; "
+                                         "images and audio as base64 (or send multipart/form-data with file=@<file>)",
                         examples=["a sentence to classify"])
     parameters: dict[str, Any] = Field({}, description="postprocessing options, e.g. {'top_k': 3}")
+    stream: bool = Field(False, description="answer as server-sent events, piece by piece (text generation)")
 
 
 class Backend(Protocol):
@@ -51,6 +53,10 @@ class Backend(Protocol):
 
     async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
         """(one prediction per row, one flag per row); RequestError(422) naming unusable rows."""
+
+    async def stream(self, model_id: str | None, row: dict, parameters: dict) -> AsyncIterator[str]:
+        """Checks the row, then returns its prediction's pieces as produced; RequestError(422) when the
+        row is unusable or the task does not stream."""
 
     def health(self) -> dict: ...
 
@@ -66,8 +72,8 @@ def check_api_key(authorization: str | None, api_key: str | None) -> None:
         raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
-def parse_body(body: bytes, limit: int) -> tuple[Any, dict]:
-    """A request body -> (inputs, parameters)."""
+def parse_body(body: bytes, limit: int) -> tuple[Any, dict, bool]:
+    """A request body -> (inputs, parameters, stream)."""
     if len(body) > limit:
         raise RequestError(413, f"body is {len(body)} bytes, more than the {limit} allowed (serve.max_request_bytes)")
     try:
@@ -79,13 +85,63 @@ def parse_body(body: bytes, limit: int) -> tuple[Any, dict]:
         raise RequestError(422, f"body: expected a JSON object with 'inputs', got {type(data).__name__}")
     if "inputs" not in data:
         raise RequestError(422, "body: 'inputs' is missing")
-    unknown = set(data) - {"inputs", "parameters", "options"}  # `options` as the Inference API sends it; ignored
+    unknown = set(data) - {"inputs", "parameters", "options", "stream"}  # `options` as the Inference API sends it; ignored
     if unknown:
-        raise RequestError(422, f"body: unknown field(s) {sorted(unknown)}; expected 'inputs' and 'parameters'")
+        raise RequestError(422, f"body: unknown field(s) {sorted(unknown)}; expected 'inputs', 'parameters' and 'stream'")
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError(422, f"parameters: expected a JSON object, got {type(parameters).__name__}")
-    return data["inputs"], parameters
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(422, f"stream: expected true or false, got {json.dumps(stream)}")
+    return data["inputs"], parameters, stream
+
+
+async def parse_form(request: Request, task: TaskSpec, limit: int, max_items: int) -> tuple[list[dict], dict, bool]:
+    """A multipart upload -> (rows, parameters, is_list). Files go to the task's media column of their
+    field name, else to its first media column (`file=@cat.jpg`); one row per file of that column;
+    a `parameters` field holds JSON."""
+    media = [c.name for c in task.columns if c.kind == "media"]
+    if not media:
+        raise RequestError(415, f"{task.name} takes JSON bodies, not multipart uploads")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body is {declared} bytes, more than the {limit} allowed (serve.max_request_bytes)")
+    try:
+        form = await request.form(max_files=max_items, max_fields=max_items + 8)
+    except HTTPException as exc:  # starlette: too many files/fields, or a malformed body
+        raise RequestError(400, f"multipart body: {exc.detail}") from None
+    files: dict[str, list[bytes]] = {}
+    parameters: dict = {}
+    size = 0
+    for field, value in form.multi_items():
+        if isinstance(value, str):
+            if field == "parameters":
+                try:
+                    parameters = json.loads(value) if value.strip() else {}
+                except json.JSONDecodeError:
+                    raise RequestError(400, "parameters: the multipart field is not valid JSON") from None
+                if not isinstance(parameters, dict):
+                    raise RequestError(422, f"parameters: expected a JSON object, got {type(parameters).__name__}")
+                continue
+            raise RequestError(422, f"multipart field {field!r}: expected a file (or 'parameters')")
+        data = await value.read()
+        size += len(data)
+        if size > limit:
+            raise RequestError(413, f"uploads are more than the {limit} bytes allowed (serve.max_request_bytes)")
+        files.setdefault(field if field in media else media[0], []).append(data)
+    if media[0] not in files:
+        raise RequestError(422, f"multipart body: no file; upload one as {media[0]}=@<file> (or file=@<file>)")
+    main = files.pop(media[0])
+    if len(main) > max_items:
+        raise RequestError(413, f"{len(main)} files, more than the {max_items} allowed per request (serve.max_items_per_request)")
+    rows = [{media[0]: data} for data in main]
+    for name, values in files.items():
+        if len(values) != len(rows):
+            raise RequestError(422, f"multipart body: {len(values)} {name} file(s) for {len(rows)} {media[0]} file(s)")
+        for row, data in zip(rows, values):
+            row[name] = data
+    return rows, parameters, len(rows) > 1
 
 
 def request_rows(task: TaskSpec, inputs: Any, max_items: int) -> list[dict]:
@@ -126,6 +182,23 @@ def render(result: Any, flags: list[str | None], is_list: bool) -> Response:
     return Response(body, media_type="application/json", headers=headers)
 
 
+async def sse_events(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events: `data: {"token": piece}` per piece, then `data: {"generated_text": all}`
+    and `data: [DONE]`; a failure midway ends the stream with `event: error`."""
+    text = ""
+    try:
+        async for piece in pieces:
+            text += piece
+            yield f"data: {json.dumps({'token': piece})}\n\n"
+        yield f"data: {json.dumps({'generated_text': text})}\n\n"
+        yield "data: [DONE]\n\n"
+    except RequestError as exc:
+        yield f"event: error\ndata: {json.dumps({'error': exc.message})}\n\n"
+    except Exception as exc:  # headers are gone already: the error travels as an event
+        logger.exception("streaming failed")
+        yield f"event: error\ndata: {json.dumps({'error': f'prediction failed: {type(exc).__name__}: {exc}'})}\n\n"
+
+
 def error_response(exc: RequestError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.message, **exc.details}, status_code=exc.status, headers=headers)
@@ -164,10 +237,20 @@ def http_app(backend: Backend) -> FastAPI:
         try:
             check_api_key(request.headers.get("authorization"), backend.api_key)
             backend.check_model(model_id)
-            inputs, parameters = parse_body(await read_body(request, backend.max_request_bytes), backend.max_request_bytes)
-            rows = request_rows(backend.task, inputs, backend.max_items_per_request)
-            predictions, flags = await backend.predict(model_id, rows, parameters, isinstance(inputs, list))
-            return render(predictions if isinstance(inputs, list) else predictions[0], flags, isinstance(inputs, list))
+            limit = backend.max_request_bytes
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                rows, parameters, is_list = await parse_form(request, backend.task, limit, backend.max_items_per_request)
+                stream = False
+            else:
+                inputs, parameters, stream = parse_body(await read_body(request, limit), limit)
+                rows, is_list = request_rows(backend.task, inputs, backend.max_items_per_request), isinstance(inputs, list)
+            if stream:
+                if is_list or len(rows) != 1:
+                    raise RequestError(422, "stream: streaming answers one input at a time; send one item, not a list")
+                return StreamingResponse(sse_events(await backend.stream(model_id, rows[0], parameters)),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            predictions, flags = await backend.predict(model_id, rows, parameters, is_list)
+            return render(predictions if is_list else predictions[0], flags, is_list)
         except RequestError as exc:
             return error_response(exc)
         except Exception as exc:  # a bug or a broken model: answer 500, keep the replica serving

@@ -23,7 +23,7 @@ from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR
 from pipelines.cluster import connect
 from pipelines.predictor import Preprocessor, check_columns
-from pipelines.readers import FORMATS, read_rows
+from pipelines.readers import ROW, data_files, read_rows
 from pipelines.storage import Storage
 from pipelines.train_loop import train_loop
 
@@ -34,9 +34,9 @@ def _sort_key(value):
 
 def scan_train_split(ds, task, cfg: JobConfig, max_rows: int) -> tuple[list, int, list[dict]]:
     """One pass over the training split: the label set, the row count, and a sample of rows
-    (canonical names) to train a tokenizer on."""
-    wanted = {c.name: cfg.column(c.name) for c in task.columns}
-    present = [theirs for theirs in wanted.values() if theirs in ds.schema().names]
+    (canonical names, media columns left out) to train a tokenizer or build a vocabulary on."""
+    wanted = {c.name: cfg.column(c.name) for c in task.columns if c.kind != "media"}
+    present = [theirs for theirs in wanted.values() if theirs in ds.schema().names] or [ROW]
     labels, rows, sample = set(), 0, []
     label_column = cfg.column(task.label_column) if task.label_column else None
     for batch in ds.select_columns(present).iter_batches(batch_size=4096, batch_format="pyarrow"):
@@ -61,7 +61,12 @@ def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str):
     labels, rows, sample = scan_train_split(train_raw, task, cfg, cfg.model.tokenizer.max_train_rows)
     if rows == 0:
         raise UserError(f"{cfg.data.train}: the training split has no rows")
-    if task.label_column and len(labels) < 2:
+    if cfg.data.labels is not None:
+        unknown = [label for label in labels if label not in cfg.data.labels]
+        if unknown:
+            print(f"warning: rows with labels outside data.labels become error rows: {unknown[:10]}", flush=True)
+        labels = list(cfg.data.labels)
+    elif task.label_column and len(labels) < 2:
         raise UserError(f"{cfg.data.train}: column {cfg.column(task.label_column)!r} has {len(labels)} distinct label(s); at least 2 are needed")
     source_dir = storage.model_path(cfg.model.source) if cfg.model.source else None
     processor = task.build_processor(cfg.model, source_dir, iter(sample))
@@ -82,32 +87,34 @@ def train(cfg: JobConfig) -> dict:
         raise UserError("data.train: required by `rayformers train`")
     storage = Storage.from_config(cfg.storage)
     output = storage.check_writable(t.output)
-    storage.list_files(cfg.data.train, tuple(FORMATS))
+    data_files(storage, cfg.data.train, cfg.data.format, task)
     if cfg.data.eval:
-        storage.list_files(cfg.data.eval, tuple(FORMATS))
+        data_files(storage, cfg.data.eval, cfg.data.format, task)
     if cfg.model.source:
         storage.model_path(cfg.model.source)  # a wrong model URI fails here, before any worker starts
 
     connect(cfg.ray.address, cfg.ray.num_cpus, t.num_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
-    train_raw = read_rows(storage, cfg.data.train, cfg.data.format)
+    train_raw = read_rows(storage, cfg.data.train, cfg.data.format, task)
     check_columns(train_raw.schema().names, task, cfg.data.columns, training=True)
     labels, rows, processor = prepare(cfg, storage, train_raw, t.output)
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
 
-    def preprocessed(ds):
+    job = cfg.model_dump(mode="json")
+
+    def preprocessed(ds, split: str, uri: str):
         return ds.map_batches(
             Preprocessor,
-            fn_constructor_kwargs=dict(task_name=cfg.task, processor=processor, column_map=cfg.data.columns, labels=labels),
+            fn_constructor_kwargs=dict(job=job, processor=processor, labels=labels, train=split == "train", data_uri=uri),
             batch_format="pyarrow",
             batch_size=cfg.data.preprocess_batch_size,
             concurrency=cfg.data.preprocess_actors,
         )
 
-    datasets = {"train": preprocessed(train_raw)}
+    datasets = {"train": preprocessed(train_raw, "train", cfg.data.train)}
     if cfg.data.eval:
-        eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format)
+        eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
         check_columns(eval_raw.schema().names, task, cfg.data.columns, training=True)
-        datasets["eval"] = preprocessed(eval_raw).materialize()
+        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval).materialize()
 
     trainer = TorchTrainer(
         train_loop,

@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from jobs.config import JobConfig
 from models import get_task
 from pipelines.checkpoints import load_checkpoint, save_checkpoint
-from pipelines.predictor import ERROR, FLAG, LENGTH
+from pipelines.predictor import ERROR, FLAG, LENGTH, column_values, to_device
 from pipelines.storage import Storage
 
 
@@ -38,7 +38,7 @@ def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random):
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         rng.shuffle(chunks)
         names = [n for n in usable.column_names if n not in (ERROR, FLAG, LENGTH)]
-        columns = {n: usable.column(n).to_pylist() for n in names}
+        columns = {n: column_values(usable, n) for n in names}
         for n, rows in enumerate(chunks):
             yield {name: [values[i] for i in rows] for name, values in columns.items()}, (skipped if n == 0 else 0)
         if not chunks and skipped:
@@ -54,21 +54,22 @@ def all_have(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def evaluate(model, task, processor, labels, device, autocast) -> dict:
+def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
     shard = ray.train.get_dataset_shard("eval")
-    metric = task.metrics(labels).to(device)
+    metric = task.metrics(labels, options).to(device)
+    metric.bind(model, processor)
     loss_sum = torch.zeros(2, device=device)
     model.eval()
     with torch.no_grad():
         for batch, _ in length_bucketed(shard, 32, 4, random.Random(0)):
             if batch is None:
                 continue
-            inputs = {k: v.to(device) for k, v in task.collate(batch, processor).items()}
+            inputs = to_device(task.collate(batch, processor), device)
             with autocast():
                 outputs = model(**inputs)
             n = len(next(iter(batch.values())))
             loss_sum += torch.tensor([float(outputs.loss) * n, n], device=device)
-            metric.update(outputs, inputs)
+            metric.update(outputs, inputs, batch)
     model.train()
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
@@ -78,7 +79,7 @@ def evaluate(model, task, processor, labels, device, autocast) -> dict:
 
 def train_loop(config: dict) -> None:
     cfg = JobConfig.model_validate(config["job"])
-    task, processor, labels = get_task(cfg.task), config["processor"], config["labels"]
+    task, processor, labels, options = get_task(cfg.task), config["processor"], config["labels"], cfg.options()
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,7 +138,7 @@ def train_loop(config: dict) -> None:
     def eval_and_checkpoint() -> None:
         metrics = {}
         if has_eval:
-            metrics = {f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, device, autocast).items()}
+            metrics = {f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, options, device, autocast).items()}
             score = metrics.get(f"eval_{task.best_metric}")
             loss = metrics["eval_loss"]
             better = score is not None and (state["best"] is None or sign * score > sign * state["best"] or (
@@ -180,12 +181,12 @@ def train_loop(config: dict) -> None:
                 exhausted = True
                 continue
             start = time.perf_counter()
-            inputs = {k: v.to(device) for k, v in task.collate(batch, processor).items()}
+            inputs = to_device(task.collate(batch, processor), device)
             with autocast():
                 loss = model(**inputs).loss / t.grad_accum
             loss.backward()
             micro += 1
-            n = len(inputs["input_ids"]) if "input_ids" in inputs else len(next(iter(batch.values())))
+            n = len(next(iter(batch.values())))
             window_loss += float(loss.detach()) * t.grad_accum * n
             window_samples += n
             state["samples"] += n * world

@@ -53,5 +53,6 @@ def test_formats_come_from_suffixes_or_config():
     assert format_of("x/part-0.PARQUET", "auto") == "parquet"
     assert format_of("x/data.ndjson", "auto") == "jsonl"
     assert format_of("x/data.txt", "csv") == "csv"
-    with pytest.raises(UserError, match="data.txt: unknown data format"):
-        format_of("x/data.txt", "auto")
+    assert format_of("x/notes.txt", "auto") == "text"
+    with pytest.raises(UserError, match="data.tsv: unknown data format"):
+        format_of("x/data.tsv", "auto")

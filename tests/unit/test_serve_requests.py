@@ -166,8 +166,8 @@ def test_row_errors_name_the_item_or_each_index():
 
 
 def test_parse_body_returns_inputs_and_parameters():
-    assert parse_body(b'{"inputs": ["a"], "parameters": {"top_k": 2}}', 100) == (["a"], {"top_k": 2})
-    assert parse_body(b'{"inputs": "a", "parameters": null}', 100) == ("a", {})
+    assert parse_body(b'{"inputs": ["a"], "parameters": {"top_k": 2}}', 100) == (["a"], {"top_k": 2}, False)
+    assert parse_body(b'{"inputs": "a", "parameters": null}', 100) == ("a", {}, False)
 
 
 def test_rows_share_a_forward_pass_only_when_padding_wastes_little():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.config import validate
-from models.spec import UserError
+from models.spec import Context, UserError
 from models.text_classification import TASK
 
 CFG = validate({"task": "text-classification", "model": {"init": {"architecture": "bert"}, "max_length": 16,
@@ -23,7 +23,7 @@ def tokenizer():
 
 def test_bad_rows_get_reasons_and_good_rows_get_ids(tokenizer):
     batch = {"text": ["goal match", None, "   ", 7, "chip server"], "label": ["sports", "sports", "tech", "tech", "nope"]}
-    features = TASK.preprocess(batch, tokenizer, {"sports": 0, "tech": 1})
+    features = TASK.preprocess(batch, tokenizer, Context(labels={"sports": 0, "tech": 1}))
     assert features.errors == [None, "text is null", "text is empty", "text is not a string (got int)",
                                "unknown label 'nope' (not in the training split)"]
     assert features.arrays["labels"][0] == 0 and features.arrays["input_ids"][1] is None
@@ -31,16 +31,16 @@ def test_bad_rows_get_reasons_and_good_rows_get_ids(tokenizer):
 
 
 def test_long_texts_are_truncated_to_the_limit_and_flagged(tokenizer):
-    features = TASK.preprocess({"text": ["goal " * 100, "goal"]}, tokenizer, None)
+    features = TASK.preprocess({"text": ["goal " * 100, "goal"]}, tokenizer, Context())
     assert len(features.arrays["input_ids"][0]) == 16 and features.flags[0] == "truncated to 16 tokens"
     assert features.arrays["input_ids"][0][-1] == tokenizer.sep_token_id
     assert features.flags[1] is None
 
 
 def test_text_pairs_get_segment_ids(tokenizer):
-    features = TASK.preprocess({"text": ["goal match"], "text_pair": ["chip"]}, tokenizer, None)
+    features = TASK.preprocess({"text": ["goal match"], "text_pair": ["chip"]}, tokenizer, Context())
     assert 1 in features.arrays["token_type_ids"][0]
-    assert TASK.preprocess({"text": ["goal"], "text_pair": [None]}, tokenizer, None).errors == ["text_pair is null"]
+    assert TASK.preprocess({"text": ["goal"], "text_pair": [None]}, tokenizer, Context()).errors == ["text_pair is null"]
 
 
 def test_collate_pads_to_the_longest_row(tokenizer):
@@ -62,9 +62,9 @@ def test_postprocess_matches_the_pipeline_format():
     class Out:
         logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 1.0]])
 
-    single = TASK.postprocess(Out(), {}, Model(), {})
+    single = TASK.postprocess(Out(), {}, {}, Model(), None, {})
     assert [p["label"] for p in single] == ["pos", "neg"] and 0.7 < single[0]["score"] < 0.8
-    ranked = TASK.postprocess(Out(), {}, Model(), {"top_k": 2})
+    ranked = TASK.postprocess(Out(), {}, {}, Model(), None, {"top_k": 2})
     assert [p["label"] for p in ranked[1]] == ["neg", "neutral"] and ranked[1][0]["score"] > ranked[1][1]["score"]
     assert TASK.to_columns(ranked + [None]) == {"label": ["pos", "neg", None], "score": [ranked[0][0]["score"], ranked[1][0]["score"], None]}
 
