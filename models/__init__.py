@@ -12,6 +12,9 @@ from models.spec import TaskSpec, UserError
 
 TASK_MODULES = {
     "text-classification": "models.text_classification",
+    "text-generation": "models.text_generation",
+    "summarization": "models.summarization",
+    "translation": "models.translation",
     "token-classification": "models.token_classification",
     "question-answering": "models.question_answering",
     "fill-mask": "models.fill_mask",
