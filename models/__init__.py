@@ -20,6 +20,8 @@ TASK_MODULES = {
     "fill-mask": "models.fill_mask",
     "image-classification": "models.image_classification",
     "object-detection": "models.object_detection",
+    "image-segmentation": "models.image_segmentation",
+    "depth-estimation": "models.depth_estimation",
 }
 
 

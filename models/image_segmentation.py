@@ -1,0 +1,439 @@
+"""image-segmentation: a class per pixel (semantic), or labelled segments (instance, panoptic).
+
+SegFormer (semantic, per-pixel head) and Mask2Former (universal: masks + a class per query). Inputs
+`image` and, for training, `mask` (one channel, a class id per pixel: index into `data.labels`;
+`task_options.ignore_index` marks pixels to ignore) and, for instance/panoptic training, `instances`
+(one channel, an instance id per pixel, 0 = no instance: in panoptic those pixels are "stuff" segments
+of their class). A mask or instance map of another size than its image is resized (nearest) when the
+aspect ratio matches and rejected when it does not. Output as `transformers.pipeline("image-segmentation")`:
+a list of `{label, score, mask}` per image, the mask a PNG (base64) at the image's size; in Parquet
+the mask is COCO run-length encoding. Metrics: mean IoU and pixel accuracy (confusion matrix),
+panoptic quality when training panoptic.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForSemanticSegmentation,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerImageProcessorPil,
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    SegformerImageProcessorPil,
+    SwinConfig,
+)
+
+from models.image_maps import MAP_SUFFIXES, decode_map, fit_to, flip, resize_nearest, rle_encode
+from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
+from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+
+IGNORE = 255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
+
+# From-scratch sizes; "tiny" trains on 64 px images in a minute on a laptop CPU, "mini".."base" follow MiT-b0..b2 / Swin-T.
+SEGFORMER_SIZES = {
+    "tiny": dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=64, image_size=64),
+    "mini": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=256, image_size=256),
+    "small": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=256, image_size=512),
+    "base": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=768, image_size=512),
+}
+MASK2FORMER_SIZES = {
+    "tiny": dict(swin=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=4), hidden=32, ffn=64,
+                 encoder_layers=1, decoder_layers=2, heads=2, num_queries=16, train_num_points=1024, image_size=64),
+    "mini": dict(swin=dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=7), hidden=128, ffn=512,
+                 encoder_layers=3, decoder_layers=6, heads=4, num_queries=50, train_num_points=4096, image_size=256),
+    "small": dict(swin=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7), hidden=256, ffn=1024,
+                  encoder_layers=6, decoder_layers=10, heads=8, num_queries=100, train_num_points=12544, image_size=384),
+    "base": dict(swin=dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7), hidden=256, ffn=2048,
+                 encoder_layers=6, decoder_layers=10, heads=8, num_queries=100, train_num_points=12544, image_size=384),
+}
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subtask: Literal["semantic", "instance", "panoptic"] = "semantic"  # what training teaches (instance/panoptic: Mask2Former)
+    ignore_index: int = Field(IGNORE, ge=0, le=65535)  # the mask value of pixels to leave out of loss and metrics
+    augment: bool = True  # random horizontal flips of the training split
+    pq_threshold: float = Field(0.8, gt=0, lt=1)  # segment score kept when evaluating panoptic quality
+
+
+def is_universal(processor) -> bool:
+    """Mask2Former's processor can post-process panoptic output; SegFormer's cannot."""
+    return hasattr(processor, "post_process_panoptic_segmentation")
+
+
+def segments(semantic: np.ndarray, instances: np.ndarray | None, subtask: str) -> tuple[np.ndarray, np.ndarray]:
+    """Targets for mask classification: (binary masks N x H x W, class ids N). Semantic: one segment per
+    class; instance: one per instance id; panoptic: instances plus one "stuff" segment per class of the
+    pixels outside every instance."""
+    masks, classes = [], []
+    valid = semantic != IGNORE
+    if subtask == "semantic" or instances is None:
+        for c in np.unique(semantic[valid]):
+            masks.append(semantic == c)
+            classes.append(c)
+    else:
+        for k in np.unique(instances[valid]):
+            region = (instances == k) & valid
+            if k == 0:
+                continue
+            masks.append(region)
+            classes.append(np.bincount(semantic[region]).argmax())
+        if subtask == "panoptic":
+            stuff = (instances == 0) & valid
+            for c in np.unique(semantic[stuff]):
+                masks.append(stuff & (semantic == c))
+                classes.append(c)
+    h, w = semantic.shape
+    stacked = np.stack(masks).astype(np.uint8) if masks else np.zeros((0, h, w), np.uint8)
+    return stacked, np.asarray(classes, dtype=np.int64)
+
+
+class SegmentationMetric(StreamingMetric):
+    """Mean IoU and pixel accuracy from a confusion matrix; panoptic quality from per-class TP/FP/FN/IoU sums."""
+
+    def __init__(self, num_labels: int, panoptic: bool, threshold: float):
+        self.num_labels, self.panoptic, self.threshold = num_labels, panoptic, threshold
+        self.confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+        self.pq = torch.zeros(4, num_labels, dtype=torch.float64)  # TP, FP, FN, IoU sum per class
+
+    def bind(self, model, processor):
+        self.processor = processor
+
+    def to(self, device):
+        self.confusion, self.pq = self.confusion.to(device), self.pq.to(device)
+        return self
+
+    def update(self, outputs, inputs, arrays):
+        target = torch.from_numpy(np.stack(arrays["labels"]).astype(np.int64)).to(self.confusion.device)
+        predicted = semantic_map(outputs, target.shape[-2:]).to(target.device)
+        valid = target != IGNORE
+        index = target[valid] * self.num_labels + predicted[valid]
+        self.confusion += torch.bincount(index, minlength=self.num_labels**2).view(self.num_labels, self.num_labels)
+        if self.panoptic:
+            size = tuple(target.shape[-2:])
+            found = self.processor.post_process_panoptic_segmentation(
+                outputs, threshold=self.threshold, target_sizes=[size] * len(target))
+            for result, masks, classes, void in zip(found, arrays["segment_masks"], arrays["segment_classes"], ~valid):
+                self.match(result, torch.from_numpy(masks).bool().to(void.device), classes, void)
+
+    def match(self, result, truth: torch.Tensor, classes: np.ndarray, void: torch.Tensor):
+        """One image's predicted segments against its true ones: IoU > 0.5 with the same class is a match."""
+        seg = result["segmentation"].to(void.device)
+        matched = set()
+        for info in result["segments_info"]:
+            mask, c = (seg == info["id"]) & ~void, info["label_id"]
+            if not mask.any():
+                continue
+            for j in np.flatnonzero(classes == c):
+                g = truth[j] & ~void
+                iou = float((mask & g).sum()) / float((mask | g).sum())
+                if iou > 0.5:
+                    self.pq[0, c] += 1
+                    self.pq[3, c] += iou
+                    matched.add(int(j))
+                    break
+            else:
+                self.pq[1, c] += 1
+        for j, c in enumerate(classes):
+            if j not in matched:
+                self.pq[2, int(c)] += 1
+
+    def compute(self):
+        confusion, pq = self.confusion.clone(), self.pq.clone()
+        if dist.is_initialized():
+            dist.all_reduce(confusion)
+            dist.all_reduce(pq)
+        confusion = confusion.double()
+        hits = confusion.diag()
+        union = confusion.sum(0) + confusion.sum(1) - hits
+        seen = union > 0
+        out = {
+            "mean_iou": float((hits[seen] / union[seen]).mean()) if seen.any() else 0.0,
+            "pixel_accuracy": float(hits.sum() / confusion.sum().clamp(min=1)),
+        }
+        if self.panoptic:
+            tp, fp, fn, iou = pq
+            denominator = tp + 0.5 * fp + 0.5 * fn
+            present = denominator > 0
+            out["pq"] = float((iou[present] / denominator[present]).mean()) if present.any() else 0.0
+        return out
+
+
+def semantic_map(outputs, size) -> torch.Tensor:
+    """Class per pixel at `size` (batch x H x W) from SegFormer logits or Mask2Former query outputs."""
+    if getattr(outputs, "logits", None) is not None:
+        logits = F.interpolate(outputs.logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return logits.argmax(1)
+    classes = outputs.class_queries_logits.float().softmax(-1)[..., :-1]  # drop "no object"
+    masks = F.interpolate(outputs.masks_queries_logits.float(), size=tuple(size), mode="bilinear", align_corners=False).sigmoid()
+    return torch.einsum("bqc,bqhw->bchw", classes, masks).argmax(1)
+
+
+def model_class(model_type: str):
+    if model_type == "mask2former":
+        return Mask2FormerForUniversalSegmentation
+    if model_type == "segformer":
+        return SegformerForSemanticSegmentation
+    return AutoModelForSemanticSegmentation
+
+
+class ImageSegmentation(TaskSpec):
+    name = "image-segmentation"
+    architectures = ("segformer", "mask2former")
+    columns = (
+        Column("image", "the image: file bytes, or a path/URI to a JPEG/PNG/... file", kind="media"),
+        Column("mask", "one-channel map of class ids (index into data.labels) per pixel", training_only=True, kind="media"),
+        Column("instances", "one-channel map of instance ids per pixel (0: none), for instance/panoptic training",
+               required=False, training_only=True, kind="media"),
+    )
+    label_column = None  # class names come from data.labels (index = the id in the masks)
+    best_metric = "mean_iou"
+    best_metric_mode = "max"
+    output_columns = {"segments": pa.list_(pa.struct([
+        ("label", pa.string()), ("score", pa.float64()),
+        ("mask", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
+    ]))}
+    Options = Options
+    media_suffixes = IMAGE_SUFFIXES
+
+    # --- data -------------------------------------------------------------------------------
+    def folder_rows(self, files):
+        """Folder pairs: `images/x.jpg` with `masks/x.png` (and `instances/x.png`), at any depth."""
+        by_stem = {}
+        for path in files:
+            folder, _, name = path.rpartition("/")
+            parent, _, kind = folder.rpartition("/")
+            if kind in ("masks", "instances") and name.lower().endswith(MAP_SUFFIXES):
+                by_stem[(parent, kind, name.rsplit(".", 1)[0])] = path
+        rows = []
+        for path in sorted(files):
+            folder, _, name = path.rpartition("/")
+            parent, _, kind = folder.rpartition("/")
+            if kind == "images" and name.lower().endswith(IMAGE_SUFFIXES):
+                stem = name.rsplit(".", 1)[0]
+                rows.append({"image": path, "mask": by_stem.get((parent, "masks", stem)),
+                             "instances": by_stem.get((parent, "instances", stem))})
+        return rows
+
+    # --- processor and model ----------------------------------------------------------------
+    def build_processor(self, model_cfg, source_dir, train_rows):
+        if source_dir:
+            return AutoImageProcessor.from_pretrained(source_dir)
+        init = model_cfg.init
+        sizes = SEGFORMER_SIZES if init.architecture == "segformer" else MASK2FORMER_SIZES
+        side = int(init.overrides.get("image_size", sizes[init.size]["image_size"]))
+        if init.architecture == "segformer":
+            return SegformerImageProcessorPil(size={"height": side, "width": side}, do_reduce_labels=False)
+        return Mask2FormerImageProcessorPil(size={"height": side, "width": side}, size_divisor=32,
+                                            do_reduce_labels=False, ignore_index=IGNORE)
+
+    def build_model(self, model_cfg, source_dir, labels, processor):
+        if len(labels) > 255:
+            raise UserError(f"data.labels: {len(labels)} classes; image-segmentation takes at most 255 (ids 0..254, 255 = ignore)")
+        named = dict(num_labels=len(labels), id2label={i: str(c) for i, c in enumerate(labels)},
+                     label2id={str(c): i for i, c in enumerate(labels)}) if labels else {}
+        if source_dir:
+            model_type = AutoConfig.from_pretrained(source_dir).model_type
+            return model_class(model_type).from_pretrained(
+                source_dir, **named, ignore_mismatched_sizes=bool(named), trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True)
+        if not labels:
+            raise UserError("data.labels: image-segmentation from scratch needs the class names, in id order (index = the value in the masks)")
+        init = model_cfg.init
+        overrides = {k: v for k, v in init.overrides.items() if k != "image_size"}
+        if init.architecture == "segformer":
+            size = {k: v for k, v in SEGFORMER_SIZES[init.size].items() if k != "image_size"}
+            return SegformerForSemanticSegmentation(SegformerConfig(**size, semantic_loss_ignore_index=IGNORE, **named, **overrides))
+        size = MASK2FORMER_SIZES[init.size]
+        side = image_size(processor)[0]
+        backbone = SwinConfig(image_size=side, patch_size=4, out_features=["stage1", "stage2", "stage3", "stage4"], **size["swin"])
+        config = Mask2FormerConfig(
+            backbone_config=backbone, feature_size=size["hidden"], mask_feature_size=size["hidden"], hidden_dim=size["hidden"],
+            encoder_feedforward_dim=size["ffn"], dim_feedforward=size["ffn"], encoder_layers=size["encoder_layers"],
+            decoder_layers=size["decoder_layers"], num_attention_heads=size["heads"], num_queries=size["num_queries"],
+            train_num_points=size["train_num_points"], ignore_value=IGNORE, **named, **overrides)
+        return Mask2FormerForUniversalSegmentation(config)
+
+    def load(self, model_dir):
+        model_type = AutoConfig.from_pretrained(model_dir).model_type
+        return model_class(model_type).from_pretrained(model_dir, use_safetensors=True), AutoImageProcessor.from_pretrained(model_dir)
+
+    # --- preprocess / collate / postprocess -------------------------------------------------
+    def preprocess(self, batch, processor, ctx):
+        n = len(batch["image"])
+        options = ctx.options or Options()
+        training = ctx.labels is not None
+        universal = is_universal(processor)
+        if training and options.subtask != "semantic" and not universal:
+            raise UserError(f"task_options.subtask: {options.subtask} segmentation needs a Mask2Former model (model.init.architecture: mask2former)")
+        height, width = image_size(processor)
+        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else 89_478_485
+        keys = ["pixels", "size"] + (["labels"] + (["segment_masks", "segment_classes"] if universal else []) if training else [])
+        arrays = {key: [None] * n for key in keys}
+        errors, flags, lengths = [None] * n, [None] * n, [0] * n
+        rng = random.Random()
+        for i in range(n):
+            image, why = decode_image(batch["image"][i], max_pixels)
+            notes = []
+            if why is None and training:
+                semantic, instances, why, notes = self.targets(batch, i, image.size, len(ctx.labels), options, processor, max_pixels)
+            if why is not None:
+                errors[i] = why
+                continue
+            pixels = resize(image, (height, width))
+            mirror = ctx.train and options.augment and rng.random() < 0.5
+            arrays["pixels"][i] = np.ascontiguousarray(pixels[:, ::-1]) if mirror else pixels
+            arrays["size"][i] = [image.size[1], image.size[0]]
+            if training:
+                semantic = resize_nearest(semantic, height, width)
+                instances = resize_nearest(instances, height, width) if instances is not None else None
+                if mirror:
+                    semantic, instances = flip(semantic), flip(instances) if instances is not None else None
+                arrays["labels"][i] = semantic
+                if universal:
+                    arrays["segment_masks"][i], arrays["segment_classes"][i] = segments(semantic, instances, options.subtask)
+            lengths[i] = height * width
+            flags[i] = "; ".join(notes) or None
+        return Features(arrays=arrays, lengths=lengths, errors=errors, flags=flags)
+
+    def targets(self, batch, i, size, num_labels, options, processor, max_pixels):
+        """(class map uint8, instance map or None, reason, notes) for training row i."""
+        width, height = size
+        mask, why = decode_map(batch["mask"][i], "mask", max_pixels)
+        if why:
+            return None, None, why, []
+        mask, note, why = fit_to(np.asarray(mask), height, width, "mask")
+        if why:
+            return None, None, why, []
+        notes = [note] if note else []
+        if not np.issubdtype(mask.dtype, np.integer):
+            if not np.all(np.mod(mask, 1) == 0):
+                return None, None, f"mask holds non-integer values ({mask.dtype}); expected class ids", []
+        mask = mask.astype(np.int64)
+        ignore = mask == options.ignore_index
+        if getattr(processor, "do_reduce_labels", False):  # ADE20k-style checkpoints: 0 is "other", ids shift down
+            ignore |= mask == 0
+            mask = mask - 1
+        bad = np.unique(mask[~ignore & ((mask < 0) | (mask >= num_labels))])
+        if bad.size:
+            return None, None, (f"mask has class id(s) {bad[:5].tolist()} outside data.labels ({num_labels} classes: 0..{num_labels - 1}; "
+                                f"{options.ignore_index} = ignore)"), []
+        semantic = np.where(ignore, IGNORE, mask).astype(np.uint8)
+        instances = None
+        if options.subtask != "semantic":
+            given = batch.get("instances", [None] * (i + 1))[i]
+            if given is None:
+                return None, None, f"instances is null ({options.subtask} training needs an instance id map per image)", []
+            instances, why = decode_map(given, "instances", max_pixels)
+            if why is None:
+                instances, note, why = fit_to(np.asarray(instances).astype(np.int64), height, width, "instances")
+                notes += [note] if note else []
+            if why:
+                return None, None, why, []
+        return semantic, instances, None, notes
+
+    def collate(self, arrays, processor):
+        inputs = {"pixel_values": pixel_values(arrays["pixels"], processor)}
+        universal = is_universal(processor)
+        if universal:
+            b, _, h, w = inputs["pixel_values"].shape
+            inputs["pixel_mask"] = torch.ones(b, h, w, dtype=torch.long)
+        if arrays.get("labels") is not None:
+            if universal:
+                inputs["mask_labels"] = [torch.from_numpy(m).float() for m in arrays["segment_masks"]]
+                inputs["class_labels"] = [torch.from_numpy(np.asarray(c, dtype=np.int64)) for c in arrays["segment_classes"]]
+            else:
+                inputs["labels"] = torch.from_numpy(np.stack(arrays["labels"]).astype(np.int64))
+        return inputs
+
+    def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
+        universal = is_universal(processor)
+        subtask = parameters.get("subtask") or ("panoptic" if universal else "semantic")
+        sizes = [tuple(int(s) for s in size) for size in arrays["size"]]
+        id2label = model.config.id2label
+        results = []
+        if subtask == "semantic":
+            for seg in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes):
+                seg = seg.cpu().numpy()
+                results.append([{"score": None, "label": id2label[int(c)], "mask": to_png_base64(((seg == c) * 255).astype(np.uint8))}
+                                for c in np.unique(seg)])
+            return results
+        if subtask not in ("instance", "panoptic") or not universal:
+            raise UserError(f"parameters.subtask: {subtask!r} is not available for {model.config.model_type} (semantic only)")
+        method = processor.post_process_panoptic_segmentation if subtask == "panoptic" else processor.post_process_instance_segmentation
+        found = method(outputs, threshold=float(parameters.get("threshold", 0.9)), mask_threshold=float(parameters.get("mask_threshold", 0.5)),
+                       overlap_mask_area_threshold=float(parameters.get("overlap_mask_area_threshold", 0.5)), target_sizes=sizes)
+        for result in found:
+            seg = result["segmentation"].cpu().numpy()
+            results.append([{"score": info["score"], "label": id2label[info["label_id"]],
+                             "mask": to_png_base64(((seg == info["id"]) * 255).astype(np.uint8))} for info in result["segments_info"]])
+        return results
+
+    def to_columns(self, predictions):
+        def segment(s):
+            mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(s["mask"])))) > 0
+            return {"label": s["label"], "score": s["score"], "mask": rle_encode(mask)}
+
+        return {"segments": [[segment(s) for s in p] if p is not None else None for p in predictions]}
+
+    def metrics(self, labels, options):
+        options = options or Options()
+        return SegmentationMetric(len(labels), options.subtask == "panoptic", options.pq_threshold)
+
+    def request_inputs(self, inputs):
+        items = inputs if isinstance(inputs, list) else [inputs]
+        rows = []
+        for item in items:
+            if isinstance(item, dict):
+                if set(item) - {"image"}:
+                    raise UserError(f"inputs: unknown field(s) {sorted(set(item) - {'image'})}; expected 'image' (base64)")
+                item = item.get("image")
+            rows.append({"image": item})
+        return rows
+
+    # --- demo data --------------------------------------------------------------------------
+    def demo_data(self, n, seed):
+        """Coloured shapes on noise, exact masks: class = shape (its colour family), one instance per shape.
+        Labels (data.labels): background, circle, square, triangle. Images are 40..72 px, of mixed sizes."""
+        rng = random.Random(seed)
+        nprng = np.random.default_rng(seed)
+        colours = {1: (220, 40, 40), 2: (40, 200, 40), 3: (50, 60, 230)}
+        rows = []
+        for i in range(n):
+            w, h = rng.randint(40, 72), rng.randint(40, 72)
+            image = Image.fromarray(nprng.integers(70, 180, (h, w, 3), dtype=np.uint8))
+            mask, instances = Image.new("L", (w, h), 0), Image.new("L", (w, h), 0)
+            draws = [ImageDraw.Draw(x) for x in (image, mask, instances)]
+            for k in range(1, rng.randint(1, 3) + 1):
+                cls = rng.randint(1, 3)
+                r = rng.randint(6, 14)
+                cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+                colour = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in colours[cls])
+                for draw, fill in zip(draws, (colour, cls, k)):
+                    if cls == 1:
+                        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+                    elif cls == 2:
+                        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+                    else:
+                        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+            rows.append({"id": f"img-{seed}-{i}", "image": encode_png(image), "mask": encode_png(mask),
+                         "instances": encode_png(instances)})
+        return rows
+
+
+DEMO_LABELS = ["background", "circle", "square", "triangle"]
+TASK = ImageSegmentation()
