@@ -11,6 +11,8 @@ import importlib
 from models.spec import TaskSpec, UserError
 
 TASK_MODULES = {
+    "audio-classification": "models.audio_classification",
+    "automatic-speech-recognition": "models.automatic_speech_recognition",
     "text-classification": "models.text_classification",
     "text-generation": "models.text_generation",
     "summarization": "models.summarization",

@@ -1,0 +1,201 @@
+"""audio-classification: one label per clip, Wav2Vec2 with a pooled sequence-classification head.
+
+Input `audio` (a WAV/FLAC/OGG/MP3 file: bytes, a path or URI; an audio folder with one sub-folder per
+class), training label `label`. Clips are decoded, mixed to mono and resampled to the model's rate in
+`preprocess`; a clip longer than `task_options.chunk_length_s` is scored in windows whose class
+probabilities are averaged (training sees each window with the clip's label). Output as
+`transformers.pipeline("audio-classification")`: `{"label", "score"}`, or the top-k list with
+`parameters.top_k`. Metrics: accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, Wav2Vec2ForSequenceClassification
+
+from models.audio import (
+    ALIGN,
+    AUDIO_SUFFIXES,
+    AudioOptions,
+    aligned,
+    collate_windows,
+    feature_extractor,
+    forward_in_groups,
+    read_clip,
+    tone,
+    wav2vec2_config,
+    wav_bytes,
+    window_plan,
+    windows,
+    with_noise,
+)
+from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+
+
+def label_value(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def clip_probabilities(logits: torch.Tensor, spans: list[np.ndarray]) -> torch.Tensor:
+    """Per-window logits -> per-clip class probabilities (the mean over a clip's windows)."""
+    probs = logits.float().softmax(-1)
+    counts = [len(s) for s in spans]
+    return torch.stack([part.mean(0) for part in probs.split(counts)])
+
+
+class ClassificationMetric(StreamingMetric):
+    def __init__(self, num_labels: int):
+        self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.macro_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+
+    def to(self, device):
+        self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
+        return self
+
+    def update(self, outputs, inputs, arrays):
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+        predicted = clip_probabilities(logits, arrays["spans"]).argmax(-1)
+        truth = torch.as_tensor(np.asarray(arrays["label_id"], dtype=np.int64), device=predicted.device)
+        self.accuracy.update(predicted, truth)
+        self.macro_f1.update(predicted, truth)
+
+    def compute(self):
+        return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
+
+
+class AudioClassification(TaskSpec):
+    name = "audio-classification"
+    architectures = ("wav2vec2",)
+    columns = (
+        Column("audio", "the clip: WAV, FLAC, OGG or MP3 (bytes, a path or URI; base64 in requests)", kind="media"),
+        Column("label", "the class, a string or an int (in an audio folder: the sub-folder's name)", training_only=True),
+    )
+    label_column = "label"
+    best_metric = "accuracy"
+    best_metric_mode = "max"
+    output_columns = {"label": "string", "score": "float64"}
+    Options = AudioOptions
+    media_suffixes = AUDIO_SUFFIXES
+
+    # --- processor and model ----------------------------------------------------------------
+    def build_processor(self, model_cfg, source_dir, train_rows):
+        if source_dir:
+            return AutoFeatureExtractor.from_pretrained(source_dir)
+        return feature_extractor()
+
+    def build_model(self, model_cfg, source_dir, labels, processor):
+        id2label = {i: str(label) for i, label in enumerate(labels)}
+        label2id = {name: i for i, name in id2label.items()}
+        if source_dir:
+            return AutoModelForAudioClassification.from_pretrained(
+                source_dir, num_labels=len(labels), id2label=id2label, label2id=label2id,
+                ignore_mismatched_sizes=True,  # a new head on a checkpoint trained for other labels
+                trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+            )
+        init = model_cfg.init
+        config = wav2vec2_config(init.size, init.overrides, num_labels=len(labels), id2label=id2label, label2id=label2id)
+        return Wav2Vec2ForSequenceClassification(config)
+
+    def load(self, model_dir):
+        model = AutoModelForAudioClassification.from_pretrained(model_dir, use_safetensors=True)
+        return model, AutoFeatureExtractor.from_pretrained(model_dir)
+
+    # --- preprocess / collate / postprocess -------------------------------------------------
+    def preprocess(self, batch, processor, ctx):
+        options = ctx.options or AudioOptions()
+        rate = processor.sampling_rate
+        window = aligned(options.chunk_length_s, rate, ALIGN)
+        n = len(batch["audio"])
+        arrays: dict[str, list] = {"input_values": [None] * n, "spans": [None] * n}
+        if ctx.labels is not None:
+            arrays["label_id"] = [None] * n
+        lengths, errors = [0] * n, [None] * n
+        for i in range(n):
+            if ctx.labels is not None:
+                label = label_value(batch["label"][i]) if "label" in batch else None
+                if label is None:
+                    errors[i] = "label is null"
+                    continue
+                if label not in ctx.labels:
+                    errors[i] = f"unknown label {label!r} (not in the training split)"
+                    continue
+                arrays["label_id"][i] = ctx.labels[label]
+            samples, errors[i] = read_clip(batch["audio"][i], rate, ctx.data)
+            if samples is None:
+                continue
+            arrays["input_values"][i], arrays["spans"][i] = windows(samples, window_plan(len(samples), window, 0, 0), processor)
+            lengths[i] = len(samples)
+        return Features(arrays=arrays, lengths=lengths, errors=errors, flags=[None] * n)
+
+    def collate(self, arrays, processor):
+        inputs = collate_windows(arrays["input_values"], arrays["spans"], processor)
+        if arrays.get("label_id") is not None:  # every window of a clip learns the clip's label
+            inputs["labels"] = torch.as_tensor(
+                [label for label, span in zip(arrays["label_id"], arrays["spans"]) for _ in range(len(span))], dtype=torch.long
+            )
+        return inputs
+
+    def forward(self, model, inputs, parameters):
+        return forward_in_groups(model, inputs)
+
+    def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+        probs = clip_probabilities(logits, arrays["spans"])
+        id2label = model.config.id2label
+        top_k = parameters.get("top_k")
+        k = min(int(top_k or 1), probs.shape[-1])
+        scores, ids = probs.topk(k, dim=-1)
+        results = []
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
+            ranked = [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
+            results.append(ranked if top_k else ranked[0])
+        return results
+
+    def to_columns(self, predictions):
+        best = [p[0] if isinstance(p, list) else p for p in predictions]
+        return {"label": [p["label"] if p else None for p in best], "score": [p["score"] if p else None for p in best]}
+
+    def metrics(self, labels, options):
+        return ClassificationMetric(len(labels))
+
+    def request_inputs(self, inputs):
+        items = inputs if isinstance(inputs, list) else [inputs]
+        rows = []
+        for item in items:
+            if isinstance(item, dict):
+                unknown = set(item) - {"audio"}
+                if unknown:
+                    raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected 'audio' (base64 or a data: URL)")
+                item = item.get("audio")
+            if not isinstance(item, str):
+                raise UserError("inputs: expected audio as a base64 string or a data: URL")
+            rows.append({"audio": item})
+        return rows
+
+    # --- demo data --------------------------------------------------------------------------
+    def demo_data(self, n, seed):
+        """Four sound shapes with jittered pitch, length, loudness and noise: steady low, steady
+        high, a rising chirp, and beeps. Clips of 0.3-0.9 s as 16 kHz WAV bytes."""
+        rng = np.random.default_rng(seed)
+        rows = []
+        for i in range(n):
+            label = ["low", "high", "rising", "beeps"][int(rng.integers(4))]
+            length = rng.uniform(0.3, 0.9)
+            jitter = rng.uniform(0.85, 1.15)
+            if label == "low":
+                wave = tone(rng, length, 400 * jitter)
+            elif label == "high":
+                wave = tone(rng, length, 2400 * jitter)
+            elif label == "rising":
+                wave = tone(rng, length, 500 * jitter, 2500 * jitter)
+            else:
+                wave = tone(rng, length, 1000 * jitter)
+                gate = (np.arange(len(wave)) // int(0.06 * 16000)) % 2 == 0
+                wave = wave * gate
+            rows.append({"id": f"clip-{seed}-{i}", "audio": wav_bytes(with_noise(rng, wave)), "label": label})
+        return rows
+
+
+TASK = AudioClassification()
