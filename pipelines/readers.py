@@ -58,7 +58,10 @@ def format_of(path: str, configured: str, task: TaskSpec | None = None) -> str:
 
 def table_from_rows(rows: list[dict], errors: list[str | None]) -> pa.Table:
     """Rows of Python values -> an Arrow table. A cell whose type disagrees with the rest of its
-    column (a number in a text column) is nulled and the row gets an error naming it."""
+    column (a number in a text column) is nulled and the row gets an error naming it. The columns are
+    every key of any row (pyarrow alone keeps only the first row's keys)."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    rows = [{name: row.get(name) for name in names} for row in rows]
     try:
         table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):

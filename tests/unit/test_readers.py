@@ -56,3 +56,9 @@ def test_formats_come_from_suffixes_or_config():
     assert format_of("x/notes.txt", "auto") == "text"
     with pytest.raises(UserError, match="data.tsv: unknown data format"):
         format_of("x/data.tsv", "auto")
+
+
+def test_jsonl_columns_missing_from_the_first_line_are_kept():
+    data = b'{"id": 1, "text": "a"}\n{"id": 2, "tokens": ["b", "c"]}\n'
+    rows = rows_of(parse_lines(data, "jsonl"))
+    assert rows[1]["tokens"] == ["b", "c"] and rows[0]["tokens"] is None and rows[1]["text"] is None
