@@ -197,7 +197,8 @@ class FillMask(TaskSpec):
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):
-        """Sentences whose words predict each other (an animal and its sound, a country and its capital)."""
+        """Sentences whose words predict each other (an animal and its sound, a country and its capital).
+        The first row is a cloze with a [MASK]: the input Serve's health check predicts."""
         rng = random.Random(seed)
         pairs = [
             ("the {} says {} .", [("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("sheep", "baa"),
@@ -213,6 +214,8 @@ class FillMask(TaskSpec):
             template, words = rng.choice(pairs)
             sentence = template.format(*rng.choice(words))
             rows.append({"id": f"line-{seed}-{i}", "text": f"{rng.choice(openers)} {sentence}".strip()})
+        if rows:
+            rows[0]["text"] = "the cow says [MASK] ."
         return rows
 
 
