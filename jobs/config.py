@@ -103,6 +103,8 @@ class PredictConfig(Section):
     threads_per_actor: int = Field(1, ge=1)
     use_gpu: bool = False
     quantize: Literal["none", "int8"] = "none"
+    # predictor actors preprocess their own rows (default on CPU: no extra process on the same cores)
+    fuse_preprocessing: bool | None = None
     parameters: dict[str, Any] = {}
 
 

@@ -54,6 +54,9 @@ def predict(cfg: JobConfig) -> dict:
 
     started = time.perf_counter()
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    # On CPU the predictor actors preprocess their own rows: a separate preprocessing actor would be one
+    # more process competing for the same cores. GPU actors leave that work to CPU actors.
+    fused = p.fuse_preprocessing if p.fuse_preprocessing is not None else not p.use_gpu
     actors = p.actors
     if local and actors is None:  # one single-threaded predictor per core beats one multi-threaded one
         actors = 1 if p.use_gpu else max(1, (os.cpu_count() or 1) // p.threads_per_actor)
@@ -63,7 +66,7 @@ def predict(cfg: JobConfig) -> dict:
     if actors is None:
         resources = ray.cluster_resources()
         # leave room for the preprocessing actors (0.5 CPU each) and Ray Data's read tasks (1 CPU)
-        spare = resources.get("CPU", 2) - 0.5 * cfg.data.preprocess_actors - 1
+        spare = resources.get("CPU", 2) - (0 if fused else 0.5 * cfg.data.preprocess_actors) - 1
         actors = int(resources["GPU"]) if p.use_gpu else max(1, int(spare) // p.threads_per_actor)
 
     ds = read_rows(storage, p.input, cfg.data.format, task)
@@ -71,17 +74,19 @@ def predict(cfg: JobConfig) -> dict:
     check_columns(names, task, cfg.data.columns, training=False)
     job = cfg.model_dump(mode="json")
     keep = (cfg.data.id_column,) if cfg.data.id_column in names else (SOURCE, ROW)
-    ds = ds.map_batches(
-        Preprocessor,
-        fn_constructor_kwargs=dict(job=job, processor=processor, labels=None, keep=keep, data_uri=p.input),
-        batch_format="pyarrow",
-        batch_size=cfg.data.preprocess_batch_size,
-        concurrency=cfg.data.preprocess_actors,
-        num_cpus=0.5,
-    )
+    preprocess = dict(job=job, processor=processor, labels=None, keep=keep, data_uri=p.input)
+    if not fused:
+        ds = ds.map_batches(
+            Preprocessor,
+            fn_constructor_kwargs=preprocess,
+            batch_format="pyarrow",
+            batch_size=cfg.data.preprocess_batch_size,
+            concurrency=cfg.data.preprocess_actors,
+            num_cpus=0.5,
+        )
     ds = ds.map_batches(
         PredictStage,
-        fn_constructor_kwargs=dict(job=job, model_uri=source, keep=keep),
+        fn_constructor_kwargs=dict(job=job, model_uri=source, keep=keep, preprocess=preprocess if fused else None),
         batch_format="pyarrow",
         batch_size=p.sort_window,
         concurrency=actors,

@@ -120,6 +120,13 @@ class Preprocessor:
         self.fs = self.storage.resolve(data_uri).fs if data_uri else None
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        columns = features_to_arrow(self.features(table))
+        for name in self.keep:
+            if name in table.column_names:
+                columns[name] = table.column(name)
+        return pa.table(columns)
+
+    def features(self, table: pa.Table) -> Features:
         batch = canonical_rows(table, self.task, self.column_map, training=self.ctx.labels is not None)
         sources = table.column(SOURCE).to_pylist() if SOURCE in table.column_names else [None] * table.num_rows
         media_errors = fetch_media(self.task, batch, lambda name, values: resolve_paths(
@@ -130,11 +137,9 @@ class Preprocessor:
             for i, why in enumerate(reasons):
                 if why is not None:
                     features.errors[i] = why
-        columns = features_to_arrow(features)
-        for name in self.keep:
-            if name in table.column_names:
-                columns[name] = table.column(name)
-        return pa.table(columns)
+        if not features.flags:
+            features.flags = [None] * len(features.errors)
+        return features
 
 
 def to_device(value, device: torch.device):
@@ -227,12 +232,15 @@ class Predictor:
 
 
 class PredictStage:
-    """Ray Data callable class: a block of features -> a block of prediction columns."""
+    """Ray Data callable class: a block of features (or of raw rows, when it preprocesses them itself)
+    -> a block of prediction columns."""
 
-    def __init__(self, job: dict, model_uri: str, keep: tuple[str, ...]):
+    def __init__(self, job: dict, model_uri: str, keep: tuple[str, ...], preprocess: dict | None = None):
         from jobs.config import JobConfig
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # raw rows in: preprocess here (built first: it pins torch to one thread, the predictor then sets its own)
+        self.preprocessor = Preprocessor(**preprocess) if preprocess else None
         cfg = JobConfig.model_validate(job)
         p = cfg.predict
         storage = Storage.from_config(cfg.storage)
@@ -242,15 +250,19 @@ class PredictStage:
         self.keep = keep
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.preprocessor is not None:  # features straight from this block's rows, no Arrow round trip
+            features = self.preprocessor.features(table)
+            arrays, lengths, errors, flags = features.arrays, features.lengths, features.errors, features.flags
+        else:
+            names = [n for n in table.column_names if n not in (LENGTH, ERROR, FLAG) and n not in self.keep]
+            arrays = {n: column_values(table, n) for n in names}
+            lengths, errors, flags = (table.column(n).to_pylist() for n in (LENGTH, ERROR, FLAG))
         task = self.predictor.task
-        names = [n for n in table.column_names if n not in (LENGTH, ERROR, FLAG) and n not in self.keep]
-        arrays = {n: column_values(table, n) for n in names}
-        errors = table.column(ERROR).to_pylist()
-        predictions = self.predictor.predict_arrays(arrays, table.column(LENGTH).to_pylist(), errors)
+        predictions = self.predictor.predict_arrays(arrays, lengths, errors)
         columns = {n.lstrip("_"): table.column(n) for n in self.keep if n in table.column_names}
         for name, values in task.to_columns(predictions).items():
             kind = task.output_columns[name]
             columns[name] = pa.array(values, pa.type_for_alias(kind) if isinstance(kind, str) else kind)
-        columns[ERROR] = table.column(ERROR)
-        columns[FLAG] = table.column(FLAG)
+        columns[ERROR] = pa.array(errors, pa.string())
+        columns[FLAG] = pa.array(flags, pa.string())
         return pa.table(columns)
