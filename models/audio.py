@@ -76,7 +76,8 @@ def decode(data: bytes, rate: int, max_seconds: float | None = None) -> np.ndarr
                              f"{max_seconds:g} (data.long_audio: reject)")
         samples, source_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioError(f"not a readable audio file ({str(exc).splitlines()[0][:160]})") from None
+        reason = getattr(exc, "error_string", None) or str(exc).splitlines()[0][:160]  # not the BytesIO's repr
+        raise AudioError(f"not a readable audio file ({reason})") from None
     if samples.shape[0] == 0:
         raise AudioError("audio is empty (0 samples)")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]

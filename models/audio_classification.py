@@ -4,13 +4,14 @@ Input `audio` (a WAV/FLAC/OGG/MP3 file: bytes, a path or URI; an audio folder wi
 class), training label `label`. Clips are decoded, mixed to mono and resampled to the model's rate in
 `preprocess`; a clip longer than `task_options.chunk_length_s` is scored in windows whose class
 probabilities are averaged (training sees each window with the clip's label). Output as
-`transformers.pipeline("audio-classification")`: `{"label", "score"}`, or the top-k list with
-`parameters.top_k`. Metrics: accuracy and macro-F1.
+`transformers.pipeline("audio-classification")`: the top-k `{label, score}` list (`parameters.top_k`,
+default 5); Parquet gets `label`, `score` and `top_k`. Metrics: accuracy and macro-F1.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, Wav2Vec2ForSequenceClassification
@@ -32,6 +33,8 @@ from models.audio import (
     with_noise,
 )
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+
+TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
 
 
 def label_value(value):
@@ -75,7 +78,7 @@ class AudioClassification(TaskSpec):
     label_column = "label"
     best_metric = "accuracy"
     best_metric_mode = "max"
-    output_columns = {"label": "string", "score": "float64"}
+    output_columns = {"label": "string", "score": "float64", "top_k": TOP_K_TYPE}
     Options = AudioOptions
     media_suffixes = AUDIO_SUFFIXES
 
@@ -143,19 +146,18 @@ class AudioClassification(TaskSpec):
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         probs = clip_probabilities(logits, arrays["spans"])
-        id2label = model.config.id2label
-        top_k = parameters.get("top_k")
-        k = min(int(top_k or 1), probs.shape[-1])
+        k = min(int(parameters.get("top_k") or 5), probs.shape[-1])
         scores, ids = probs.topk(k, dim=-1)
-        results = []
-        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
-            ranked = [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
-            results.append(ranked if top_k else ranked[0])
-        return results
+        id2label = model.config.id2label
+        return [[{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
+                for row_scores, row_ids in zip(scores.tolist(), ids.tolist())]
 
     def to_columns(self, predictions):
-        best = [p[0] if isinstance(p, list) else p for p in predictions]
-        return {"label": [p["label"] if p else None for p in best], "score": [p["score"] if p else None for p in best]}
+        return {
+            "label": [p[0]["label"] if p else None for p in predictions],
+            "score": [p[0]["score"] if p else None for p in predictions],
+            "top_k": predictions,
+        }
 
     def metrics(self, labels, options):
         return ClassificationMetric(len(labels))

@@ -87,14 +87,15 @@ def test_a_clip_scores_the_same_alone_and_padded_in_a_batch(model_and_processor)
 def test_predictions_take_the_pipeline_format_and_top_k(model_and_processor):
     model, processor = model_and_processor
     rows = [r["audio"] for r in TASK.demo_data(2, seed=2)]
-    best, _ = predict(model, processor, rows)
-    assert set(best[0]) == {"label", "score"} and best[0]["label"] in LABELS
-    ranked, _ = predict(model, processor, rows, parameters={"top_k": 3})
-    assert len(ranked[0]) == 3 and ranked[0][0] == best[0]
-    assert abs(sum(p["score"] for p in predict(model, processor, rows, parameters={"top_k": 9})[0][0]) - 1) < 1e-5
-    columns = TASK.to_columns([best[0], None, ranked[1]])
-    assert columns == {"label": [best[0]["label"], None, ranked[1][0]["label"]],
-                       "score": [best[0]["score"], None, ranked[1][0]["score"]]}
+    ranked, _ = predict(model, processor, rows)
+    assert len(ranked[0]) == 4 and set(ranked[0][0]) == {"label", "score"}  # top 5 of 4 labels
+    assert abs(sum(p["score"] for p in ranked[0]) - 1) < 1e-5
+    assert [p["score"] for p in ranked[0]] == sorted((p["score"] for p in ranked[0]), reverse=True)
+    two, _ = predict(model, processor, rows, parameters={"top_k": 2})
+    assert two[1] == ranked[1][:2]
+    columns = TASK.to_columns([ranked[0], None, two[1]])
+    assert columns == {"label": [ranked[0][0]["label"], None, two[1][0]["label"]],
+                       "score": [ranked[0][0]["score"], None, two[1][0]["score"]], "top_k": [ranked[0], None, two[1]]}
 
 
 def test_requests_take_base64_strings_or_audio_fields():
