@@ -212,7 +212,7 @@ class Seq2SeqTask(TaskSpec):
         """(token ids, truncated?) per text; the tokenizer's own truncation keeps the closing </s>."""
         if not texts:
             return []
-        ids = processor(texts)["input_ids"]
+        ids = processor(texts, verbose=False)["input_ids"]
         long = [j for j, row in enumerate(ids) if len(row) > limit]
         if long:
             again = processor([texts[j] for j in long], truncation=True, max_length=limit)["input_ids"]

@@ -205,7 +205,7 @@ class TextGeneration(TaskSpec):
             errors[i] = check_text(texts[i], "text") if "text" in batch or "completion" not in batch else "completion is null"
         pairs, docs = [i for i in pairs if errors[i] is None], [i for i in docs if errors[i] is None]
 
-        encode = lambda values: processor(values, add_special_tokens=False)["input_ids"] if values else []  # noqa: E731
+        encode = lambda values: processor(values, add_special_tokens=False, verbose=False)["input_ids"] if values else []  # noqa: E731
         for i, ids in zip(docs, encode([texts[i] for i in docs])):
             ids = ids + [eos]
             cap = opts.max_document_tokens if block else limit
@@ -228,7 +228,8 @@ class TextGeneration(TaskSpec):
         """Prediction rows: the prompt's token ids, kept to the context minus room for generation."""
         texts, prompts = batch.get("text") or [None] * n, batch.get("prompt") or [None] * n
         values = [prompts[i] if prompts[i] is not None else texts[i] for i in range(n)]
-        names = ["prompt" if prompts[i] is not None or "text" not in batch else "text" for i in range(n)]
+        names = ["text" if "prompt" not in batch or (prompts[i] is None and texts[i] is not None) else "prompt"
+                 for i in range(n)]
         errors = [check_text(v, name) for v, name in zip(values, names)]
         ok = [i for i in range(n) if errors[i] is None]
         limit = context_length(processor)
@@ -236,7 +237,7 @@ class TextGeneration(TaskSpec):
         generation = json.dumps({"defaults": opts.generation_defaults(), "limit": opts.max_new_tokens_limit})
         arrays = {"prompt_ids": [None] * n, "prompt": [None] * n, "generation": [generation] * n}
         lengths, flags = [0] * n, [None] * n
-        encoded = processor([values[i] for i in ok], add_special_tokens=False)["input_ids"] if ok else []
+        encoded = processor([values[i] for i in ok], add_special_tokens=False, verbose=False)["input_ids"] if ok else []
         for i, ids in zip(ok, encoded):
             if len(ids) > budget:
                 ids, flags[i] = ids[-budget:], f"prompt truncated to its last {budget} tokens"
@@ -307,11 +308,15 @@ class TextGeneration(TaskSpec):
         return results
 
     def stream(self, model, processor, arrays, parameters):
-        """One row's continuation in pieces, as `forward` + `postprocess` would write it (continuation only)."""
+        """One row's continuation in pieces, as `forward` + `postprocess` would write it (continuation
+        only). Parameters are checked here, before the first piece, so a bad one fails the request."""
         inputs = self.collate(arrays, processor)
         settings = self._settings(inputs, parameters)
         ids = inputs["input_ids"].to(model.device)
-        kwargs = self._generate_kwargs(model, settings, ids.shape[1])
+        return self._pieces(model, processor, ids, settings, self._generate_kwargs(model, settings, ids.shape[1]))
+
+    @staticmethod
+    def _pieces(model, processor, ids, settings, kwargs):
         streamer = TextIteratorStreamer(processor, skip_prompt=True, skip_special_tokens=True, timeout=600)
         stopped = threading.Event()
 
@@ -332,9 +337,8 @@ class TextGeneration(TaskSpec):
                 if len(cut) < len(text):
                     if len(cut) > sent:
                         yield cut[sent:]
-                    stopped.set()
                     return
-                safe = len(text) - held_back(text, stops)
+                safe = len(text) - held_back(text, stops)  # a possible stop string's start waits for the next piece
                 if safe > sent:
                     yield text[sent:safe]
                     sent = safe

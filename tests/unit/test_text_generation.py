@@ -117,6 +117,8 @@ def test_generation_is_bounded_and_parameters_are_checked(model, tokenizer):
     assert out["new_tokens"].shape[1] <= 8
     with pytest.raises(ParameterError, match="max_new_tokens: 9 is over this model's limit of 8"):
         TASK.forward(model, inputs, {"max_new_tokens": 9})
+    with pytest.raises(ParameterError, match="max_new_tokens: 9"):  # before any piece is streamed
+        TASK.stream(model, tokenizer, arrays, {"max_new_tokens": 9})
     with pytest.raises(ValueError, match="parameters.num_beams: not a generation parameter"):
         TASK.forward(model, inputs, {"num_beams": 2})
     with pytest.raises(UserError, match="parameters.temperature: expected float"):
