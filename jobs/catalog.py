@@ -15,6 +15,12 @@ def print_tasks() -> None:
         task = get_task(name)
         columns = ", ".join(c.name + ("" if c.required else "?") + (" (train)" if c.training_only else "") for c in task.columns)
         print(f"{name:<32}{', '.join(task.architectures):<30}{columns}")
+    print("\ntask_options (under `task_options:` in the YAML) and the data formats each task adds:")
+    for name in task_names():
+        task = get_task(name)
+        options = ", ".join(task.Options.model_fields) if task.Options is not None else "none"
+        formats = f"; data.format also {', '.join(sorted(task.formats))}" if task.formats else ""
+        print(f"  {name}: {options}{formats}")
 
 
 def write_demo_data(task_name: str, uri: str, rows: int, seed: int) -> None:
