@@ -98,6 +98,8 @@ class PredictConfig(Section):
     input: str | None = None
     output: str | None = None
     batch_size: int = Field(8, ge=1)
+    # at most this many padded length units per batch (rows x longest row: tokens, pixels, samples)
+    max_batch_cost: int | None = Field(None, ge=1)
     sort_window: int = Field(256, ge=1)  # rows sorted by length together; smaller windows spread over more actors
     actors: int | None = Field(None, ge=1)  # default: one per CPU (one per GPU with use_gpu)
     threads_per_actor: int = Field(1, ge=1)

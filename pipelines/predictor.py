@@ -164,7 +164,8 @@ class Predictor:
 
     def __init__(self, task_name: str, model_dir: str, batch_size: int = 8, use_gpu: bool = False,
                  quantize: str = "none", threads: int | None = None, parameters: dict | None = None,
-                 options: Any = None, data: Any = None, storage: Storage | None = None, allow_uris: bool = False):
+                 options: Any = None, data: Any = None, storage: Storage | None = None, allow_uris: bool = False,
+                 max_batch_cost: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.task = get_task(task_name)
@@ -177,9 +178,22 @@ class Predictor:
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model.to(self.device)
         self.batch_size = batch_size
+        self.max_batch_cost = max_batch_cost
         self.parameters = parameters or {}
         self.ctx = Context(labels=None, train=False, options=options, data=data)
         self.uri_storage = storage if allow_uris else None  # requests may name files in object storage
+
+    def batches(self, rows: list[int], lengths: list[int]) -> list[list[int]]:
+        """Rows (sorted by length) in batches of at most `batch_size`, and, with `max_batch_cost`, of at
+        most that many padded length units (rows x longest): on CPU a long row gains nothing from company."""
+        out, batch = [], []
+        for i in rows:
+            if batch and (len(batch) == self.batch_size or
+                          (self.max_batch_cost and (len(batch) + 1) * max(lengths[i], 1) > self.max_batch_cost)):
+                out.append(batch)
+                batch = []
+            batch.append(i)
+        return out + [batch] if batch else out
 
     def predict_arrays(self, arrays: dict[str, list], lengths: list[int], errors: list, parameters: dict | None = None) -> list:
         """One prediction per row (None where the row carries an error), in input order."""
@@ -187,8 +201,7 @@ class Predictor:
         n = len(errors)
         predictions: list = [None] * n
         usable = sorted((i for i in range(n) if errors[i] is None), key=lambda i: lengths[i])
-        for start in range(0, len(usable), self.batch_size):
-            rows = usable[start : start + self.batch_size]
+        for rows in self.batches(usable, lengths):
             sub = {name: [values[i] for i in rows] for name, values in arrays.items() if name != "labels"}
             inputs = to_device(self.task.collate(sub, self.processor), self.device)
             with torch.inference_mode():
@@ -246,7 +259,7 @@ class PredictStage:
         storage = Storage.from_config(cfg.storage)
         model_dir = storage.model_path(model_uri)  # downloaded once per node
         self.predictor = Predictor(cfg.task, model_dir, p.batch_size, p.use_gpu, p.quantize, p.threads_per_actor,
-                                   p.parameters, cfg.options(), cfg.data, storage)
+                                   p.parameters, cfg.options(), cfg.data, storage, max_batch_cost=p.max_batch_cost)
         self.keep = keep
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -121,7 +121,8 @@ class PredictorDeployment:
         s, p = self.cfg.serve, self.cfg.predict
         predictor = Predictor(self.cfg.task, self.storage.model_path(source), batch_size=p.batch_size, use_gpu=s.use_gpu,
                               quantize=p.quantize, threads=s.threads_per_replica, parameters=p.parameters,
-                              options=self.cfg.options(), data=self.cfg.data, storage=self.storage, allow_uris=s.allow_uris)
+                              options=self.cfg.options(), data=self.cfg.data, storage=self.storage, allow_uris=s.allow_uris,
+                              max_batch_cost=p.max_batch_cost)
         self.check(name, predictor)  # a model that cannot answer never takes traffic
         return predictor
 
