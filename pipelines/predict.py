@@ -63,6 +63,7 @@ def predict(cfg: JobConfig) -> dict:
     connect(cfg.ray.address, cfg.ray.num_cpus, (actors or 0) * p.threads_per_actor + 1)
     if p.use_gpu and ray.cluster_resources().get("GPU", 0) == 0:
         raise UserError("predict.use_gpu: the Ray cluster has no GPUs")
+    ray_up = time.perf_counter()
     if actors is None:
         resources = ray.cluster_resources()
         # leave room for the preprocessing actors (0.5 CPU each) and Ray Data's read tasks (1 CPU)
@@ -95,18 +96,21 @@ def predict(cfg: JobConfig) -> dict:
     )
     ds.write_parquet(output.path, filesystem=output.arrow_fs())
     seconds = time.perf_counter() - started
-    return summarize(output, seconds, actors)
+    return summarize(output, seconds, time.perf_counter() - ray_up, actors)
 
 
-def summarize(output, seconds: float, actors: int) -> dict:
+def summarize(output, seconds: float, pipeline_seconds: float, actors: int) -> dict:
     table = pads.dataset(output.path, filesystem=output.arrow_fs(), format="parquet").to_table()
     rows = table.num_rows
     errors = rows - pc.sum(pc.is_null(table.column(ERROR))).as_py() if rows else 0
     flagged = rows - pc.sum(pc.is_null(table.column(FLAG))).as_py() if rows else 0
     summary = {"rows": rows, "errors": errors, "flagged": flagged, "seconds": round(seconds, 1),
-               "rows_per_s": round(rows / seconds, 1), "actors": actors, "output": output.uri}
+               "rows_per_s": round(rows / seconds, 1), "pipeline_rows_per_s": round(rows / pipeline_seconds, 1),
+               "actors": actors, "output": output.uri}
     print(f"wrote {rows} predictions ({errors} errors, {flagged} flagged) to {output.uri} in {seconds:.1f}s "
-          f"({rows / seconds:.1f} rows/s, {actors} predictor actors)", flush=True)
+          f"({rows / seconds:.1f} rows/s; {rows / pipeline_seconds:.1f} rows/s once Ray was up; {actors} predictor actors)",
+          flush=True)
+    print("summary: " + json.dumps(summary), flush=True)
     for row in table.slice(0, 5).to_pylist():
         print("  " + json.dumps(row, default=str), flush=True)
     return summary
