@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import (
     AutoImageProcessor,
