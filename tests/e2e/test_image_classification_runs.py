@@ -18,7 +18,6 @@ import s3fs
 from PIL import Image
 
 from models.image_classification import TASK, shape_image
-from models.images import encode_png
 from tests.conftest import job_config, served
 
 pytestmark = pytest.mark.e2e
