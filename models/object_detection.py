@@ -286,11 +286,13 @@ class ObjectDetection(TaskSpec):
 
     def collate(self, arrays, processor):
         height, width = canvas(arrays)
-        padded = [np.pad(p, ((0, height - p.shape[0]), (0, width - p.shape[1]), (0, 0))) for p in arrays["pixels"]]
-        mask = torch.zeros(len(padded), height, width, dtype=torch.long)
+        n = len(arrays["pixels"])
+        batch = torch.zeros(n, 3, height, width)  # padded with zeros after normalising, as the HF processor pads
+        mask = torch.zeros(n, height, width, dtype=torch.long)
         for i, p in enumerate(arrays["pixels"]):
+            batch[i, :, : p.shape[0], : p.shape[1]] = pixel_values([p], processor)[0]
             mask[i, : p.shape[0], : p.shape[1]] = 1
-        inputs = {"pixel_values": pixel_values(padded, processor), "pixel_mask": mask}
+        inputs = {"pixel_values": batch, "pixel_mask": mask}
         if arrays.get("boxes") is not None:
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)
             inputs["labels"] = []
