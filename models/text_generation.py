@@ -189,7 +189,10 @@ class TextGeneration(TaskSpec):
     # --- preprocess ---------------------------------------------------------------------------
     def preprocess(self, batch, processor, ctx):
         opts = ctx.options or Options()
-        n = len(next(iter(batch.values()))) if batch else 0
+        if "text" not in batch and not ("prompt" in batch and ("completion" in batch or ctx.labels is None)):
+            wanted = "'prompt' (or 'text')" if ctx.labels is None else "'text' (documents) or 'prompt' + 'completion'"
+            raise UserError(f"data: no column {wanted}; map yours with data.columns")
+        n = len(next(iter(batch.values())))
         if ctx.labels is None:
             return self._prompts(batch, processor, opts, n)
         texts, prompts, completions = (batch.get(c) or [None] * n for c in ("text", "prompt", "completion"))

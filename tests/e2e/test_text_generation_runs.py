@@ -104,7 +104,8 @@ def events(body: str) -> list:
 def test_the_endpoint_answers_as_batch_prediction_and_streams_the_same_text(trained, predicted):
     cfg, _, table = predicted
     by_id = {r["id"]: r for r in table if r["id"] is not None}
-    with served(cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": trained["model"]})}), "textgen") as url:
+    cfg = config(predict=cfg.predict.model_dump(), serve={"model": trained["model"]})  # the same predict.parameters
+    with served(cfg, "textgen") as url:
         answer = httpx.post(f"{url}/predict", json={"inputs": "the capital of japan is"}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert answer.json() == [{"generated_text": by_id["japan"]["generated_text"]}]

@@ -40,6 +40,13 @@ def test_bad_training_rows_get_reasons(tokenizer):
                                "completion is empty", "prompt is not a string (got int)"]
 
 
+def test_data_without_any_text_column_is_a_user_error(tokenizer):
+    with pytest.raises(UserError, match="no column 'text' \\(documents\\) or 'prompt' \\+ 'completion'"):
+        TASK.preprocess({"prompt": ["a"]}, tokenizer, TRAIN)
+    with pytest.raises(UserError, match="no column 'prompt' \\(or 'text'\\)"):
+        TASK.preprocess({}, tokenizer, PREDICT)
+
+
 def test_documents_end_with_end_of_text_and_pairs_remember_their_prompt(tokenizer):
     batch = {"text": ["alice has 3 red apples .", None], "prompt": [None, "the capital of peru is"],
              "completion": [None, " lima ."]}
