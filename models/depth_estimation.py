@@ -18,6 +18,7 @@ import random
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ class DepthEstimation(TaskSpec):
     label_column = None
     best_metric = "abs_rel"
     best_metric_mode = "min"
-    output_columns = {"predicted_depth": "list<item: list<item: float>>"}
+    output_columns = {"predicted_depth": pa.list_(pa.list_(pa.float32()))}  # metres, rows of the image
     Options = Options
     media_suffixes = IMAGE_SUFFIXES
 
