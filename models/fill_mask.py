@@ -201,14 +201,13 @@ class FillMask(TaskSpec):
         The first row is a cloze with a [MASK]: the input Serve's health check predicts."""
         rng = random.Random(seed)
         pairs = [
-            ("the {} says {} .", [("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("sheep", "baa"),
-                                  ("owl", "hoot"), ("lion", "roar"), ("snake", "hiss")]),
+            ("the {} says {} .", [("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("owl", "hoot"), ("snake", "hiss")]),
             ("the capital of {} is {} .", [("france", "paris"), ("japan", "tokyo"), ("peru", "lima"), ("norway", "oslo"),
-                                           ("egypt", "cairo"), ("kenya", "nairobi"), ("spain", "madrid"), ("chile", "santiago")]),
+                                           ("egypt", "cairo"), ("kenya", "nairobi")]),
             ("{} is the opposite of {} .", [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
-                                            ("early", "late"), ("light", "dark"), ("happy", "sad"), ("open", "closed")]),
+                                            ("early", "late"), ("happy", "sad")]),
         ]
-        openers = ["", "", "everyone knows that", "my teacher said", "in the book", "as usual"]
+        openers = ["", "", "", "everyone knows that", "as usual"]
         rows = []
         for i in range(n):
             template, words = rng.choice(pairs)
