@@ -132,3 +132,16 @@ def test_saved_model_loads_in_transformers_pipeline(tmp_path, architecture):
     theirs = pipeline("image-classification", model=str(tmp_path), device="cpu")(image, top_k=4)
     assert [p["label"] for p in theirs] == [p["label"] for p in ours[0]]
     assert [p["score"] for p in theirs] == pytest.approx([p["score"] for p in ours[0]], abs=2e-3)
+
+
+def test_a_saved_checkpoint_is_a_source_with_a_new_head(tmp_path):
+    model, processor = tiny("convnext")
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    processor.save_pretrained(tmp_path)
+    cfg = ModelConfig(source=str(tmp_path))
+    loaded_processor = TASK.build_processor(cfg, str(tmp_path), iter(()))
+    assert loaded_processor.size == processor.size and loaded_processor.crop_pct == processor.crop_pct
+    again = TASK.build_model(cfg, str(tmp_path), ["cat", "dog"], loaded_processor)
+    assert again.config.id2label == {0: "cat", 1: "dog"} and again.classifier.out_features == 2
+    body = dict(model.named_parameters())
+    assert all(torch.equal(p, body[name]) for name, p in again.named_parameters() if not name.startswith("classifier"))

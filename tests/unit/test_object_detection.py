@@ -175,3 +175,15 @@ def test_map_rewards_right_boxes():
     wrong.update(outputs(torch.tensor([[0.9, 0.9, 0.05, 0.05]] * k), target["class_labels"]), inputs, arrays)
     assert perfect.compute()["map"] > 0.99 and perfect.compute()["map_50"] > 0.99
     assert wrong.compute() == {"map": 0.0, "map_50": 0.0}
+
+
+def test_a_saved_detr_is_a_source_with_a_new_class_head(tmp_path):
+    model, processor = tiny()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    processor.save_pretrained(tmp_path)
+    cfg = ModelConfig(source=str(tmp_path))
+    loaded_processor = TASK.build_processor(cfg, str(tmp_path), iter(()))
+    again = TASK.build_model(cfg, str(tmp_path), ["car", "person"], loaded_processor)
+    assert again.config.id2label == {0: "car", 1: "person"} and again.class_labels_classifier.out_features == 3
+    queries = again.model.query_position_embeddings.weight
+    assert torch.equal(queries, model.model.query_position_embeddings.weight)  # the checkpoint's, not re-drawn
