@@ -69,7 +69,8 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image | None, str | None]:
     if mode == "RGB":
         return image, None
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16/32-bit grayscale (scans, depth-like PNGs): stretch the used range onto 0..255.
+        # 16/32-bit grayscale (scans, medical, depth-like PNGs): 0..65535 onto 0..255 (values that fit in
+        # 8 bits are taken as 8-bit); float images are read as 0..1, or scaled by their maximum.
         values = np.asarray(image, dtype=np.float64)
         if not np.isfinite(values).all():
             return None, f"image mode {mode} holds non-finite values"
