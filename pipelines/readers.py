@@ -241,8 +241,8 @@ def read_rows(storage: Storage, uri: str, fmt: str = "auto", task: TaskSpec | No
     """A Ray dataset of every row behind `uri`, tagged with `_source`, `_row` and `_read_error`."""
     if fmt == "folder":
         rows = folder_rows(storage, uri, task)
-        errors = [None] * len(rows)
-        table = table_from_rows([{k: v for k, v in r.items() if k not in (SOURCE, ROW)} for r in rows], errors)
+        errors = [r.get(READ_ERROR) for r in rows]  # a metadata line that did not parse keeps its reason
+        table = table_from_rows([{k: v for k, v in r.items() if k not in (SOURCE, ROW, READ_ERROR)} for r in rows], errors)
         table = table.append_column(SOURCE, pa.array([r[SOURCE] for r in rows], pa.string()))
         table = table.append_column(ROW, pa.array([r[ROW] for r in rows], pa.int64()))
         blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
