@@ -227,8 +227,8 @@ class SpeechRecognition(TaskSpec):
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):
-        """Spoken words of a made-up alphabet: each letter is a tone burst of its own pitch (8 letters,
-        400-3200 Hz), letters 80 ms apart, words 150 ms apart; 1-2 words of 2-4 letters per clip."""
+        """Spoken words of a made-up alphabet: each letter is a tone burst of its own pitch (6 letters,
+        350-3670 Hz), 60-80 ms long, 15 ms apart, words 150 ms apart; 1-2 words of 2-4 letters per clip."""
         rng = np.random.default_rng(seed)
         rows = []
         for i in range(n):
@@ -243,12 +243,13 @@ class SpeechRecognition(TaskSpec):
                 if w:
                     pieces.append(np.zeros(int(0.15 * 16000)))
                 for letter in word:
-                    pieces.append(tone(rng, rng.uniform(0.06, 0.08), LETTERS[letter] * rng.uniform(0.97, 1.03)))
+                    pieces.append(tone(rng, rng.uniform(*LETTER_SECONDS), LETTERS[letter] * rng.uniform(0.97, 1.03)))
                     pieces.append(np.zeros(int(0.015 * 16000)))
             wave = with_noise(rng, np.concatenate(pieces), level=0.02)
             rows.append({"id": f"utt-{seed}-{i}", "audio": wav_bytes(wave), "text": " ".join(words)})
         return rows
 
 
-LETTERS = {c: 400 * 2 ** (3 * k / 7) for k, c in enumerate("abcdefgh")}
+LETTERS = {c: 350 * 1.6**k for k, c in enumerate("abcdef")}  # 350-3670 Hz, far enough apart to learn fast
+LETTER_SECONDS = (0.06, 0.08)
 TASK = SpeechRecognition()
