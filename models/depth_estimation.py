@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from transformers import AutoImageProcessor, GLPNConfig, GLPNForDepthEstimation, GLPNImageProcessorPil
 
-from models.image_maps import MAP_SUFFIXES, decode_map, fit_to, flip, resize_nearest
+from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 
@@ -93,19 +93,7 @@ class DepthEstimation(TaskSpec):
 
     def folder_rows(self, files):
         """Folder pairs: `images/x.jpg` with `depth/x.png` or `depth/x.npy`, at any depth."""
-        by_stem = {}
-        for path in files:
-            folder, _, name = path.rpartition("/")
-            parent, _, kind = folder.rpartition("/")
-            if kind == "depth" and name.lower().endswith(MAP_SUFFIXES):
-                by_stem[(parent, name.rsplit(".", 1)[0])] = path
-        rows = []
-        for path in sorted(files):
-            folder, _, name = path.rpartition("/")
-            parent, _, kind = folder.rpartition("/")
-            if kind == "images" and name.lower().endswith(IMAGE_SUFFIXES):
-                rows.append({"image": path, "depth": by_stem.get((parent, name.rsplit(".", 1)[0]))})
-        return rows
+        return folder_pairs(files, {"depth": "depth"}, IMAGE_SUFFIXES)
 
     # --- processor and model ----------------------------------------------------------------
     def build_processor(self, model_cfg, source_dir, train_rows):

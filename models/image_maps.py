@@ -93,6 +93,30 @@ def flip(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[:, ::-1])
 
 
+def folder_pairs(files: list[str], maps: dict[str, str], image_suffixes: tuple[str, ...]) -> list[dict]:
+    """The folder layout of image + map pairs: `images/x.jpg` with `<folder>/x.png|.npy` beside `images/`
+    for each map folder in `maps` (folder name -> column), at any depth; a missing map is None. A folder
+    without `images/` (a plain corpus to predict) gives every image file outside the map folders."""
+    def split(path):
+        folder, _, name = path.rpartition("/")
+        parent, _, kind = folder.rpartition("/")
+        return parent, kind, name, name.rsplit(".", 1)[0]
+
+    found = {}
+    for path in files:
+        parent, kind, name, stem = split(path)
+        if kind in maps and name.lower().endswith(MAP_SUFFIXES):
+            found[(parent, kind, stem)] = path
+    images = [p for p in sorted(files) if p.lower().endswith(image_suffixes) and split(p)[1] not in maps]
+    if any(split(p)[1] == "images" for p in images):
+        images = [p for p in images if split(p)[1] == "images"]
+    rows = []
+    for path in images:
+        parent, _, _, stem = split(path)
+        rows.append({"image": path, **{column: found.get((parent, folder, stem)) for folder, column in maps.items()}})
+    return rows
+
+
 # --- output encodings --------------------------------------------------------------------------
 
 def rle_encode(mask: np.ndarray) -> dict:
@@ -102,10 +126,6 @@ def rle_encode(mask: np.ndarray) -> dict:
 
 
 def rle_decode(rle: dict) -> np.ndarray:
-    """COCO run-length encoding -> boolean HxW mask (pycocotools.mask.decode does the same)."""
+    """COCO run-length encoding as `rle_encode` writes it -> boolean HxW mask."""
     counts = rle["counts"]
     return coco_mask.decode({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}).astype(bool)
-
-
-def png_bytes_to_array(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))

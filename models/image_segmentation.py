@@ -38,7 +38,7 @@ from transformers import (
     SwinConfig,
 )
 
-from models.image_maps import MAP_SUFFIXES, decode_map, fit_to, flip, resize_nearest, rle_encode
+from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest, rle_encode
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 
@@ -214,21 +214,7 @@ class ImageSegmentation(TaskSpec):
     # --- data -------------------------------------------------------------------------------
     def folder_rows(self, files):
         """Folder pairs: `images/x.jpg` with `masks/x.png` (and `instances/x.png`), at any depth."""
-        by_stem = {}
-        for path in files:
-            folder, _, name = path.rpartition("/")
-            parent, _, kind = folder.rpartition("/")
-            if kind in ("masks", "instances") and name.lower().endswith(MAP_SUFFIXES):
-                by_stem[(parent, kind, name.rsplit(".", 1)[0])] = path
-        rows = []
-        for path in sorted(files):
-            folder, _, name = path.rpartition("/")
-            parent, _, kind = folder.rpartition("/")
-            if kind == "images" and name.lower().endswith(IMAGE_SUFFIXES):
-                stem = name.rsplit(".", 1)[0]
-                rows.append({"image": path, "mask": by_stem.get((parent, "masks", stem)),
-                             "instances": by_stem.get((parent, "instances", stem))})
-        return rows
+        return folder_pairs(files, {"masks": "mask", "instances": "instances"}, IMAGE_SUFFIXES)
 
     # --- processor and model ----------------------------------------------------------------
     def build_processor(self, model_cfg, source_dir, train_rows):
@@ -239,6 +225,8 @@ class ImageSegmentation(TaskSpec):
         side = int(init.overrides.get("image_size", sizes[init.size]["image_size"]))
         if init.architecture == "segformer":
             return SegformerImageProcessorPil(size={"height": side, "width": side}, do_reduce_labels=False)
+        if side < 64:  # its stride-32 features would be 1x1, which GroupNorm refuses for a single image
+            raise UserError(f"model.init.overrides.image_size: Mask2Former needs at least 64 px, got {side}")
         return Mask2FormerImageProcessorPil(size={"height": side, "width": side}, size_divisor=32,
                                             do_reduce_labels=False, ignore_index=IGNORE)
 

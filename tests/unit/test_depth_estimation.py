@@ -139,3 +139,6 @@ def test_folder_pairs_and_requests():
     assert TASK.request_inputs(["aGk=", {"image": "eA=="}]) == [{"image": "aGk="}, {"image": "eA=="}]
     with pytest.raises(UserError, match="unknown field"):
         TASK.request_inputs({"depth": "x"})
+    # a plain folder of images (a corpus to predict): every image is a row, paired where a depth/ folder is beside it
+    assert TASK.folder_rows(["a.jpg", "sub/b.png", "depth/a.png"]) == [{"image": "a.jpg", "depth": "depth/a.png"},
+                                                                       {"image": "sub/b.png", "depth": None}]

@@ -23,7 +23,8 @@ LABEL_IDS = {name: i for i, name in enumerate(DEMO_LABELS)}
 DATA = SimpleNamespace(max_image_pixels=100_000)
 
 
-def tiny(architecture: str, image_size: int = 32):
+def tiny(architecture: str, image_size: int | None = None):
+    image_size = image_size or (64 if architecture == "mask2former" else 32)
     cfg = ModelConfig(init={"architecture": architecture, "size": "tiny", "overrides": {"image_size": image_size}})
     processor = TASK.build_processor(cfg, None, iter(()))
     torch.manual_seed(0)
@@ -106,7 +107,7 @@ def test_instance_training_without_instance_maps_is_refused_row_by_row():
     row = TASK.demo_data(1, seed=1)[0]
     features = TASK.preprocess(columns([row, {**row, "instances": None}]), processor, training_ctx("panoptic"))
     assert features.errors == [None, "instances is null (panoptic training needs an instance id map per image)"]
-    assert features.arrays["segment_masks"][0].shape[1:] == (32, 32)
+    assert features.arrays["segment_masks"][0].shape[1:] == (64, 64)
     _, segformer_processor = tiny("segformer")
     with pytest.raises(UserError, match="needs a Mask2Former model"):
         TASK.preprocess(columns([row]), segformer_processor, training_ctx("panoptic"))
@@ -214,6 +215,9 @@ def test_from_scratch_needs_class_names_and_requests_take_base64_images():
     cfg = ModelConfig(init={"architecture": "segformer", "size": "tiny"})
     with pytest.raises(UserError, match="data.labels"):
         TASK.build_model(cfg, None, [], TASK.build_processor(cfg, None, iter(())))
+    small = ModelConfig(init={"architecture": "mask2former", "size": "tiny", "overrides": {"image_size": 32}})
+    with pytest.raises(UserError, match="Mask2Former needs at least 64 px, got 32"):
+        TASK.build_processor(small, None, iter(()))
     assert TASK.request_inputs("aGk=") == [{"image": "aGk="}]
     assert TASK.request_inputs([{"image": "aGk="}, "eA=="]) == [{"image": "aGk="}, {"image": "eA=="}]
     with pytest.raises(UserError, match="unknown field"):
