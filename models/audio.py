@@ -9,7 +9,6 @@ them back per row. Nothing here imports Ray.
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import soundfile as sf
@@ -23,7 +22,7 @@ RATE = 16_000  # what from-scratch models and their feature extractors use
 ALIGN = 320  # input samples per output frame of every Wav2Vec2 size here (and of hub checkpoints)
 WINDOWS_PER_FORWARD = 8  # windows the model sees at once in prediction: bounds memory on long clips
 
-# Sizes for from-scratch runs. "tiny" learns the demo data in about a hundred steps on a laptop CPU:
+# Sizes for from-scratch runs. "tiny" learns the demo data in a few hundred small steps on a laptop CPU:
 # no SpecAugment, dropout or layer drop, since masking 10 of a 1 s clip's 50 frames hides whole letters.
 QUIET = dict(mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0,
              final_dropout=0.0)
