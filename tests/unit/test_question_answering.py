@@ -42,9 +42,8 @@ def test_squad_json_becomes_one_row_per_question():
 
 
 def test_the_answer_becomes_start_and_end_tokens(tokenizer):
-    row = TASK.demo_data(5, seed=3)[0]
-    while not row["answers"]["text"]:
-        row = TASK.demo_data(5, seed=4)[1]
+    row = {"question": "where does Bob live ?", "context": "Eve works at Acme . Bob lives in Oslo .",
+           "answers": {"text": ["Oslo"], "answer_start": [32]}}
     features = TASK.preprocess({k: [v] for k, v in row.items()}, tokenizer, TRAIN)
     assert features.errors == [None]
     arrays = features.arrays
