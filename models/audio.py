@@ -48,7 +48,6 @@ class AudioOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     chunk_length_s: float = Field(20.0, gt=0)  # clips longer than this run in windows of this length
-    stride_length_s: float | None = Field(None, ge=0)  # context on each side of a window (ASR); default chunk/6
 
 
 class AudioError(ValueError):

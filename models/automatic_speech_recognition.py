@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 import torch
+from pydantic import Field
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import (
     AutoFeatureExtractor,
@@ -48,6 +49,10 @@ from models.audio import (
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 
 PAD, UNK, DELIMITER = "[PAD]", "[UNK]", "|"
+
+
+class SpeechOptions(AudioOptions):
+    stride_length_s: float | None = Field(None, ge=0)  # context on each side of a window; default chunk_length_s/6
 
 
 def normalise(text: str) -> str:
@@ -131,7 +136,7 @@ class SpeechRecognition(TaskSpec):
     best_metric = "wer"
     best_metric_mode = "min"
     output_columns = {"text": "string"}
-    Options = AudioOptions
+    Options = SpeechOptions
     media_suffixes = AUDIO_SUFFIXES
 
     # --- processor and model ----------------------------------------------------------------
@@ -158,7 +163,7 @@ class SpeechRecognition(TaskSpec):
 
     # --- preprocess / collate / postprocess -------------------------------------------------
     def preprocess(self, batch, processor, ctx):
-        options = ctx.options or AudioOptions()
+        options = ctx.options or SpeechOptions()
         extractor, tokenizer = processor.feature_extractor, processor.tokenizer
         rate = extractor.sampling_rate
         window = aligned(options.chunk_length_s, rate, ALIGN)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from jobs.config import DataConfig
-from models.audio import WINDOWS_PER_FORWARD, AudioOptions, decode, wav_bytes
-from models.automatic_speech_recognition import LETTERS, TASK, build_tokenizer
+from models.audio import WINDOWS_PER_FORWARD, decode, wav_bytes
+from models.automatic_speech_recognition import LETTERS, TASK, SpeechOptions, build_tokenizer
 from models.spec import Context, UserError
 
 MODEL_CFG = SimpleNamespace(init=SimpleNamespace(architecture="wav2vec2", size="tiny", overrides={}),
@@ -28,7 +28,7 @@ def build(overrides=None, seed=0):
 
 
 def transcribe(model, processor, clips, options=None, calls=None):
-    ctx = Context(options=options or AudioOptions(), data=DataConfig())
+    ctx = Context(options=options or SpeechOptions(), data=DataConfig())
     features = TASK.preprocess({"audio": clips}, processor, ctx)
     assert features.errors == [None] * len(clips)
     inputs = TASK.collate(features.arrays, processor)
@@ -76,7 +76,7 @@ def test_bad_rows_get_reasons_and_training_keeps_long_clips_whole():
     long = wav_bytes(np.random.default_rng(0).normal(0, 0.1, 16000 * 3))
     batch = {"audio": [good["audio"], good["audio"], good["audio"], b"junk", long],
              "text": [good["text"], None, "   ", "ab", "abc  de"]}
-    ctx = Context(labels={}, train=True, options=AudioOptions(chunk_length_s=1.0), data=DataConfig())
+    ctx = Context(labels={}, train=True, options=SpeechOptions(chunk_length_s=1.0), data=DataConfig())
     features = TASK.preprocess(batch, processor, ctx)
     assert features.errors[:3] == [None, "text is null", "text is empty"]
     assert features.errors[3].startswith("not a readable audio file") and features.errors[4] is None
@@ -92,9 +92,9 @@ def test_a_clip_longer_than_a_window_gives_the_same_text_as_one_pass():
     rng = np.random.default_rng(5)
     clip = wav_bytes(np.concatenate([0.5 * np.sin(2 * np.pi * rng.uniform(300, 3000) * np.arange(1600) / 16000)
                                      for _ in range(40)]))  # 4 s of 0.1 s tones
-    whole, _ = transcribe(model, processor, [clip], AudioOptions(chunk_length_s=10))
+    whole, _ = transcribe(model, processor, [clip], SpeechOptions(chunk_length_s=10))
     calls = []
-    windowed, features = transcribe(model, processor, [clip], AudioOptions(chunk_length_s=1.0, stride_length_s=0.2), calls)
+    windowed, features = transcribe(model, processor, [clip], SpeechOptions(chunk_length_s=1.0, stride_length_s=0.2), calls)
     assert features.arrays["input_values"][0].shape[0] == 6  # 4 s in 1 s windows starting every 0.6 s
     assert len(whole[0]) > 20  # a random model still says something to compare
     assert windowed == whole
@@ -104,7 +104,7 @@ def test_a_ten_minute_file_is_transcribed_a_few_windows_at_a_time():
     model, processor = build({**LOCAL, "hidden_size": 16, "conv_dim": (16, 16, 16, 16)})
     ten_minutes = wav_bytes(np.random.default_rng(0).normal(0, 0.2, 16000 * 600).astype(np.float32))
     calls = []
-    texts, features = transcribe(model, processor, [ten_minutes], AudioOptions(chunk_length_s=20, stride_length_s=2), calls)
+    texts, features = transcribe(model, processor, [ten_minutes], SpeechOptions(chunk_length_s=20, stride_length_s=2), calls)
     values = features.arrays["input_values"][0]
     assert values.shape == (38, 320000) and features.lengths == [16000 * 600]
     assert len(calls) == 5 and max(n * width for n, width in calls) <= WINDOWS_PER_FORWARD * 320000
@@ -125,6 +125,6 @@ def test_the_saved_model_transcribes_the_same_in_a_transformers_pipeline_windowe
     assert any(ours)
     long = np.concatenate([decode(r["audio"], 16000) for r in TASK.demo_data(6, seed=8)])  # a few seconds
     windowed, features = transcribe(loaded.eval(), loaded_processor, [wav_bytes(long)],
-                                    AudioOptions(chunk_length_s=1.0, stride_length_s=0.2))
+                                    SpeechOptions(chunk_length_s=1.0, stride_length_s=0.2))
     assert features.arrays["input_values"][0].shape[0] >= 3
     assert windowed[0] == asr({"raw": long, "sampling_rate": 16000}, chunk_length_s=1.0, stride_length_s=0.2)["text"]
