@@ -362,11 +362,9 @@ class QuestionAnswering(TaskSpec):
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):
-        """Templated biographies among filler sentences; each question asks about one of the four facts,
-        one in six about a fact the context lacks (no answer)."""
+        """Short templated biographies; each question asks about one of the four facts, one in six about
+        a fact the context lacks (no answer)."""
         rng = random.Random(seed)
-        filler = ["the weather was nice .", "everyone stayed at home .", "it rained all day .", "the train was late .",
-                  "nothing else happened ."]
         people = ["Alice", "Bob", "Carlos", "Dana", "Eve", "Farid", "Grace", "Hiro", "Ivan", "Julia", "Kofi", "Lena"]
         facts = {
             "city": ("{p} lives in {x} .", "where does {p} live ?",
@@ -384,9 +382,7 @@ class QuestionAnswering(TaskSpec):
             kinds = rng.sample(sorted(facts), 4)
             named = rng.sample(people, 4)
             sentences = [facts[k][0].format(p=p, x=rng.choice(facts[k][2])) for k, p in zip(kinds, named)]
-            pieces = sentences + [rng.choice(filler) for _ in range(rng.choice([0, 0, 3, 6, 10]))]
-            rng.shuffle(pieces)  # long contexts span several windows; most windows then lack the answer
-            context = " ".join(pieces)
+            context = " ".join(sentences)
             if rng.random() < 1 / 6:
                 missing = next(k for k in sorted(facts) if k not in kinds)
                 question, answers = facts[missing][1].format(p=rng.choice(named)), {"text": [], "answer_start": []}
