@@ -169,8 +169,11 @@ class PredictorDeployment:
         problem = row_errors(features.errors, False)
         if problem:
             raise problem
-        pieces = predictor.task.stream(predictor.model, predictor.processor, features.arrays,
-                                       {**predictor.parameters, **parameters})
+        try:
+            pieces = predictor.task.stream(predictor.model, predictor.processor, features.arrays,
+                                           {**predictor.parameters, **parameters})
+        except (ValueError, TypeError, KeyError) as exc:  # parameters the task refuses, before the first piece
+            raise RequestError(422, f"parameters: {json.dumps(parameters)} cannot be used ({exc})") from None
         if pieces is None:
             raise RequestError(422, f"stream: {self.task.name} answers whole predictions; leave 'stream' out")
 
