@@ -140,7 +140,8 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
         millimetres = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["predicted_depth"]))))
         assert millimetres.dtype == np.uint16 and result["unit"] == "mm"
         written = np.asarray(by_id[f"ramp-{i}"]["predicted_depth"], dtype=np.float32)
-        assert np.abs(millimetres / 1000 - written).max() < 1e-6
+        # the same millimetres; a batch of another make-up may round one pixel the other way (float sums differ)
+        assert np.abs(millimetres.astype(np.int64) - np.round(written * 1000).astype(np.int64)).max() <= 1
         view = Image.open(io.BytesIO(base64.b64decode(result["depth"])))
         assert view.mode == "L" and view.size == (written.shape[1], written.shape[0])
     assert upload.status_code == 200, upload.text
