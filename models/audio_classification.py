@@ -32,7 +32,7 @@ from models.audio import (
     windows,
     with_noise,
 )
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
 
@@ -163,18 +163,7 @@ class AudioClassification(TaskSpec):
         return ClassificationMetric(len(labels))
 
     def request_inputs(self, inputs):
-        items = inputs if isinstance(inputs, list) else [inputs]
-        rows = []
-        for item in items:
-            if isinstance(item, dict):
-                unknown = set(item) - {"audio"}
-                if unknown:
-                    raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected 'audio' (base64 or a data: URL)")
-                item = item.get("audio")
-            if not isinstance(item, str):
-                raise UserError("inputs: expected audio as a base64 string or a data: URL")
-            rows.append({"audio": item})
-        return rows
+        return one_field_rows(inputs, 'audio', "'audio' (base64 or a data: URL)")
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

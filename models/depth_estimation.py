@@ -28,7 +28,7 @@ from transformers import AutoImageProcessor, GLPNConfig, GLPNForDepthEstimation,
 
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 METRES = {"mm": 0.001, "cm": 0.01, "m": 1.0}
 
@@ -185,15 +185,7 @@ class DepthEstimation(TaskSpec):
         return DepthMetric()
 
     def request_inputs(self, inputs):
-        items = inputs if isinstance(inputs, list) else [inputs]
-        rows = []
-        for item in items:
-            if isinstance(item, dict):
-                if set(item) - {"image"}:
-                    raise UserError(f"inputs: unknown field(s) {sorted(set(item) - {'image'})}; expected 'image' (base64)")
-                item = item.get("image")
-            rows.append({"image": item})
-        return rows
+        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

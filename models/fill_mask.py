@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 from models.text_classification import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -182,15 +182,7 @@ class FillMask(TaskSpec):
         return {"predictions": [per_mask(p) for p in predictions]}
 
     def request_inputs(self, inputs):
-        rows = []
-        for item in inputs if isinstance(inputs, list) else [inputs]:
-            if isinstance(item, dict):
-                unknown = set(item) - {"text"}
-                if unknown:
-                    raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected 'text'")
-                item = item.get("text")
-            rows.append({"text": item})
-        return rows
+        return one_field_rows(inputs, 'text', "'text'")
 
     def metrics(self, labels, options):
         return MaskedLMMetric()

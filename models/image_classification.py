@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, random_crop_box, resize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 # From-scratch sizes; "tiny" learns the demo set in a minute on a laptop CPU.
 VIT_SIZES = {
@@ -199,15 +199,7 @@ class ImageClassification(TaskSpec):
         }
 
     def request_inputs(self, inputs):
-        items = inputs if isinstance(inputs, list) else [inputs]
-        rows = []
-        for item in items:
-            if isinstance(item, dict):
-                if set(item) - {"image"}:
-                    raise UserError(f"inputs: unknown field(s) {sorted(set(item) - {'image'})}; expected 'image'")
-                item = item.get("image")
-            rows.append({"image": item})
-        return rows
+        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
 
     def metrics(self, labels, options):
         return ClassificationMetric(len(labels))

@@ -40,7 +40,7 @@ from transformers import (
 
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest, rle_encode
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
 IGNORE = 255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
 
@@ -383,15 +383,7 @@ class ImageSegmentation(TaskSpec):
         return SegmentationMetric(len(labels), options.subtask == "panoptic", options.pq_threshold)
 
     def request_inputs(self, inputs):
-        items = inputs if isinstance(inputs, list) else [inputs]
-        rows = []
-        for item in items:
-            if isinstance(item, dict):
-                if set(item) - {"image"}:
-                    raise UserError(f"inputs: unknown field(s) {sorted(set(item) - {'image'})}; expected 'image' (base64)")
-                item = item.get("image")
-            rows.append({"image": item})
-        return rows
+        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

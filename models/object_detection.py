@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection, DetrCo
 from transformers import DetrImageProcessorPil
 
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, pixel_values, random_crop_box, resize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
 # From-scratch sizes: a ResNet backbone (its last stage feeds the transformer) and a DETR on top.
 DETR_SIZES = {
@@ -320,15 +320,7 @@ class ObjectDetection(TaskSpec):
         return {"detections": predictions}
 
     def request_inputs(self, inputs):
-        items = inputs if isinstance(inputs, list) else [inputs]
-        rows = []
-        for item in items:
-            if isinstance(item, dict):
-                if set(item) - {"image"}:
-                    raise UserError(f"inputs: unknown field(s) {sorted(set(item) - {'image'})}; expected 'image'")
-                item = item.get("image")
-            rows.append({"image": item})
-        return rows
+        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
 
     def metrics(self, labels, options):
         return DetectionMetric(labels)

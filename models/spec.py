@@ -96,6 +96,20 @@ class StreamingMetric:
         return self
 
 
+def one_field_rows(inputs: Any, field: str, expected: str) -> list[dict]:
+    """An HTTP `inputs` value for a task with one input column: one item or a list of them, each a bare
+    value or `{field: value}`. Values pass through as sent; the runtime decodes or refuses them per row."""
+    rows = []
+    for item in inputs if isinstance(inputs, list) else [inputs]:
+        if isinstance(item, dict):
+            unknown = set(item) - {field}
+            if unknown:
+                raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected {expected}")
+            item = item.get(field)
+        rows.append({field: item})
+    return rows
+
+
 class TaskSpec:
     """One task family. Subclasses set the class attributes and implement the methods."""
 

@@ -30,10 +30,11 @@ def fetch_file(storage: Storage, fs, uri_or_path: str, is_uri: bool) -> bytes:
     else:
         path = uri_or_path
     with storage_errors(uri_or_path):
-        size = fs.size(path)
-        if size is not None and size > MAX_MEDIA_BYTES:
-            raise UserError(f"{uri_or_path}: {size} bytes, more than the {MAX_MEDIA_BYTES} a media file may have")
-        return fs.cat_file(path)
+        # one ranged read (no separate size request): a byte past the limit means the file is too big
+        data = fs.cat_file(path, start=0, end=MAX_MEDIA_BYTES + 1)
+    if len(data) > MAX_MEDIA_BYTES:
+        raise UserError(f"{uri_or_path}: more than the {MAX_MEDIA_BYTES} bytes a media file may have")
+    return data
 
 
 def resolve_paths(values: list, sources: list[str | None], storage: Storage, fs, column: str) -> tuple[list, list]:

@@ -44,3 +44,16 @@ def test_copy_dir_and_text_round_trip(tmp_path):
     assert (tmp_path / "dst" / "sub" / "f.txt").read_text() == "x"
     storage.write_text(str(tmp_path / "out" / "m.json"), "{}")
     assert storage.read_text(str(tmp_path / "out" / "m.json")) == "{}"
+
+
+def test_media_files_are_read_whole_and_refused_past_the_limit(tmp_path, monkeypatch):
+    from pipelines import media
+
+    (tmp_path / "small.bin").write_bytes(b"x" * 10)
+    (tmp_path / "big.bin").write_bytes(b"x" * 11)
+    monkeypatch.setattr(media, "MAX_MEDIA_BYTES", 10)
+    assert media.fetch_file(Storage(), None, str(tmp_path / "small.bin"), is_uri=True) == b"x" * 10
+    with pytest.raises(UserError, match="big.bin: more than the 10 bytes a media file may have"):
+        media.fetch_file(Storage(), None, str(tmp_path / "big.bin"), is_uri=True)
+    with pytest.raises(UserError, match="nope.bin"):
+        media.fetch_file(Storage(), None, str(tmp_path / "nope.bin"), is_uri=True)
