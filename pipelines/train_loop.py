@@ -54,6 +54,15 @@ def all_have(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def summed(count: int, device) -> int:
+    """A count over every worker's shard (every rank calls this at the same point)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return count
+    t = torch.tensor([count], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
     shard = ray.train.get_dataset_shard("eval")
     metric = task.metrics(labels, options).to(device)
@@ -155,7 +164,7 @@ def train_loop(config: dict) -> None:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step {state['best_step']})", flush=True)
         report({**metrics, "samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
-                "best": state["best"], "best_step": state["best_step"], "skipped_rows": state["skipped_rows"],
+                "best": state["best"], "best_step": state["best_step"], "skipped_rows": summed(state["skipped_rows"], device),
                 "resumed_at": state.get("resumed_at", []), "worker_nodes": worker_nodes}, True)
 
     model.train()
@@ -169,10 +178,11 @@ def train_loop(config: dict) -> None:
         to_skip, micro = state["batches_in_epoch"], 0
         exhausted = False  # some worker ran out of data: this epoch ends for everyone
         for batch, skipped in batches:
+            if micro >= to_skip and state["epoch"] == 0:  # rows with errors, counted on the first pass only
+                state["skipped_rows"] += skipped
             if batch is None or micro < to_skip:  # resuming: skip what the checkpoint already saw
                 micro += batch is not None
                 continue
-            state["skipped_rows"] += skipped
             if state["step"] >= stop_at:
                 break
             if exhausted:
