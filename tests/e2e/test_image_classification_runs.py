@@ -167,9 +167,11 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
     _, by_id, _ = predicted
     names = ["red-photo.jpg", "blue-print.jpg", "green-deep.png"]
     encoded = [base64.b64encode(corpus["files"][f"files/{n}"]).decode() for n in names]
-    cfg = config(serve={"model": trained["model"]})
+    cfg = config(serve={"model": trained["model"], "allow_uris": True})
     with served(cfg, "images") as url, httpx.Client(timeout=60) as client:
         answer = client.post(f"{url}/predict", json={"inputs": encoded, "parameters": {"top_k": 2}})
+        by_uri = client.post(f"{url}/predict", json={"inputs": {"image": f"{corpus['root']}/files/red-photo.jpg"}})
+        missing_uri = client.post(f"{url}/predict", json={"inputs": f"{corpus['root']}/files/nowhere.jpg"})
         data_url = client.post(f"{url}/predict", json={"inputs": {"image": "data:image/jpeg;base64," + encoded[0]}})
         upload = client.post(f"{url}/predict", files={"file": ("x.jpg", corpus["files"]["files/blue-print.jpg"], "image/jpeg")})
         corrupt = client.post(f"{url}/predict", json={"inputs": base64.b64encode(b"not an image").decode()})
@@ -179,6 +181,10 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
         assert [r["label"] for r in ranked] == [w["label"] for w in written]
         assert [r["score"] for r in ranked] == pytest.approx([w["score"] for w in written], abs=1e-5)
     assert data_url.status_code == 200 and data_url.json()[0]["label"] == by_id["red-photo.jpg"]["label"]
+    # serve.allow_uris: the replica reads the file from object storage itself
+    assert by_uri.status_code == 200, by_uri.text
+    assert by_uri.json()[0]["score"] == pytest.approx(by_id["red-photo.jpg"]["score"], abs=1e-5)
+    assert missing_uri.status_code == 422 and "nowhere.jpg" in missing_uri.json()["error"]
     assert upload.status_code == 200, upload.text
     assert upload.json()[0]["label"] == by_id["blue-print.jpg"]["label"]
     assert corrupt.status_code == 422 and "not an image" in corrupt.json()["error"]

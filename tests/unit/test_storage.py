@@ -57,3 +57,13 @@ def test_media_files_are_read_whole_and_refused_past_the_limit(tmp_path, monkeyp
         media.fetch_file(Storage(), None, str(tmp_path / "big.bin"), is_uri=True)
     with pytest.raises(UserError, match="nope.bin"):
         media.fetch_file(Storage(), None, str(tmp_path / "nope.bin"), is_uri=True)
+
+
+def test_a_request_may_name_a_file_only_where_serve_allow_uris_is_on(tmp_path):
+    from pipelines.media import decode_request_value
+
+    (tmp_path / "a.png").write_bytes(b"png bytes")
+    with pytest.raises(UserError, match=r"URIs are not accepted here \(serve.allow_uris is off\)"):
+        decode_request_value(f"file://{tmp_path}/a.png", None, "image")
+    assert decode_request_value(f"file://{tmp_path}/a.png", Storage(), "image") == b"png bytes"
+    assert decode_request_value("data:image/png;base64,cG5n", None, "image") == b"png"
