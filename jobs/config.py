@@ -66,6 +66,11 @@ class DataConfig(Section):
     id_column: str | None = "id"  # carried into predictions; the row position when absent
     preprocess_actors: int = Field(1, ge=1)
     preprocess_batch_size: int = Field(256, ge=1)
+    # Keep the preprocessed training split in Ray's object store (spilling to disk) after the first pass, so
+    # later epochs skip reading, decoding and tokenising. null (auto): when the task draws no random
+    # augmentations and the split has at most cache_max_rows rows; true/false force it.
+    cache_train: bool | None = None
+    cache_max_rows: int = Field(100_000, ge=0)
 
 
 class TrainConfig(Section):

@@ -181,6 +181,10 @@ class DepthEstimation(TaskSpec):
 
         return {"predicted_depth": [metres(p) if p is not None else None for p in predictions]}
 
+    def augments(self, options):
+        options = options or Options()
+        return options.augment
+
     def metrics(self, labels, options):
         return DepthMetric()
 

@@ -201,6 +201,10 @@ class ImageClassification(TaskSpec):
     def request_inputs(self, inputs):
         return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
 
+    def augments(self, options):
+        options = options or Options()
+        return bool(options.random_resized_crop or options.horizontal_flip)
+
     def metrics(self, labels, options):
         return ClassificationMetric(len(labels))
 

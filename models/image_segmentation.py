@@ -378,6 +378,10 @@ class ImageSegmentation(TaskSpec):
 
         return {"segments": [[segment(s) for s in p] if p is not None else None for p in predictions]}
 
+    def augments(self, options):
+        options = options or Options()
+        return options.augment
+
     def metrics(self, labels, options):
         options = options or Options()
         return SegmentationMetric(len(labels), options.subtask == "panoptic", options.pq_threshold)

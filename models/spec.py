@@ -165,6 +165,11 @@ class TaskSpec:
         """A saved model and its processor, for prediction and serving."""
         raise NotImplementedError
 
+    def augments(self, options: Any) -> bool:
+        """True when `preprocess` draws random augmentations for the training split: each epoch must
+        then preprocess afresh rather than reuse a cached pass."""
+        return False
+
     # --- the three steps, shared by train, predict and serve ---------------------------------
     def preprocess(self, batch: dict[str, list], processor: Any, ctx: Context) -> Features:
         """Columns of rows (canonical names, Python values) -> per-row features and errors."""

@@ -78,6 +78,15 @@ def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str):
     return labels, rows, processor
 
 
+def cache_train(cfg: JobConfig, task, rows: int) -> bool:
+    """Whether to preprocess the training split once and keep it (`data.cache_train`)."""
+    if cfg.data.cache_train is not None:
+        return cfg.data.cache_train
+    if task.augments(cfg.options()):
+        return False  # random augmentations must be drawn afresh each epoch
+    return rows <= cfg.data.cache_max_rows
+
+
 def train(cfg: JobConfig) -> dict:
     task = get_task(cfg.task)
     t = cfg.train
@@ -111,6 +120,9 @@ def train(cfg: JobConfig) -> dict:
         )
 
     datasets = {"train": preprocessed(train_raw, "train", cfg.data.train)}
+    if cache_train(cfg, task, rows):
+        # one pass now; every epoch then streams the cached blocks instead of re-reading and re-preprocessing
+        datasets["train"] = datasets["train"].materialize()
     if cfg.data.eval:
         eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
         check_columns(eval_raw.schema().names, task, cfg.data.columns, training=True)
