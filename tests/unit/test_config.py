@@ -81,3 +81,24 @@ def test_the_example_config_is_valid():
 def test_defaults_are_filled_in():
     cfg = validate(BASE)
     assert cfg.train.keep_checkpoints == 2 and cfg.predict.quantize == "none" and cfg.serve.max_batch_size == 8
+
+
+@pytest.mark.parametrize("task, options, overrides, rows, cached", [
+    ("text-classification", {}, [], 1000, True),  # deterministic preprocessing, a small split: cached
+    ("text-classification", {}, [], 100_001, False),  # past data.cache_max_rows: streamed every epoch
+    ("text-classification", {}, ["data.cache_train=false"], 10, False),
+    ("image-classification", {}, [], 10, False),  # random crops and flips are drawn afresh each epoch
+    ("image-classification", {"random_resized_crop": None, "horizontal_flip": False}, [], 10, True),
+    ("image-classification", {}, ["data.cache_train=true"], 10, True),
+    ("image-segmentation", {"augment": False}, [], 10, True),
+    ("depth-estimation", {}, [], 10, False),
+    ("automatic-speech-recognition", {}, [], 10, True),  # decoding audio once is the point
+])
+def test_the_training_split_is_cached_only_where_each_epoch_would_preprocess_the_same(task, options, overrides, rows, cached):
+    from models import get_task
+    from pipelines.train import cache_train
+
+    architecture = {"image-classification": "vit", "image-segmentation": "segformer", "depth-estimation": "glpn",
+                    "automatic-speech-recognition": "wav2vec2"}.get(task, "bert")
+    cfg = load_config(None, overrides, base={"task": task, "model": {"init": {"architecture": architecture}}, "task_options": options})
+    assert cache_train(cfg, get_task(task), rows) is cached
