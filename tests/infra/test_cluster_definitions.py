@@ -226,3 +226,18 @@ def test_dockerfile_builds_from_the_installed_ray_version():
     assert any(instruction.startswith("COPY") and instruction.endswith(" /app") for instruction in instructions)
     assert any("pip install" in instruction and "-c constraints.txt" in instruction and "/app" in instruction
                for instruction in instructions)
+
+
+def test_rayservice_serve_config_is_what_export_config_writes_for_its_documented_command(tmp_path):
+    """serveConfigV2 is generated, never hand-edited: the command in its comment gives it back."""
+    from jobs.config import load_config
+    from pipelines.serve import export_config
+
+    text = (REPO_ROOT / "infra/k8s/rayservice.yaml").read_text()
+    command = re.search(r"rayformers serve (\S+) \\\n\s*#\s*(.*?) --export-config", text)
+    image_config, overrides = command.group(1), command.group(2).split()
+    local_config = str(repo_path_of_image_path(image_config))
+    export_config(load_config(local_config, overrides), local_config, overrides, str(tmp_path / "serve.yaml"))
+    written = yaml.safe_load((tmp_path / "serve.yaml").read_text())
+    written["applications"][0]["args"]["config"] = image_config
+    assert yaml.safe_load(load_yaml("k8s/rayservice.yaml")["spec"]["serveConfigV2"]) == written
