@@ -1,9 +1,12 @@
 """`rayformers train`: object storage -> Ray Data preprocessing actors -> Ray Train workers.
 
 The driver reads the splits, discovers the label set, builds (or trains) the processor, and
-hands tokenised datasets to a `TorchTrainer`. Checkpoints go to `train.output/checkpoints/`
-through the same filesystem as the data; running the same command again resumes from the
-latest one. At the end the best model is copied to `train.output/model/` and the figures to
+hands tokenised datasets to a `TorchTrainer`. A training split whose preprocessing is the same every
+epoch (no random augmentations) and that is small enough is preprocessed once and kept in Ray's object
+store (`data.cache_train`): a fresh pass per epoch would restart the preprocessing actors, re-read the
+files and re-tokenise, which on small splits costs ten times the training itself. Checkpoints go
+to `train.output/checkpoints/` through the same filesystem as the data; running the same command
+again resumes from the latest one. At the end the best model is copied to `train.output/model/` and the figures to
 `train.output/metrics.json`.
 """
 
