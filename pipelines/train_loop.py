@@ -170,6 +170,7 @@ def train_loop(config: dict) -> None:
     model.train()
     rng = random.Random(t.seed)
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+    tick = time.perf_counter()  # train_seconds: wall time of training, waits for data included, evals left out
     last_eval_step = state["step"] if checkpoint else -1
     stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
     while state["step"] < stop_at:
@@ -190,7 +191,6 @@ def train_loop(config: dict) -> None:
             if not all_have(True, device):
                 exhausted = True
                 continue
-            start = time.perf_counter()
             inputs = to_device(task.collate(batch, processor), device)
             with autocast():
                 loss = model(**inputs).loss / t.grad_accum
@@ -202,7 +202,8 @@ def train_loop(config: dict) -> None:
             state["samples"] += n * world
             state["batches_in_epoch"] = micro
             if micro % t.grad_accum:
-                state["train_seconds"] += time.perf_counter() - start
+                state["train_seconds"] += time.perf_counter() - tick
+                tick = time.perf_counter()
                 continue
             if t.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -210,7 +211,8 @@ def train_loop(config: dict) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["train_seconds"] += time.perf_counter() - start
+            state["train_seconds"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             step = state["step"]
             if step % t.log_every == 0 and rank == 0:
                 elapsed = time.perf_counter() - window_start
@@ -220,6 +222,7 @@ def train_loop(config: dict) -> None:
             if step % t.eval_every == 0:
                 eval_and_checkpoint()
                 last_eval_step = step
+                tick = time.perf_counter()
         if not exhausted and state["step"] < stop_at:
             all_have(False, device)  # this worker ran out: release workers waiting in `all_have`
         if state["step"] < stop_at:  # the epoch ended, not the run
