@@ -95,6 +95,7 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1)
     seed: int = 42
     length_buckets: int = Field(8, ge=1)  # batches sorted together by length
+    shuffle_rows: int = Field(1024, ge=0)  # rows each worker shuffles across blocks every epoch (0: block order only)
     stop_after_steps: int | None = Field(None, ge=1)  # end this run early (the next run resumes)
 
 
