@@ -217,7 +217,7 @@ class SpeechRecognition(TaskSpec):
         return ErrorRates()
 
     def request_inputs(self, inputs):
-        return one_field_rows(inputs, 'audio', "'audio' (base64 or a data: URL)")
+        return one_field_rows(inputs, "audio", "'audio' (base64 or a data: URL)")
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

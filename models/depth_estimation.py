@@ -189,7 +189,7 @@ class DepthEstimation(TaskSpec):
         return DepthMetric()
 
     def request_inputs(self, inputs):
-        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
+        return one_field_rows(inputs, "image", "'image' (base64 or a data: URL)")
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

@@ -182,7 +182,7 @@ class FillMask(TaskSpec):
         return {"predictions": [per_mask(p) for p in predictions]}
 
     def request_inputs(self, inputs):
-        return one_field_rows(inputs, 'text', "'text'")
+        return one_field_rows(inputs, "text", "'text'")
 
     def metrics(self, labels, options):
         return MaskedLMMetric()

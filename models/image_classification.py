@@ -199,7 +199,7 @@ class ImageClassification(TaskSpec):
         }
 
     def request_inputs(self, inputs):
-        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
+        return one_field_rows(inputs, "image", "'image' (base64 or a data: URL)")
 
     def augments(self, options):
         options = options or Options()

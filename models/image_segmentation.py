@@ -387,7 +387,7 @@ class ImageSegmentation(TaskSpec):
         return SegmentationMetric(len(labels), options.subtask == "panoptic", options.pq_threshold)
 
     def request_inputs(self, inputs):
-        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
+        return one_field_rows(inputs, "image", "'image' (base64 or a data: URL)")
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

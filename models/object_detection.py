@@ -320,7 +320,7 @@ class ObjectDetection(TaskSpec):
         return {"detections": predictions}
 
     def request_inputs(self, inputs):
-        return one_field_rows(inputs, 'image', "'image' (base64 or a data: URL)")
+        return one_field_rows(inputs, "image", "'image' (base64 or a data: URL)")
 
     def augments(self, options):
         options = options or Options()

@@ -6,8 +6,8 @@ epoch (no random augmentations) and that is small enough is preprocessed once an
 store (`data.cache_train`): a fresh pass per epoch would restart the preprocessing actors, re-read the
 files and re-tokenise, which on small splits costs ten times the training itself. Checkpoints go
 to `train.output/checkpoints/` through the same filesystem as the data; running the same command
-again resumes from the latest one. At the end the best model is copied to `train.output/model/` and the figures to
-`train.output/metrics.json`.
+again resumes from the latest one. At the end the best model is copied to `train.output/model/`
+and the figures to `train.output/metrics.json`.
 """
 
 from __future__ import annotations

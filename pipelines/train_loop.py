@@ -29,11 +29,12 @@ from pipelines.predictor import ERROR, FLAG, LENGTH, column_values, to_device
 from pipelines.storage import Storage
 
 
-def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random, shuffle_rows: int, seed: int):
+def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random, shuffle_rows: int = 0):
     """Batches of rows with similar lengths, in shuffled order; rows with errors are left out. Rows are
-    first shuffled across blocks through a buffer of `shuffle_rows` (seeded: a resumed epoch replays)."""
+    first shuffled across blocks through a buffer of `shuffle_rows`, seeded from `rng` (a resumed epoch replays)."""
+    seed = rng.randrange(2**31) if shuffle_rows else None
     for block in shard.iter_batches(batch_size=batch_size * buckets, batch_format="pyarrow",
-                                    local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed if shuffle_rows else None):
+                                    local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed):
         usable = block.filter(pa.compute.is_null(block.column(ERROR)))
         skipped = block.num_rows - usable.num_rows
         order = sorted(range(usable.num_rows), key=usable.column(LENGTH).to_pylist().__getitem__)
@@ -47,22 +48,18 @@ def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random, sh
             yield None, skipped
 
 
+def reduced(value: int, op, device) -> int:
+    """`value` combined over every worker with `op` (every rank calls this at the same point)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def all_have(flag: bool, device) -> bool:
     """True when every worker has a batch: keeps DDP steps in lockstep when shards differ."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def summed(count: int, device) -> int:
-    """A count over every worker's shard (every rank calls this at the same point)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return count
-    t = torch.tensor([count], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item())
+    return bool(reduced(int(flag), dist.ReduceOp.MIN, device))
 
 
 def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
@@ -72,7 +69,7 @@ def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
     loss_sum = torch.zeros(2, device=device)
     model.eval()
     with torch.no_grad():
-        for batch, _ in length_bucketed(shard, 32, 4, random.Random(0), shuffle_rows=0, seed=0):
+        for batch, _ in length_bucketed(shard, 32, 4, random.Random(0)):
             if batch is None:
                 continue
             inputs = to_device(task.collate(batch, processor), device)
@@ -166,7 +163,7 @@ def train_loop(config: dict) -> None:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step {state['best_step']})", flush=True)
         report({**metrics, "samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
-                "best": state["best"], "best_step": state["best_step"], "skipped_rows": summed(state["skipped_rows"], device),
+                "best": state["best"], "best_step": state["best_step"], "skipped_rows": reduced(state["skipped_rows"], dist.ReduceOp.SUM, device),
                 "resumed_at": state.get("resumed_at", []), "worker_nodes": worker_nodes}, True)
 
     model.train()
@@ -177,8 +174,7 @@ def train_loop(config: dict) -> None:
     stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
     while state["step"] < stop_at:
         rng.seed(t.seed + state["epoch"])
-        batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng,
-                                  t.shuffle_rows, t.seed + state["epoch"])
+        batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng, t.shuffle_rows)
         to_skip, micro = state["batches_in_epoch"], 0
         exhausted = False  # some worker ran out of data: this epoch ends for everyone
         for batch, skipped in batches:

@@ -115,6 +115,12 @@ def served(cfg, name: str = "app"):
         serve.shutdown()
 
 
+def put(fs, uri: str, data: bytes) -> None:
+    """Writes one object to the loopback S3 server through `fs` (an s3fs filesystem)."""
+    with fs.open(uri.removeprefix("s3://"), "wb") as f:
+        f.write(data)
+
+
 def job_config(**sections):
     """A validated JobConfig for text-classification with test-sized defaults, plus overrides."""
     from jobs.config import validate

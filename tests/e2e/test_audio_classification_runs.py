@@ -18,7 +18,7 @@ import soxr
 
 from models.audio import decode, wav_bytes
 from models.audio_classification import TASK
-from tests.conftest import job_config, served
+from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
@@ -47,11 +47,6 @@ def recording(clip: bytes, rate: int, channels: int, fmt: str) -> bytes:
 
 REAL = {"phone.flac": (8000, 1, "FLAC"), "studio.wav": (44100, 2, "WAV"), "camera.wav": (48000, 1, "WAV"),
         "voice.ogg": (22050, 2, "OGG")}
-
-
-def put(fs: s3fs.S3FileSystem, uri: str, data: bytes) -> None:
-    with fs.open(uri.removeprefix("s3://"), "wb") as f:
-        f.write(data)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import s3fs
 from PIL import Image
 
 from models.depth_estimation import TASK
-from tests.conftest import job_config, served
+from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +29,6 @@ SECTIONS = dict(task="depth-estimation",
 def config(**sections):
     train = {**SECTIONS["train"], **sections.pop("train", {})}
     return job_config(**{**SECTIONS, **sections, "train": train})
-
-
-def put(fs: s3fs.S3FileSystem, uri: str, data: bytes) -> None:
-    with fs.open(uri.removeprefix("s3://"), "wb") as f:
-        f.write(data)
 
 
 def metres(row: dict) -> np.ndarray:

@@ -18,7 +18,7 @@ import s3fs
 from PIL import Image
 
 from models.image_classification import TASK, shape_image
-from tests.conftest import job_config, served
+from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
@@ -58,11 +58,6 @@ def real_files(rng: random.Random, colour: tuple[int, int, int]) -> dict[str, by
         "gray.png": file_bytes(image.convert("L"), "PNG"),
         "deep.png": file_bytes(Image.fromarray(gray16), "PNG"),
     }
-
-
-def put(fs: s3fs.S3FileSystem, uri: str, data: bytes) -> None:
-    with fs.open(uri.removeprefix("s3://"), "wb") as f:
-        f.write(data)
 
 
 @pytest.fixture(scope="module")

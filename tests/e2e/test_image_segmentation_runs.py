@@ -17,7 +17,7 @@ from PIL import Image
 
 from models.image_maps import rle_decode
 from models.image_segmentation import DEMO_LABELS, TASK
-from tests.conftest import job_config, served
+from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
@@ -31,11 +31,6 @@ def config(**sections):
     data = {"labels": DEMO_LABELS, "max_image_pixels": 20_000, **sections.pop("data", {})}
     train = {**SECTIONS["train"], **sections.pop("train", {})}
     return job_config(**{**SECTIONS, **sections, "data": data, "train": train})
-
-
-def put(fs: s3fs.S3FileSystem, uri: str, data: bytes) -> None:
-    with fs.open(uri.removeprefix("s3://"), "wb") as f:
-        f.write(data)
 
 
 def as_file(png: bytes, i: int) -> tuple[str, bytes]:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from models.object_detection import TASK, shapes_scene
-from tests.conftest import job_config, served
+from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
@@ -44,11 +44,6 @@ def file_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
     out = io.BytesIO()
     image.save(out, format=fmt, **kwargs)
     return out.getvalue()
-
-
-def put(fs: s3fs.S3FileSystem, uri: str, data: bytes) -> None:
-    with fs.open(uri.removeprefix("s3://"), "wb") as f:
-        f.write(data)
 
 
 def coco_file(scenes: list[dict], names: list[str]) -> bytes:

@@ -22,7 +22,7 @@ from torchmetrics.text import CharErrorRate
 
 from models.audio import decode, wav_bytes
 from models.automatic_speech_recognition import TASK
-from tests.conftest import job_config, served
+from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
@@ -54,11 +54,6 @@ def recording(samples: np.ndarray, rate: int, channels: int, fmt: str) -> bytes:
 
 def cer(predicted: list[str], truth: list[str]) -> float:
     return float(CharErrorRate()(predicted, truth))
-
-
-def put(fs: s3fs.S3FileSystem, uri: str, data: bytes) -> None:
-    with fs.open(uri.removeprefix("s3://"), "wb") as f:
-        f.write(data)
 
 
 @pytest.fixture(scope="module")
