@@ -29,12 +29,11 @@ from pipelines.predictor import ERROR, FLAG, LENGTH, column_values, to_device
 from pipelines.storage import Storage
 
 
-def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random, shuffle_rows: int = 0):
+def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random, shuffle_rows: int = 0, seed: int = 0):
     """Batches of rows with similar lengths, in shuffled order; rows with errors are left out. Rows are
-    first shuffled across blocks through a buffer of `shuffle_rows`, seeded from `rng` (a resumed epoch replays)."""
-    seed = rng.randrange(2**31) if shuffle_rows else None
+    first shuffled across blocks through a buffer of `shuffle_rows` (seeded: a resumed epoch replays)."""
     for block in shard.iter_batches(batch_size=batch_size * buckets, batch_format="pyarrow",
-                                    local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed):
+                                    local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed if shuffle_rows else None):
         usable = block.filter(pa.compute.is_null(block.column(ERROR)))
         skipped = block.num_rows - usable.num_rows
         order = sorted(range(usable.num_rows), key=usable.column(LENGTH).to_pylist().__getitem__)
@@ -174,7 +173,8 @@ def train_loop(config: dict) -> None:
     stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
     while state["step"] < stop_at:
         rng.seed(t.seed + state["epoch"])
-        batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng, t.shuffle_rows)
+        batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng,
+                                  t.shuffle_rows, t.seed + state["epoch"])
         to_skip, micro = state["batches_in_epoch"], 0
         exhausted = False  # some worker ran out of data: this epoch ends for everyone
         for batch, skipped in batches:
