@@ -15,7 +15,7 @@ import json
 import posixpath
 import re
 from collections import Counter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,34 +57,68 @@ def format_of(path: str, configured: str, task: TaskSpec | None = None) -> str:
 
 
 def table_from_rows(rows: list[dict], errors: list[str | None]) -> pa.Table:
-    """Rows of Python values -> an Arrow table. A cell whose type disagrees with the rest of its
-    column (a number in a text column) is nulled and the row gets an error naming it. The columns are
-    every key of any row (pyarrow alone keeps only the first row's keys)."""
+    """Rows of Python values -> an Arrow table with one row per input row. A cell whose type disagrees
+    with the rest of its column (a number in a text column, a list of numbers among lists of text) is
+    nulled and the row gets an error naming it. The columns are every key of any row (pyarrow alone
+    keeps only the first row's keys); rows that hold nothing (lines that did not parse) still count."""
     names = list(dict.fromkeys(key for row in rows for key in row))
-    rows = [{name: row.get(name) for name in names} for row in rows]
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    arrays = {name: _column_array(name, values, errors) for name, values in columns.items()}
+    arrays[READ_ERROR] = pa.array(errors, pa.string())
+    return pa.table(arrays)
+
+
+def _column_array(name: str, values: list, errors: list[str | None]) -> pa.Array:
     try:
-        table = pa.Table.from_pylist(rows)
+        return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        columns = {key for row in rows for key in row}
-        for column in columns:
-            kinds = Counter(type(r.get(column)).__name__ for r in rows if r.get(column) is not None)
-            if len(kinds) <= 1:
-                continue
-            keep = "str" if "str" in kinds else kinds.most_common(1)[0][0]
-            for i, row in enumerate(rows):
-                value = row.get(column)
-                if value is not None and type(value).__name__ != keep:
-                    row[column] = None
-                    why = f"column {column!r} holds a {type(value).__name__}, expected {keep}"
-                    errors[i] = why if errors[i] is None else f"{errors[i]}; {why}"
-        table = pa.Table.from_pylist(rows)
-    return table.append_column(READ_ERROR, pa.array(errors, pa.string()))
+        pass
+    kinds = Counter(_kind(v) for v in values if v is not None)
+    keep = "str" if "str" in kinds else kinds.most_common(1)[0][0]
+    kept = []
+    for i, value in enumerate(values):
+        if value is not None and _kind(value) != keep:
+            value = None
+            why = f"column {name!r} holds a {_kind(values[i])}, expected {keep}"
+            errors[i] = why if errors[i] is None else f"{errors[i]}; {why}"
+        kept.append(value)
+    try:
+        return pa.array(kept)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # nested values that still disagree: keep their text
+        for i, value in enumerate(kept):
+            if value is not None and not isinstance(value, str):
+                kept[i] = json.dumps(value, default=str)
+        return pa.array(kept, pa.string())
 
 
-def parse_parquet(data: bytes) -> Iterator[pa.Table]:
-    for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=ROWS_PER_BLOCK):
-        table = pa.Table.from_batches([batch])
-        yield table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
+def _kind(value) -> str:
+    """A value's type name, with the element types of lists and dicts (`list[int]` vs `list[str]`)."""
+    if isinstance(value, list):
+        inner = sorted({_kind(v) for v in value if v is not None})
+        return f"list[{'|'.join(inner)}]" if inner else "list"
+    if isinstance(value, dict):
+        return "dict"
+    return type(value).__name__
+
+
+def parse_parquet(data) -> Iterator[pa.Table]:
+    """Parquet bytes or a seekable file, a block at a time. A file that is not Parquet, or is cut
+    short, ends in one error row naming the problem (after the rows that could be read)."""
+    read = 0
+    try:
+        source = pa.BufferReader(data) if isinstance(data, (bytes, bytearray)) else data
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=ROWS_PER_BLOCK):
+            table = pa.Table.from_batches([batch])
+            read += table.num_rows
+            yield table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        where = f" after row {read}" if read else ""
+        yield table_from_rows([{}], [f"not a readable Parquet file{where} ({_reason(exc)})"])
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def parse_rows(rows: Iterator[dict]) -> Iterator[pa.Table]:
@@ -99,43 +133,93 @@ def parse_rows(rows: Iterator[dict]) -> Iterator[pa.Table]:
         yield table_from_rows(block, [None] * len(block))
 
 
-def parse_lines(data: bytes, fmt: str) -> Iterator[pa.Table]:
-    """JSON Lines, CSV or plain text, a block at a time; a line that does not parse becomes an error row."""
-    text = data.decode("utf-8", errors="replace")
+MAX_CSV_FIELD = 64 * 1024 * 1024  # csv's own default (128 KB) refuses long texts that are real data
+MAX_CSV_RECORD_LINES = 10_000  # a quote left open longer than this is a stray quote, not a multi-line field
+
+
+def csv_records(lines: Iterable[str]) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """(line number, fields or None, reason) per CSV record, from lines that keep their line endings.
+
+    A record spans lines while a quote is open (an odd number of quote characters so far). A quote
+    that never closes (a stray one) makes its first line an error record; reading resumes on the next
+    line, so the lines after it are not swallowed into one field."""
+    csv.field_size_limit(MAX_CSV_FIELD)
+    numbered = enumerate(lines, 1)
+    again: list[tuple[int, str]] = []  # lines to read once more, after a quote that never closed
+    while True:
+        first = again.pop() if again else next(numbered, None)
+        if first is None:
+            return
+        taken, quotes = [first], first[1].count('"')
+        while quotes % 2 and len(taken) < MAX_CSV_RECORD_LINES:
+            more = again.pop() if again else next(numbered, None)
+            if more is None:
+                break
+            taken.append(more)
+            quotes += more[1].count('"')
+        if quotes % 2:
+            yield first[0], None, f"line {first[0]}: a quote that is never closed"
+            again.extend(reversed(taken[1:]))
+            continue
+        try:
+            records = list(csv.reader([text for _, text in taken], strict=True))
+        except csv.Error as exc:
+            yield first[0], None, f"line {first[0]}: not valid CSV ({exc})"
+            continue
+        for offset, fields in enumerate(records):
+            yield first[0] + min(offset, len(taken) - 1), fields, None
+
+
+def _text_lines(data) -> Iterable[str]:
+    """Lines of bytes or of a binary file, decoded as UTF-8 (bad bytes replaced), endings kept."""
+    if isinstance(data, (bytes, bytearray)):
+        return io.StringIO(bytes(data).decode("utf-8", errors="replace"), newline="")
+    return io.TextIOWrapper(data, encoding="utf-8", errors="replace", newline="")
+
+
+def parse_lines(data, fmt: str) -> Iterator[pa.Table]:
+    """JSON Lines, CSV or plain text (bytes or a binary file), a block at a time; a line or record that
+    does not parse becomes an error row naming it."""
     rows: list[dict] = []
     errors: list[str | None] = []
-    if fmt == "text":
-        for line in text.splitlines():
-            if line.strip():
-                rows.append({"text": line})
-                errors.append(None)
-            if len(rows) == ROWS_PER_BLOCK:
-                yield table_from_rows(rows, errors)
-                rows, errors = [], []
-    elif fmt == "jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
+    lines = _text_lines(data)
+    if fmt in ("text", "jsonl"):
+        for lineno, line in enumerate(lines, 1):
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-                if not isinstance(value, dict):
-                    raise ValueError("not an object")
-                rows.append(value)
+            if fmt == "text":
+                rows.append({"text": line})
                 errors.append(None)
-            except ValueError as exc:
-                rows.append({})
-                errors.append(f"line {lineno}: not a JSON object ({exc})")
+            else:
+                try:
+                    value = json.loads(line)
+                    if not isinstance(value, dict):
+                        raise ValueError("not an object")
+                    rows.append(value)
+                    errors.append(None)
+                except ValueError as exc:
+                    rows.append({})
+                    errors.append(f"line {lineno}: not a JSON object ({exc})")
             if len(rows) == ROWS_PER_BLOCK:
                 yield table_from_rows(rows, errors)
                 rows, errors = [], []
     else:
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, None) or []
-        for values in reader:
-            lineno = reader.line_num
-            if not values:
+        header: list[str] | None = None
+        for lineno, values, why in csv_records(lines):
+            if header is None:
+                if values is None:  # no header to name the columns: this line is an error row
+                    rows.append({})
+                    errors.append(f"{why} (the header line)")
+                elif any(v.strip() for v in values):
+                    header = values
                 continue
-            if len(values) != len(header):
+            if values is not None and not values:
+                continue
+            if why is not None:
+                rows.append({})
+                errors.append(why)
+            elif len(values) != len(header):
                 rows.append({})
                 errors.append(f"line {lineno}: {len(values)} fields, the header has {len(header)}")
             else:
@@ -148,6 +232,25 @@ def parse_lines(data: bytes, fmt: str) -> Iterator[pa.Table]:
         yield table_from_rows(rows, errors)
 
 
+def file_blocks(f, path: str, fmt: str, task: TaskSpec | None) -> Iterator[pa.Table]:
+    """The rows of one open data file, a block at a time, tagged with `_source` (the file) and `_row`
+    (the position in it). Text formats and Parquet are read in pieces, never whole."""
+    fmt = format_of(path, fmt, task)
+    if task and fmt in task.formats:
+        blocks = parse_file(task, fmt, f.read(), path)
+    elif fmt == "parquet":  # Parquet needs to seek; Ray Data hands read tasks a forward-only stream
+        blocks = parse_parquet(f if getattr(f, "seekable", lambda: False)() else f.read())
+    else:
+        blocks = parse_lines(f, fmt)
+    start = 0
+    for block in blocks:
+        n = block.num_rows
+        yield block.append_column(SOURCE, pa.array([path] * n, pa.string())).append_column(
+            ROW, pa.array(range(start, start + n), pa.int64())
+        )
+        start += n
+
+
 class RowsDatasource(FileBasedDatasource):
     """Data files streamed in blocks, each row tagged with file and line."""
 
@@ -158,29 +261,17 @@ class RowsDatasource(FileBasedDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         task = get_task(self._task_name) if self._task_name else None
-        fmt = format_of(path, self._format, task)
-        data = f.readall()
-        if task and fmt in task.formats:
-            blocks = parse_file(task, fmt, data, path)
-        elif fmt == "parquet":
-            blocks = parse_parquet(data)
-        else:
-            blocks = parse_lines(data, fmt)
-        start = 0
-        for block in blocks:
-            n = block.num_rows
-            yield block.append_column(SOURCE, pa.array([path] * n, pa.string())).append_column(
-                ROW, pa.array(range(start, start + n), pa.int64())
-            )
-            start += n
+        yield from file_blocks(f, path, self._format, task)
 
 
 def parse_file(task: TaskSpec, fmt: str, data: bytes, path: str) -> Iterator[pa.Table]:
     """A task's own format; a file it cannot parse becomes one error row naming the problem."""
     try:
-        yield from parse_rows(task.formats[fmt](data, path))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, UserError) as exc:
-        yield table_from_rows([{}], [f"not a valid {fmt} file ({type(exc).__name__}: {exc})"])
+        rows = list(task.formats[fmt](data, path))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError, UserError) as exc:
+        yield table_from_rows([{}], [f"not a valid {fmt} file ({_reason(exc)})"])
+        return
+    yield from parse_rows(iter(rows))
 
 
 def folder_rows(storage: Storage, uri: str, task: TaskSpec) -> list[dict]:
