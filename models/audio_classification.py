@@ -32,6 +32,7 @@ from models.audio import (
     windows,
     with_noise,
 )
+from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
@@ -142,6 +143,10 @@ class AudioClassification(TaskSpec):
 
     def forward(self, model, inputs, parameters):
         return forward_in_groups(model, inputs)
+
+    def sanitize_parameters(self, parameters, options):
+        """`top_k` (1-100): how many labels to list."""
+        return sanitize(parameters, {"top_k": TOP_K}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits

@@ -46,6 +46,7 @@ from models.audio import (
     windows,
     with_noise,
 )
+from models.parameters import sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
 PAD, UNK, DELIMITER = "[PAD]", "[UNK]", "|"
@@ -205,6 +206,10 @@ class SpeechRecognition(TaskSpec):
 
     def forward(self, model, inputs, parameters):
         return forward_in_groups(model, inputs)
+
+    def sanitize_parameters(self, parameters, options):
+        """No parameters: any key is refused."""
+        return sanitize(parameters, {}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits

@@ -28,6 +28,7 @@ from transformers import AutoImageProcessor, GLPNConfig, GLPNForDepthEstimation,
 
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
+from models.parameters import sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 METRES = {"mm": 0.001, "cm": 0.01, "m": 1.0}
@@ -162,6 +163,10 @@ class DepthEstimation(TaskSpec):
         if arrays.get("labels") is not None:
             inputs["labels"] = torch.from_numpy(np.stack(arrays["labels"]))
         return inputs
+
+    def sanitize_parameters(self, parameters, options):
+        """No parameters: any key is refused."""
+        return sanitize(parameters, {}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         sizes = [tuple(int(s) for s in size) for size in arrays["size"]]

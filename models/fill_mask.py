@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
+from models.parameters import Number, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 from models.text_classification import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
@@ -153,6 +154,10 @@ class FillMask(TaskSpec):
         if arrays.get("mask_seed") is not None:
             inputs["labels"] = labels
         return inputs
+
+    def sanitize_parameters(self, parameters, options):
+        """`top_k` (1-50): fills listed per mask; each costs a decode of the whole sequence."""
+        return sanitize(parameters, {"top_k": Number(int, 1, 50)}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         top_k = int(parameters.get("top_k") or 5)

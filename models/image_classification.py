@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, random_crop_box, resize
+from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 # From-scratch sizes; "tiny" learns the demo set in a minute on a laptop CPU.
@@ -182,6 +183,10 @@ class ImageClassification(TaskSpec):
         if arrays.get("labels") is not None:
             inputs["labels"] = torch.as_tensor(np.asarray(arrays["labels"], dtype=np.int64))
         return inputs
+
+    def sanitize_parameters(self, parameters, options):
+        """`top_k` (1-100): how many labels to list."""
+        return sanitize(parameters, {"top_k": TOP_K}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         probs = outputs.logits.float().softmax(-1)

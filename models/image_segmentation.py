@@ -40,6 +40,7 @@ from transformers import (
 
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest, rle_encode
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
+from models.parameters import THRESHOLD, Choice, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
 IGNORE = 255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
@@ -347,6 +348,12 @@ class ImageSegmentation(TaskSpec):
             else:
                 inputs["labels"] = torch.from_numpy(np.stack(arrays["labels"]).astype(np.int64))
         return inputs
+
+    def sanitize_parameters(self, parameters, options):
+        """`subtask` (semantic, instance, panoptic), `threshold`, `mask_threshold`, `overlap_mask_area_threshold` (0-1)."""
+        rules = {"subtask": Choice(("semantic", "instance", "panoptic")), "threshold": THRESHOLD, "mask_threshold": THRESHOLD,
+                 "overlap_mask_area_threshold": THRESHOLD}
+        return sanitize(parameters, rules, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         universal = is_universal(processor)

@@ -30,6 +30,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection, DetrCo
 from transformers import DetrImageProcessorPil
 
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, pixel_values, random_crop_box, resize
+from models.parameters import THRESHOLD, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
 # From-scratch sizes: a ResNet backbone (its last stage feeds the transformer) and a DETR on top.
@@ -301,6 +302,10 @@ class ObjectDetection(TaskSpec):
                 cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
                 inputs["labels"].append({"class_labels": torch.as_tensor(np.asarray(classes, dtype=np.int64)), "boxes": cxcywh})
         return inputs
+
+    def sanitize_parameters(self, parameters, options):
+        """`threshold` (0-1): the lowest score of a box kept."""
+        return sanitize(parameters, {"threshold": THRESHOLD}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         threshold = float(parameters.get("threshold", 0.5))

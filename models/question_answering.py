@@ -26,6 +26,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
 
+from models.parameters import Flag, Number, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 from models.text_classification import BERT_SIZES, check_text
 from models.text_tokenizers import load_tokenizer, train_wordpiece
@@ -325,6 +326,11 @@ class QuestionAnswering(TaskSpec):
 
     def forward(self, model, inputs, parameters):
         return model(**{k: v for k, v in inputs.items() if k not in ("start_positions", "end_positions")})
+
+    def sanitize_parameters(self, parameters, options):
+        """`top_k` (1-20 answers), `max_answer_len` (1-512 tokens), `handle_impossible_answer` (true/false)."""
+        rules = {"top_k": Number(int, 1, 20), "max_answer_len": Number(int, 1, 512), "handle_impossible_answer": Flag()}
+        return sanitize(parameters, rules, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         top_k = int(parameters.get("top_k") or 1)

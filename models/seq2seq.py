@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-from models.generation import generate_kwargs, merge_settings
+from models.generation import check_parameters, generate_kwargs, merge_settings
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 from models.text_tokenizers import load_tokenizer, train_bpe, train_unigram
 
@@ -233,6 +233,11 @@ class Seq2SeqTask(TaskSpec):
         generation = inputs["generation"]
         settings = merge_settings(generation["defaults"], parameters, PARAMETERS, generation["limit"])
         return generate(model, inputs["input_ids"], inputs["attention_mask"], generate_kwargs(settings))
+
+    def sanitize_parameters(self, parameters, options):
+        """The generation parameters of `PARAMETERS`, bounded as `models.generation.RULES` says;
+        max_new_tokens at most `task_options.max_new_tokens_limit`."""
+        return check_parameters(parameters, PARAMETERS, (options or self.Options()).max_new_tokens_limit, self.name)
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         return [{self.output_key: text.strip()} for text in processor.batch_decode(outputs, skip_special_tokens=True)]

@@ -7,6 +7,7 @@ owns Ray, storage, file reading and batching. Nothing here imports Ray.
 The flow for every task, in training, batch prediction and serving alike:
 
     rows (canonical column names, Python values; media columns already fetched as bytes)
+      sanitize_parameters(parameters, options)    before any work: request / predict.parameters checked
       -> preprocess(batch, processor, ctx)        in Ray Data actors / on request arrival
       -> Features(arrays, lengths, errors, flags) stored between stages (numpy arrays welcome)
       -> collate(arrays, processor)               model inputs for a batch of usable rows
@@ -171,6 +172,14 @@ class TaskSpec:
         return False
 
     # --- the three steps, shared by train, predict and serve ---------------------------------
+    def sanitize_parameters(self, parameters: dict, options: Any) -> dict:
+        """A request's `parameters` (or `predict.parameters`) -> the checked, normalised parameters that
+        `forward`/`postprocess` receive; called before any work (Serve: before batching; predict: before
+        Ray starts). Raises UserError naming the parameter and its allowed range; unknown keys are refused
+        and every number is bounded (`models.parameters.sanitize` does this from a table of rules).
+        `options` is the task's validated `task_options` (None when the task has none)."""
+        raise NotImplementedError
+
     def preprocess(self, batch: dict[str, list], processor: Any, ctx: Context) -> Features:
         """Columns of rows (canonical names, Python values) -> per-row features and errors."""
         raise NotImplementedError

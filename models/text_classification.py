@@ -20,6 +20,7 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
+from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -191,6 +192,10 @@ class TextClassification(TaskSpec):
         if arrays.get("labels") is not None:
             batch["labels"] = torch.as_tensor(np.asarray(arrays["labels"], dtype=np.int64))
         return batch
+
+    def sanitize_parameters(self, parameters, options):
+        """`top_k` (1-100): how many labels to list (a list answer when given)."""
+        return sanitize(parameters, {"top_k": TOP_K}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         probs = outputs.logits.float().softmax(-1)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, StoppingCriteria, TextIteratorStreamer
 
-from models.generation import cut_at_stop, generate_kwargs, held_back, merge_settings
+from models.generation import check_parameters, cut_at_stop, generate_kwargs, held_back, merge_settings
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 from models.text_tokenizers import load_tokenizer, train_bpe
 
@@ -301,6 +301,11 @@ class TextGeneration(TaskSpec):
             torch.manual_seed(settings["seed"])
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         return {"new_tokens": out[:, ids.shape[1]:], "settings": settings}
+
+    def sanitize_parameters(self, parameters, options):
+        """The generation parameters of `PARAMETERS`, bounded as `models.generation.RULES` says;
+        max_new_tokens at most `task_options.max_new_tokens_limit`."""
+        return check_parameters(parameters, PARAMETERS, (options or Options()).max_new_tokens_limit, self.name)
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         settings = outputs["settings"]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification
 
+from models.parameters import Strings, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 from models.text_classification import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
@@ -244,6 +245,10 @@ class TokenClassification(TaskSpec):
         if arrays.get("labels") is not None:
             inputs["labels"] = pad(arrays["labels"], IGNORE)
         return inputs
+
+    def sanitize_parameters(self, parameters, options):
+        """`ignore_labels` (at most 100 labels of at most 100 characters): entities left out (default ["O"])."""
+        return sanitize(parameters, {"ignore_labels": Strings(max_items=100, max_length=100)}, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         ignore = set(parameters.get("ignore_labels") or ["O"])

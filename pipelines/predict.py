@@ -38,6 +38,7 @@ def model_uri(cfg: JobConfig, explicit: str | None) -> str:
 def predict(cfg: JobConfig) -> dict:
     task = get_task(cfg.task)
     p = cfg.predict
+    task.sanitize_parameters(p.parameters, cfg.options())  # a bad predict.parameters fails before Ray starts
     if not p.input:
         raise UserError("predict.input: required by `rayformers predict` (the corpus to score)")
     if not p.output:

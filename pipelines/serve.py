@@ -94,6 +94,7 @@ class PredictorDeployment:
         s = cfg.serve
         self.cfg = cfg
         self.task = get_task(cfg.task)
+        self.options = cfg.options()
         self.storage = Storage.from_config(cfg.storage)
         self.api_key = s.api_key or os.environ.get(API_KEY_ENV) or None
         self.max_request_bytes, self.max_items_per_request = s.max_request_bytes, s.max_items_per_request
@@ -275,14 +276,18 @@ def build_app(args: dict):
     unknown = set(args) - {"config", "overrides"}
     if unknown:
         raise UserError(f"{IMPORT_PATH}: unknown args {sorted(unknown)}; expected config and overrides")
-    return app_for(load_config(args["config"], list(args.get("overrides") or [])))
+    cfg = load_config(args["config"], list(args.get("overrides") or []))
+    get_task(cfg.task).sanitize_parameters(cfg.predict.parameters, cfg.options())
+    return app_for(cfg)
 
 
 # --- the CLI verb -----------------------------------------------------------------------------------
 
 
 def check_sources(cfg: JobConfig) -> None:
-    """Every model location exists, checked before Ray starts (hub ids are left to `from_pretrained`)."""
+    """predict.parameters are usable and every model location exists, checked before Ray starts (hub ids
+    are left to `from_pretrained`)."""
+    get_task(cfg.task).sanitize_parameters(cfg.predict.parameters, cfg.options())  # the defaults every request gets
     storage = Storage.from_config(cfg.storage)
     sources = {f"serve.models.{k}": v for k, v in cfg.serve.models.items()}
     default = default_source(cfg)

@@ -2,8 +2,9 @@
 
 The FastAPI app built here is the Serve deployment's ingress. A request a user can get wrong is
 answered with a 4xx JSON body `{"error": "<one line naming the problem>"}` before any model sees it
-(items the task's preprocess refuses included); only `parameters` the task's postprocess cannot use
-are found after the forward pass (422 as well). `backend` is the deployment (`pipelines/serve.py`);
+(items the task's preprocess refuses and `parameters` its `sanitize_parameters` refuses included); only
+parameters a particular model cannot use (a subtask its head lacks) are found after the forward pass
+(422 as well). `backend` is the deployment (`pipelines/serve.py`);
 tests hand in a stand-in.
 """
 
@@ -45,6 +46,7 @@ class PredictRequest(BaseModel):
 
 class Backend(Protocol):
     task: TaskSpec
+    options: Any  # the task's validated task_options, for `task.sanitize_parameters`
     api_key: str | None
     max_request_bytes: int
     max_items_per_request: int
@@ -142,6 +144,15 @@ async def parse_form(request: Request, task: TaskSpec, limit: int, max_items: in
         for row, data in zip(rows, values):
             row[name] = data
     return rows, parameters, len(rows) > 1
+
+
+def check_parameters(task: TaskSpec, parameters: dict, options: Any) -> dict:
+    """The request's parameters checked and normalised by the task, before any work: 422 naming the
+    parameter and its allowed range."""
+    try:
+        return task.sanitize_parameters(parameters, options)
+    except UserError as exc:
+        raise RequestError(422, str(exc)) from None
 
 
 def request_rows(task: TaskSpec, inputs: Any, max_items: int) -> list[dict]:
@@ -244,6 +255,7 @@ def http_app(backend: Backend) -> FastAPI:
             else:
                 inputs, parameters, stream = parse_body(await read_body(request, limit), limit)
                 rows, is_list = request_rows(backend.task, inputs, backend.max_items_per_request), isinstance(inputs, list)
+            parameters = check_parameters(backend.task, parameters, backend.options)
             if stream:
                 if is_list or len(rows) != 1:
                     raise RequestError(422, "stream: streaming answers one input at a time; send one item, not a list")

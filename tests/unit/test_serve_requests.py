@@ -16,6 +16,7 @@ class Backend:
     """Answers like the deployment, without a model: the label is the text's first word."""
 
     task = get_task("text-classification")
+    options = None
 
     def __init__(self, api_key=None, result=None, fail=None):
         self.api_key = api_key
@@ -61,6 +62,10 @@ BAD_REQUESTS = [
     (b'{"inputs": ["a", "b", "c", "d", "e"]}', 413, "inputs: 5 items, more than the 4 allowed per request"),
     (b'{"inputs": {"txt": "a"}}', 422, "inputs: unknown field(s) ['txt']"),
     (json.dumps({"inputs": "x" * 2000}).encode(), 413, "more than the 1000 allowed (serve.max_request_bytes)"),
+    (b'{"inputs": "a", "parameters": {"top_k": 100000}}', 422, "parameters.top_k: must be between 1 and 100, got 100000"),
+    (b'{"inputs": "a", "parameters": {"top_k": "many"}}', 422, 'parameters.top_k: expected int, got "many"'),
+    (b'{"inputs": "a", "parameters": {"temperature": 2}}', 422,
+     "parameters.temperature: not a parameter of text-classification (accepted: top_k)"),
 ]
 
 
@@ -177,3 +182,15 @@ def test_rows_share_a_forward_pass_only_when_padding_wastes_little():
     assert similar_lengths(lengths, 8, 0.25) == [[5], [0, 1, 2], [3, 4], [6]]
     assert similar_lengths([10] * 10, 8, 0.25) == [list(range(8)), [8, 9]]  # and never more than batch_size
     assert similar_lengths(lengths, 8, None) == [[5, 0, 1, 2, 3, 4, 6]]  # unbounded (GPU): sorted batches only
+
+
+def test_generation_parameters_that_would_cost_minutes_are_refused_before_the_model(backend):
+    backend.task = get_task("text-generation")
+    client = TestClient(http_app(backend))
+    stops = client.post("/predict", json={"inputs": "a", "parameters": {"stop": ["x"] * 100}})
+    assert stops.status_code == 422 and stops.json()["error"] == "parameters.stop: at most 16 strings, got 100"
+    long = client.post("/predict", json={"inputs": "a", "parameters": {"max_new_tokens": 100000}, "stream": True})
+    assert long.status_code == 422 and "parameters.max_new_tokens: must be between 1 and 4096" in long.json()["error"]
+    assert backend.calls == []
+    client.post("/predict", json={"inputs": "go on", "parameters": {"stop": " .", "seed": None}})
+    assert backend.calls[-1][2] == {"stop": [" ."]}  # the model gets the normalised parameters
