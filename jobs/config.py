@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from models import get_task, task_names
 from models.spec import UserError
@@ -92,7 +92,17 @@ class TrainConfig(Section):
     eval_every: int = Field(100, ge=1)  # steps; each eval also writes a checkpoint
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(3, ge=-1, description=(
+        "How many times a run restarts from its latest checkpoint after a worker or node dies or raises "
+        "(-1: without limit, 0: never). Preemptions are counted apart (max_preemption_failures)."))
+    max_preemption_failures: int = Field(-1, ge=-1, description=(
+        "How many node preemptions (spot reclaims) a run survives by restarting from its latest checkpoint "
+        "(-1: without limit). Workers also save a checkpoint as soon as Ray Train announces a preemption."))
+    preemption_check_every: int = Field(10, ge=1, description=(
+        "Optimizer steps between two checks for a preemption notice (each check waits for every worker)."))
+    fresh: bool = Field(False, description=(
+        "Start over although train.output holds an earlier run: its checkpoints, prepared/, model/ and "
+        "metrics.json are removed first. Without it a re-run resumes, and refuses a changed config or data."))
     seed: int = 42
     length_buckets: int = Field(8, ge=1)  # batches sorted together by length
     shuffle_rows: int = Field(1024, ge=0)  # rows each worker shuffles across blocks every epoch (0: block order only)
@@ -134,13 +144,43 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description=(
+        "Requests each proxy holds waiting for a replica (Ray Serve's max_queued_requests); past it a request "
+        "is answered 503 with Retry-After at once instead of waiting behind all the others (-1: no limit)."))
+    retry_after_s: float = Field(1, ge=0, description="The Retry-After a request refused for overload is given.")
     max_models_per_replica: int = Field(3, ge=1)
     use_gpu: bool = False
     threads_per_replica: int = Field(1, ge=1)
-    api_key: str | None = None
+    api_key: SecretStr | None = Field(None, description=(
+        "Bearer key prediction routes require. Printed masked, never exported or submitted in a command line; "
+        "on a cluster set RAYFORMERS_API_KEY on the nodes instead (see infra/k8s/rayservice.yaml)."))
     max_request_bytes: int = Field(1_000_000, ge=1)
     max_items_per_request: int = Field(64, ge=1)
-    allow_uris: bool = False
+    allow_uris: list[str] | bool = Field(False, description=(
+        "URI prefixes a request may name instead of sending a file's bytes, e.g. [s3://bucket/uploads/] "
+        "(false or []: none). Local paths, file://, '..' and any scheme or bucket not listed are refused."))
+    max_media_bytes: int = Field(16_000_000, ge=1, description=(
+        "Bytes a request may make a replica fetch from allow_uris, all its items together (413 past it)."))
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description=(
+        "Pixels of an image a request may send (checked from its header, before decoding; also data.max_image_pixels)."))
+    max_audio_seconds: float = Field(60, gt=0, description=(
+        "Seconds of audio a request may send (checked from its header, before decoding, whatever data.long_audio says)."))
+
+    @field_validator("allow_uris", mode="after")
+    @classmethod
+    def _uri_prefixes(cls, value):
+        if value is True:
+            raise ValueError("serve.allow_uris: list the URI prefixes requests may name, e.g. [s3://bucket/uploads/] "
+                             "(true would let a request read any file the replica can)")
+        prefixes = []
+        for prefix in value or []:
+            scheme, sep, rest = prefix.partition("://")
+            bucket = rest.split("/", 1)[0]
+            if not sep or scheme.lower() in ("file", "local", "memory") or not bucket or ".." in rest.split("/"):
+                raise ValueError(f"serve.allow_uris: {prefix!r} is not an object-storage prefix like s3://bucket/uploads/ "
+                                 "(local paths and file:// are never served)")
+            prefixes.append(prefix if prefix.endswith("/") else prefix + "/")  # s3://b/up must not admit s3://b/up-secret
+        return prefixes
 
     @model_validator(mode="after")
     def _batching_fits(self):
@@ -298,6 +338,20 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = raw
         parsed.append((key.strip(), value))
     return parsed
+
+
+def without_api_key(overrides: list[str]) -> list[str]:
+    """The overrides with serve.api_key taken out (also from a whole `serve={...}` mapping), for what
+    gets written down or shown: an exported Serve config, a submitted job's command line."""
+    kept = []
+    for item, (key, value) in zip(overrides, parse_overrides(list(overrides))):
+        if key == "serve.api_key":
+            continue
+        if key == "serve" and isinstance(value, dict) and "api_key" in value:
+            value = {k: v for k, v in value.items() if k != "api_key"}
+            item = "serve=" + yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        kept.append(item)
+    return kept
 
 
 def validate(data: dict) -> JobConfig:

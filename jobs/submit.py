@@ -12,6 +12,10 @@ Token authentication: the token comes from RAY_AUTH_TOKEN, else the file RAY_AUT
 else ~/.ray/auth_token (the order Ray uses). RAY_AUTH_MODE=token sends it with every request;
 RAY_AUTH_MODE=disabled never sends it; with RAY_AUTH_MODE unset it is sent only once the dashboard
 answers that it needs one (HTTP 401), so a cluster without authentication never sees it.
+
+The Serve API key (`serve.api_key=...` among the overrides, or RAYFORMERS_API_KEY here for `--verb
+serve`) travels as a file in the working_dir, named by RAYFORMERS_API_KEY_FILE: never in the job's
+command line or environment, which `ray job list` and the dashboard show.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import requests
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
-from jobs.config import JobConfig
+from jobs.config import JobConfig, without_api_key
 from models.spec import UserError
+from pipelines.serve_http import API_KEY_ENV, API_KEY_FILE_ENV
 
 PROJECT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "pipelines", "jobs")  # what the job imports; everything else stays home
@@ -55,12 +60,30 @@ def entrypoint(verb: str, shipped_config: Path, overrides: list[str]) -> str:
     return shlex.join(["python", "-m", "jobs.cli", verb, str(shipped_config), *overrides])
 
 
-def runtime_env(working_dir: Path) -> dict:
+def runtime_env(working_dir: Path, key_file: str | None = None) -> dict:
     # Set before any process of the job starts, so Ray Data's progress bars stay out of the logs as
     # they do in local runs. env_vars must not repeat a key that pipelines.cluster.connect passes to
     # ray.init inside the job: Ray refuses to merge a job's and a driver's runtime_env that do.
-    return {"working_dir": str(working_dir),
-            "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    env = {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if key_file:  # the file's path, not the key: `ray job list` shows every env_var
+        env[API_KEY_FILE_ENV] = key_file
+    return {"working_dir": str(working_dir), "env_vars": env}
+
+
+def ship_api_key(directory: Path, cfg: JobConfig, overrides: list[str], verb: str) -> str | None:
+    """The Serve API key given in the overrides (or, for `--verb serve`, in RAYFORMERS_API_KEY here) as a
+    file in the working_dir: its path relative to it, or None when there is no key to ship. The job's
+    command line and environment, which the dashboard and `ray job list` show, never hold the key."""
+    if verb != "serve":
+        return None
+    given = without_api_key(overrides) != list(overrides)
+    key = cfg.serve.api_key.get_secret_value() if given and cfg.serve.api_key else os.environ.get(API_KEY_ENV)
+    if not key:
+        return None
+    path = Path(CONFIG_DIR) / "serve_api_key"
+    (directory / path).write_text(key)
+    (directory / path).chmod(0o600)
+    return str(path)
 
 
 def local_paths(cfg: JobConfig, verb: str) -> list[str]:
@@ -145,10 +168,11 @@ def submit(config_path: str, overrides: list[str], cfg: JobConfig, address: str,
 
     with tempfile.TemporaryDirectory(prefix="rayformers-job-") as staging:
         shipped = stage(Path(staging), config_path)
+        key_file = ship_api_key(Path(staging), cfg, overrides, verb)
         client, job_id, token = connect_and_submit(
             address,
-            entrypoint=entrypoint(verb, shipped, overrides),
-            runtime_env=runtime_env(Path(staging)),
+            entrypoint=entrypoint(verb, shipped, without_api_key(overrides)),
+            runtime_env=runtime_env(Path(staging), key_file),
             metadata={"rayformers_verb": verb, "rayformers_config": Path(config_path).name},
         )  # the working_dir is uploaded by now; the staging copy can go
 

@@ -2,7 +2,13 @@
 
 A checkpoint directory holds `model/` (weights as safetensors + config + processor, loadable by
 `transformers.pipeline`), `optimizer.safetensors` + `optimizer.json`, `scheduler.json` and
-`state.json` (step, epoch, data position, best metric). Nothing is ever unpickled.
+`state.json` (step, epoch, data position, best metric), and `_COMPLETE.json`, which lists every file
+with its size: a checkpoint missing a file or holding a truncated one is refused, whatever order the
+upload went in. Nothing is ever unpickled.
+
+The best model so far lives apart in `checkpoints/best/` (Ray rotates the step checkpoints). It is
+replaced in two commits, through `checkpoints/best.next/`, so that a crash at any moment leaves one
+complete copy of it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipelines.storage import COMPLETE, Storage, commit_dir, is_committed, remove
 
 MODEL_DIR = "model"
 
@@ -25,11 +33,14 @@ def save_checkpoint(directory: str, model, processor, optimizer, scheduler, stat
     (d / "optimizer.json").write_text(json.dumps(meta))
     (d / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     (d / "state.json").write_text(json.dumps(state, indent=2))
+    sizes = {str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE}
+    (d / COMPLETE).write_text(json.dumps({"files": sizes}))
 
 
 def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
     """Restores model, optimizer and scheduler in place; returns the saved training state."""
     d = Path(directory)
+    check_complete(d)
     weights = {}
     for file in sorted((d / MODEL_DIR).glob("*.safetensors")):
         weights.update(load_file(str(file)))
@@ -62,3 +73,29 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
     for index, entry in meta["state"].items():
         state[int(index)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()}
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def check_complete(d: Path) -> None:
+    """Refuses a checkpoint folder whose files do not match its `_COMPLETE.json` listing."""
+    if not (d / COMPLETE).is_file():
+        raise RuntimeError(f"checkpoint {d} has no {COMPLETE}: it was not written completely")
+    listed = json.loads((d / COMPLETE).read_text())["files"]
+    wrong = [name for name, size in listed.items() if not (d / name).is_file() or (d / name).stat().st_size != size]
+    if wrong:
+        raise RuntimeError(f"checkpoint {d} is incomplete: {wrong[:5]} missing or truncated")
+
+
+def save_best(storage: Storage, local_dir: str, best_uri: str) -> None:
+    """Replaces the best model: first a complete copy in best.next/, then best/, then best.next/ goes."""
+    staged = f"{best_uri}.next"
+    commit_dir(storage, local_dir, staged)
+    commit_dir(storage, staged, best_uri)
+    remove(storage, staged)
+
+
+def best_model(storage: Storage, best_uri: str) -> str | None:
+    """The complete copy of the best model, or None. best.next/ is newer whenever it is complete."""
+    for uri in (f"{best_uri}.next", best_uri):
+        if is_committed(storage, uri):
+            return uri
+    return None

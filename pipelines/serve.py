@@ -24,17 +24,42 @@ import transformers
 import yaml
 from ray import serve
 
-from jobs.config import JobConfig, load_config
+from jobs.config import JobConfig, load_config, without_api_key
 from models import get_task
 from models.spec import Features, UserError
 from pipelines.cluster import connect
 from pipelines.predictor import Predictor
-from pipelines.serve_http import API_KEY_ENV, RequestError, http_app, row_errors
-from pipelines.storage import Storage
+from pipelines.serve_http import API_KEY_ENV, API_KEY_FILE_ENV, URI, RequestError, http_app, row_errors
+from pipelines.storage import Storage, storage_errors
 
 APP_NAME = "rayformers"
 DEPLOYMENT_NAME = "Predictor"
 IMPORT_PATH = "pipelines.serve:build_app"
+
+
+def serving_limits(cfg: JobConfig):
+    """The data settings for decoding request media: images and audio checked against the smaller of the
+    data.* and serve.* caps from their headers, before decoding; a long clip is refused, never chunked."""
+    d, s = cfg.data, cfg.serve
+    return d.model_copy(update={"max_image_pixels": min(d.max_image_pixels, s.max_image_pixels),
+                                "max_audio_seconds": min(d.max_audio_seconds, s.max_audio_seconds), "long_audio": "reject"})
+
+
+def api_key(cfg: JobConfig) -> str | None:
+    """The key prediction routes require: serve.api_key, else RAYFORMERS_API_KEY, else the file that
+    RAYFORMERS_API_KEY_FILE names (how `rayformers submit` ships it: never in the job's command line)."""
+    if cfg.serve.api_key:
+        return cfg.serve.api_key.get_secret_value()
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    path = os.environ.get(API_KEY_FILE_ENV)
+    if path:
+        try:
+            with open(path) as f:
+                return f.read().strip() or None
+        except OSError as exc:
+            raise UserError(f"{API_KEY_FILE_ENV}: {path}: cannot read the API key ({exc.strerror})") from None
+    return None
 
 
 def default_source(cfg: JobConfig) -> str | None:
@@ -96,8 +121,10 @@ class PredictorDeployment:
         self.task = get_task(cfg.task)
         self.options = cfg.options()
         self.storage = Storage.from_config(cfg.storage)
-        self.api_key = s.api_key or os.environ.get(API_KEY_ENV) or None
+        self.api_key = api_key(cfg)
         self.max_request_bytes, self.max_items_per_request = s.max_request_bytes, s.max_items_per_request
+        self.allow_uris = s.allow_uris
+        self.media_columns = [c.name for c in self.task.columns if c.kind == "media"]
         self.probe = probe_rows(self.task)
         self.loaded: weakref.WeakValueDictionary[str, Predictor] = weakref.WeakValueDictionary()  # named models
         source = default_source(cfg)
@@ -122,8 +149,7 @@ class PredictorDeployment:
         s, p = self.cfg.serve, self.cfg.predict
         predictor = Predictor(self.cfg.task, self.storage.model_path(source), batch_size=p.batch_size, use_gpu=s.use_gpu,
                               quantize=p.quantize, threads=s.threads_per_replica, parameters=p.parameters,
-                              options=self.cfg.options(), data=self.cfg.data, storage=self.storage, allow_uris=s.allow_uris,
-                              max_batch_cost=p.max_batch_cost)
+                              options=self.options, data=serving_limits(self.cfg), max_batch_cost=p.max_batch_cost)
         self.check(name, predictor)  # a model that cannot answer never takes traffic
         return predictor
 
@@ -159,13 +185,37 @@ class PredictorDeployment:
     async def predictor_for(self, model_id: str | None) -> Predictor:
         if model_id is None:
             return self.default
-        try:
-            return await self.load_model(model_id)
-        except Exception as exc:
-            raise RequestError(500, f"model {model_id!r} could not be loaded: {exc}") from None
+        return await self.load_model(model_id)  # a failure is a 500 whose request id finds it in the log
+
+    def fetch_uris(self, rows: list[dict], is_list: bool) -> list[dict]:
+        """Media items that name a URI (already checked against serve.allow_uris) replaced by the file's
+        bytes, all of a request's fetches together within serve.max_media_bytes (413 past it)."""
+        budget, limit, out = self.cfg.serve.max_media_bytes, self.cfg.serve.max_media_bytes, []
+        for i, row in enumerate(rows):
+            row = dict(row)
+            for column in self.media_columns:
+                uri = row.get(column)
+                if not (isinstance(uri, str) and URI.match(uri)):
+                    continue
+                where = f"inputs[{i}]" if is_list else "inputs"
+                loc = self.storage.resolve(uri)
+                try:
+                    with storage_errors(uri):  # one ranged read: a byte past the budget means too much
+                        data = loc.fs.cat_file(loc.path, start=0, end=budget + 1)
+                except UserError as exc:  # not found, access denied: named without the endpoint's details
+                    raise RequestError(422, f"{where}: {column}: {str(exc).split(' (')[0]}") from None
+                budget -= len(data)
+                if budget < 0:
+                    raise RequestError(413, f"{where}: {column}: the files this request names pass the {limit} bytes "
+                                            "allowed (serve.max_media_bytes)")
+                row[column] = data
+            out.append(row)
+        return out
 
     async def stream(self, model_id: str | None, row: dict, parameters: dict):
         predictor = await self.predictor_for(model_id)
+        if self.allow_uris:
+            row = (await asyncio.to_thread(self.fetch_uris, [row], False))[0]
         features = predictor.preprocess_rows([row])
         problem = row_errors(features.errors, False)
         if problem:
@@ -188,6 +238,8 @@ class PredictorDeployment:
 
     async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
         predictor = await self.predictor_for(model_id)
+        if self.allow_uris:
+            rows = await asyncio.to_thread(self.fetch_uris, rows, is_list)
         features = predictor.preprocess_rows(rows)
         problem = row_errors(features.errors, is_list)
         if problem:
@@ -249,7 +301,11 @@ def deployment_options(cfg: JobConfig) -> dict:
              "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
     if s.use_gpu:
         actor["num_gpus"] = 1
-    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests, "ray_actor_options": actor,
+    # Overload is shed at the proxy: past max_queued_requests waiting, a request gets 503 + Retry-After at once.
+    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests,
+               "max_queued_requests": s.max_queued_requests,
+               "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+               "ray_actor_options": actor,
                "health_check_period_s": s.health_check_period_s, "health_check_timeout_s": s.health_check_timeout_s}
     if s.min_replicas == s.max_replicas:
         options["num_replicas"] = s.max_replicas
@@ -308,9 +364,10 @@ def run_serve(cfg: JobConfig) -> None:
     connect(cfg.ray.address, cfg.ray.num_cpus, s.max_replicas * s.threads_per_replica)
     if s.use_gpu and ray.cluster_resources().get("GPU", 0) == 0:
         raise UserError("serve.use_gpu: the Ray cluster has no GPUs")
-    if not s.api_key and os.environ.get(API_KEY_ENV):  # replicas on other machines do not see this shell
+    key = api_key(cfg)
+    if key and not s.api_key:  # replicas on other machines do not see this shell's environment or files
         cfg = cfg.model_copy(deep=True)
-        cfg.serve.api_key = os.environ[API_KEY_ENV]
+        cfg.serve.api_key = key
     serve.start(http_options={"host": s.host, "port": s.port})
     try:
         serve.run(app_for(cfg), name=APP_NAME, route_prefix=s.route_prefix)
@@ -332,7 +389,7 @@ def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_fi
     from ray.serve.schema import ServeDeploySchema
 
     s = cfg.serve
-    kept = [o for o in overrides if o.partition("=")[0].strip() != "serve.api_key"]
+    kept = without_api_key(overrides)
     args: dict = {"config": os.path.abspath(config_path)}
     if kept:
         args["overrides"] = kept
@@ -340,10 +397,14 @@ def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_fi
                    "deployments": [deployment_options(cfg)]}
     config = {"http_options": {"host": s.host, "port": s.port}, "applications": [application]}
     ServeDeploySchema.model_validate(config)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if s.api_key and s.api_key.get_secret_value() in text:  # a last guard: the key never lands in this file
+        raise UserError("serve.api_key: it would appear in the exported Serve config; set RAYFORMERS_API_KEY on the "
+                        "cluster instead of passing the key in overrides")
     try:
         with open(out_file, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
+            f.write(text)
     except OSError as exc:
         raise UserError(f"{out_file}: cannot write the Serve config ({exc.strerror})") from None
-    note = " (serve.api_key left out: set RAYFORMERS_API_KEY on the cluster)" if len(kept) < len(overrides) else ""
+    note = " (serve.api_key left out: set RAYFORMERS_API_KEY on the cluster)" if kept != list(overrides) else ""
     print(f"wrote {out_file}{note}; deploy it with: serve deploy {out_file}", flush=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+import uuid
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -23,7 +25,10 @@ from starlette.exceptions import HTTPException
 from models.spec import TaskSpec, UserError
 
 API_KEY_ENV = "RAYFORMERS_API_KEY"
+API_KEY_FILE_ENV = "RAYFORMERS_API_KEY_FILE"  # a file holding the key (what `rayformers submit` ships)
+MAX_JSON_DEPTH = 32  # no request format needs more; Python's parser gives up near 1,000
 logger = logging.getLogger("ray.serve")
+URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 class RequestError(Exception):
@@ -50,6 +55,7 @@ class Backend(Protocol):
     api_key: str | None
     max_request_bytes: int
     max_items_per_request: int
+    allow_uris: list[str]  # URI prefixes a media item may name (serve.allow_uris)
 
     def check_model(self, model_id: str | None) -> None: ...  # RequestError(404) when not served
 
@@ -74,6 +80,45 @@ def check_api_key(authorization: str | None, api_key: str | None) -> None:
         raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def refused_uri(uri: str, allowed: list[str]) -> str | None:
+    """Why a request may not name `uri` (None when it may): it must start with one of the `allowed`
+    prefixes (each ending in '/') and hold nothing that could step outside it. Nothing is read here."""
+    if not allowed:
+        return "URIs are not accepted here (serve.allow_uris is off); send the file as base64"
+    rest = uri.partition("://")[2]
+    segments = rest.split("/")[1:]
+    if any(s in ("", ".", "..") for s in segments) or any(c in uri for c in "%\\?#*[]{}") or not uri.isprintable():
+        return f"{uri[:200]}: not a plain object key (no '..', '//', '%', '?', '#', wildcards or control characters)"
+    if not any(uri.startswith(prefix) for prefix in allowed):
+        return f"{uri[:200]}: not under a prefix of serve.allow_uris"
+    return None
+
+
+def check_uris(task: TaskSpec, rows: list[dict], allowed: list[str], is_list: bool) -> None:
+    """Every media item that names a URI names one the server may read: 422 naming the item otherwise."""
+    media = [c.name for c in task.columns if c.kind == "media"]
+    for i, row in enumerate(rows):
+        for column in media:
+            value = row.get(column)
+            if isinstance(value, str) and URI.match(value):
+                why = refused_uri(value, allowed)
+                if why:
+                    where = f"inputs[{i}]" if is_list else "inputs"
+                    raise RequestError(422, f"{where}: {column}: {why}")
+
+
 def parse_body(body: bytes, limit: int) -> tuple[Any, dict, bool]:
     """A request body -> (inputs, parameters, stream)."""
     if len(body) > limit:
@@ -83,6 +128,10 @@ def parse_body(body: bytes, limit: int) -> tuple[Any, dict, bool]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" (line {exc.lineno} column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
         raise RequestError(400, f"body is not valid JSON{where}") from None
+    except RecursionError:
+        raise RequestError(400, f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if too_deep(data, MAX_JSON_DEPTH):
+        raise RequestError(400, f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(data, dict):
         raise RequestError(422, f"body: expected a JSON object with 'inputs', got {type(data).__name__}")
     if "inputs" not in data:
@@ -106,11 +155,13 @@ async def parse_form(request: Request, task: TaskSpec, limit: int, max_items: in
     media = [c.name for c in task.columns if c.kind == "media"]
     if not media:
         raise RequestError(415, f"{task.name} takes JSON bodies, not multipart uploads")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"body is {declared} bytes, more than the {limit} allowed (serve.max_request_bytes)")
+    body = await read_body(request, limit)  # at most the limit plus one chunk, whatever the body declares
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=max_items, max_fields=max_items + 8)
+        form = await Request(request.scope, receive).form(max_files=max_items, max_fields=max_items + 8)
     except HTTPException as exc:  # starlette: too many files/fields, or a malformed body
         raise RequestError(400, f"multipart body: {exc.detail}") from None
     files: dict[str, list[bytes]] = {}
@@ -205,9 +256,18 @@ async def sse_events(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
     except RequestError as exc:
         yield f"event: error\ndata: {json.dumps({'error': exc.message})}\n\n"
-    except Exception as exc:  # headers are gone already: the error travels as an event
-        logger.exception("streaming failed")
-        yield f"event: error\ndata: {json.dumps({'error': f'prediction failed: {type(exc).__name__}: {exc}'})}\n\n"
+    except Exception:  # headers are gone already: the error travels as an event
+        request_id = uuid.uuid4().hex
+        logger.exception("streaming failed (request id %s)", request_id)
+        yield f"event: error\ndata: {json.dumps({'error': 'internal error', 'request_id': request_id})}\n\n"
+
+
+def internal_error(what: str) -> JSONResponse:
+    """A 500 that tells the client nothing about the server (no paths, URIs or messages): the request id
+    finds the traceback in the replica's log."""
+    request_id = uuid.uuid4().hex
+    logger.exception("%s (request id %s)", what, request_id)
+    return JSONResponse({"error": "internal error", "request_id": request_id}, status_code=500)
 
 
 def error_response(exc: RequestError) -> JSONResponse:
@@ -255,6 +315,7 @@ def http_app(backend: Backend) -> FastAPI:
             else:
                 inputs, parameters, stream = parse_body(await read_body(request, limit), limit)
                 rows, is_list = request_rows(backend.task, inputs, backend.max_items_per_request), isinstance(inputs, list)
+                check_uris(backend.task, rows, backend.allow_uris, is_list)
             parameters = check_parameters(backend.task, parameters, backend.options)
             if stream:
                 if is_list or len(rows) != 1:
@@ -265,9 +326,8 @@ def http_app(backend: Backend) -> FastAPI:
             return render(predictions if is_list else predictions[0], flags, is_list)
         except RequestError as exc:
             return error_response(exc)
-        except Exception as exc:  # a bug or a broken model: answer 500, keep the replica serving
-            logger.exception("prediction failed")
-            return JSONResponse({"error": f"prediction failed: {type(exc).__name__}: {exc}"}, status_code=500)
+        except Exception:  # a bug or a broken model: answer 500, keep the replica serving
+            return internal_error("prediction failed")
 
     @app.post("/predict", openapi_extra=body_doc, summary="Predict with the served model")
     async def predict(request: Request):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -238,3 +239,52 @@ def storage_errors(uri: str):
         if name == "ClientError" and any(k in str(exc) for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")):
             raise UserError(f"{uri}: access denied (the credentials were refused or lack permission)") from None
         raise
+
+
+# --- folders that are complete or ignored ------------------------------------------------------
+# Object stores have no rename, so a folder is committed by a marker written last that lists every
+# file and its size; readers trust a folder only when its marker is there.
+COMPLETE = "_COMPLETE.json"
+
+
+def commit_dir(storage: Storage, source: str, uri: str) -> None:
+    """Writes the folder `source` (a local directory or a URI) to `uri`, complete or ignored: the old
+    marker goes first, then the old files, then the new files, and the marker last."""
+    src, dst = storage.resolve(source), storage.resolve(uri)
+    with storage_errors(uri):
+        if dst.fs.exists(dst.join(COMPLETE).path):
+            dst.fs.rm(dst.join(COMPLETE).path)
+        if dst.fs.exists(dst.path):
+            dst.fs.rm(dst.path, recursive=True)
+        sizes = {}
+        for path, info in sorted(src.fs.find(src.path, detail=True).items()):
+            name = path[len(src.path.rstrip("/")) + 1 :]
+            if name == COMPLETE:
+                continue
+            target = dst.join(name).path
+            dst.fs.makedirs(os.path.dirname(target), exist_ok=True)
+            if src.fs is dst.fs:
+                src.fs.copy(path, target)
+            elif src.is_local:
+                dst.fs.put_file(path, target)
+            else:
+                with src.fs.open(path, "rb") as fin, dst.fs.open(target, "wb") as fout:
+                    fout.write(fin.read())
+            sizes[name] = info["size"]
+        with dst.fs.open(dst.join(COMPLETE).path, "w") as f:
+            f.write(json.dumps({"files": sizes}))
+
+
+def is_committed(storage: Storage, uri: str) -> bool:
+    """Whether `uri` is a folder that `commit_dir` finished writing."""
+    return storage.exists(f"{uri.rstrip('/')}/{COMPLETE}")
+
+
+def remove(storage: Storage, uri: str) -> None:
+    """Removes a file or folder (its marker first, so that a half-removed folder reads as incomplete)."""
+    loc = storage.resolve(uri)
+    with storage_errors(uri):
+        if loc.fs.exists(loc.join(COMPLETE).path):
+            loc.fs.rm(loc.join(COMPLETE).path)
+        if loc.fs.exists(loc.path):
+            loc.fs.rm(loc.path, recursive=loc.fs.isdir(loc.path))

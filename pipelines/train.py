@@ -6,12 +6,16 @@ epoch (no random augmentations) and that is small enough is preprocessed once an
 store (`data.cache_train`): a fresh pass per epoch would restart the preprocessing actors, re-read the
 files and re-tokenise, which on small splits costs ten times the training itself. Checkpoints go
 to `train.output/checkpoints/` through the same filesystem as the data; running the same command
-again resumes from the latest one. At the end the best model is copied to `train.output/model/`
-and the figures to `train.output/metrics.json`.
+again resumes from the latest one, and so does Ray Train by itself when a worker or a node is lost
+(`train.max_failures`, `train.max_preemption_failures`). A resume whose config or data no longer
+match the run in `train.output` is refused. At the end the best model is copied to
+`train.output/model/` and the figures to `train.output/metrics.json`. Every folder written here
+(prepared/, model/) is committed with a marker written last, and read only when it has one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,11 +27,11 @@ from ray.train.torch import TorchTrainer
 from jobs.config import JobConfig
 from models import get_task
 from models.spec import UserError
-from pipelines.checkpoints import MODEL_DIR
+from pipelines.checkpoints import MODEL_DIR, best_model
 from pipelines.cluster import connect
 from pipelines.predictor import Preprocessor, check_columns
 from pipelines.readers import ROW, data_files, read_rows
-from pipelines.storage import Storage
+from pipelines.storage import Storage, commit_dir, is_committed, remove
 from pipelines.train_loop import train_loop
 
 
@@ -52,12 +56,57 @@ def scan_train_split(ds, task, cfg: JobConfig, max_rows: int) -> tuple[list, int
     return sorted(labels, key=_sort_key), rows, sample
 
 
-def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str):
-    """Labels, row count and processor, saved once under `output/prepared` so a resumed run
-    uses exactly the same ones."""
+def run_identity(cfg: JobConfig, train_files: list) -> dict:
+    """What a resumed run must share with the run that wrote `train.output`, by config key (the labels
+    are checked apart: they are saved in prepared/ whether configured or discovered)."""
+    uris = sorted(f.uri for f in train_files)
+    return {
+        "task": cfg.task,
+        "model.source": cfg.model.source,
+        "model.init": cfg.model.init.model_dump(mode="json") if cfg.model.init else None,
+        "model.max_length": cfg.model.max_length,
+        "data.train": {"files": len(uris), "sha256": hashlib.sha256("\n".join(uris).encode()).hexdigest()},
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+    }
+
+
+def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> None:
+    """Refuses to resume the run in `output` with a config or data that changed, in one line, before
+    Ray starts."""
+    if not is_committed(storage, f"{output}/prepared"):
+        return
+    saved = json.loads(storage.read_text(f"{output}/prepared/prepared.json"))
+    before = saved["run"]
+    changes = [(key, before.get(key), value) for key, value in run.items() if before.get(key) != value]
+    if cfg.data.labels is not None and list(cfg.data.labels) != saved["labels"]:
+        changes.append(("data.labels", saved["labels"], list(cfg.data.labels)))
+    if changes:
+        key, old, new = changes[0]
+        what = f"{key}: {old!r} before, {new!r} now"
+        if key == "data.train":
+            what = f"data.train: the file list changed ({old['files']} files before, {new['files']} now)"
+        raise UserError(f"train.output: {output} holds another run ({what}); resume with the same settings, "
+                        "choose another train.output, or set train.fresh=true to start over")
+
+
+def start_fresh(storage: Storage, output: str) -> None:
+    """train.fresh: removes what earlier runs wrote to `output` (only those folders and files)."""
+    removed = []
+    for name in ("checkpoints", "prepared", "model", "metrics.json"):
+        if storage.exists(f"{output}/{name}"):
+            remove(storage, f"{output}/{name}")
+            removed.append(name)
+    if removed:
+        print(f"train.fresh: removed {', '.join(removed)} from {output}", flush=True)
+
+
+def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str, run: dict):
+    """Labels, row count and processor, saved once under `output/prepared` (with the `run` identity
+    that `check_same_run` compares) so a resumed run uses exactly the same ones."""
     task = get_task(cfg.task)
     prepared = f"{output}/prepared"
-    if storage.exists(f"{prepared}/prepared.json"):
+    if is_committed(storage, prepared):
         saved = json.loads(storage.read_text(f"{prepared}/prepared.json"))
         processor = task.build_processor(cfg.model, storage.local_copy(prepared), iter(()))
         return saved["labels"], saved["rows"], processor
@@ -76,8 +125,8 @@ def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str):
     with tempfile.TemporaryDirectory() as d:
         processor.save_pretrained(d)
         with open(os.path.join(d, "prepared.json"), "w") as f:
-            json.dump({"labels": labels, "rows": rows, "task": cfg.task}, f)
-        storage.upload_dir(d, prepared)
+            json.dump({"labels": labels, "rows": rows, "task": cfg.task, "run": run}, f)
+        commit_dir(storage, d, prepared)
     return labels, rows, processor
 
 
@@ -99,16 +148,21 @@ def train(cfg: JobConfig) -> dict:
         raise UserError("data.train: required by `rayformers train`")
     storage = Storage.from_config(cfg.storage)
     output = storage.check_writable(t.output)
-    data_files(storage, cfg.data.train, cfg.data.format, task)
+    train_files = data_files(storage, cfg.data.train, cfg.data.format, task)
     if cfg.data.eval:
         data_files(storage, cfg.data.eval, cfg.data.format, task)
     if cfg.model.source:
         storage.model_path(cfg.model.source)  # a wrong model URI fails here, before any worker starts
+    run = run_identity(cfg, train_files)
+    if t.fresh:
+        start_fresh(storage, t.output.rstrip("/"))
+    else:
+        check_same_run(cfg, storage, t.output.rstrip("/"), run)
 
     connect(cfg.ray.address, cfg.ray.num_cpus, t.num_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
     train_raw = read_rows(storage, cfg.data.train, cfg.data.format, task)
     check_columns(train_raw.schema().names, task, cfg.data.columns, training=True)
-    labels, rows, processor = prepare(cfg, storage, train_raw, t.output)
+    labels, rows, processor = prepare(cfg, storage, train_raw, t.output.rstrip("/"), run)
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
 
     job = cfg.model_dump(mode="json")
@@ -142,7 +196,7 @@ def train(cfg: JobConfig) -> dict:
             name="checkpoints",
             storage_path=output.path,
             storage_filesystem=output.arrow_fs(),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures),
             # Ray keeps the newest `keep_checkpoints` (by step) and always the latest; the best
             # model is kept apart in checkpoints/best by the workers.
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="step",
@@ -160,6 +214,8 @@ def train(cfg: JobConfig) -> dict:
         if isinstance(cause, UserError):
             raise cause from None
         raise
+    if (result.metrics or {}).get("user_error"):  # raised by every worker alike, reported rather than retried
+        raise UserError(result.metrics["user_error"])
     return finalize(cfg, storage, result, time.perf_counter() - started)
 
 
@@ -169,18 +225,19 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     final = dict(result.metrics or {})
     if cfg.train.stop_after_steps:
         print(f"stopped at step {final.get('step')} as asked (train.stop_after_steps); the same command resumes", flush=True)
-    best_uri = f"{out}/checkpoints/best"
-    if storage.exists(f"{best_uri}/config.json"):
+    best_uri = best_model(storage, f"{out}/checkpoints/best")
+    if best_uri:
         best = json.loads(storage.read_text(f"{best_uri}/eval_metrics.json"))
-        storage.copy_dir(best_uri, f"{out}/model")
+        commit_dir(storage, best_uri, f"{out}/model")
     else:
         best = final
-        storage.copy_dir(f"{out}/checkpoints/{os.path.basename(result.checkpoint.path)}/{MODEL_DIR}", f"{out}/model")
+        commit_dir(storage, f"{out}/checkpoints/{os.path.basename(result.checkpoint.path)}/{MODEL_DIR}", f"{out}/model")
     summary = {
         "task": cfg.task,
         "final": {k: v for k, v in final.items() if k.startswith("eval_") or k in ("step", "epoch")},
         "best": best,
         "throughput_samples_per_s": final.get("samples_per_s"),
+        "samples": final.get("samples"),
         "skipped_rows": final.get("skipped_rows"),
         "resumed_at_steps": final.get("resumed_at", []),
         "worker_nodes": final.get("worker_nodes"),  # Ray node id of each worker, by rank

@@ -3,7 +3,12 @@
 Workers receive ready features from Ray Data (tokenised / decoded by preprocessing actors),
 batch them by similar length, and run AdamW with warm-up and linear decay, gradient
 accumulation and bf16 autocast where the device supports it. Every `eval_every` steps they
-evaluate with streaming metrics and report a checkpoint; a restarted run continues from it.
+evaluate with streaming metrics and report a checkpoint; a restarted run continues from it. Every
+`preemption_check_every` steps they ask Ray Train whether a node is about to be reclaimed, and
+checkpoint at once when one is.
+
+Counts survive restarts: a checkpoint holds the totals over all workers (samples, rows with errors),
+each worker adds only what it saw since, and the sum over workers is what gets reported.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from jobs.config import JobConfig
 from models import get_task
-from pipelines.checkpoints import load_checkpoint, save_checkpoint
+from models.spec import UserError
+from pipelines.checkpoints import load_checkpoint, save_best, save_checkpoint
 from pipelines.predictor import ERROR, FLAG, LENGTH, column_values, to_device
 from pipelines.storage import Storage
 
@@ -100,8 +106,12 @@ def train_loop(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
 
-    source_dir = Storage.from_config(cfg.storage).model_path(cfg.model.source) if cfg.model.source else None
-    model = task.build_model(cfg.model, source_dir, labels, processor)
+    try:
+        source_dir = Storage.from_config(cfg.storage).model_path(cfg.model.source) if cfg.model.source else None
+        model = task.build_model(cfg.model, source_dir, labels, processor)
+    except UserError as exc:  # the same on every worker: reported to the driver, since Ray would retry an error
+        ray.train.report({"user_error": str(exc)})
+        return
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
@@ -115,8 +125,11 @@ def train_loop(config: dict) -> None:
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
 
+    # samples and skipped_rows in `state` are totals over all workers at the last checkpoint (or None
+    # for skipped_rows until a whole epoch has been read); `seen` is what this worker added since.
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
-             "skipped_rows": 0, "best": None, "best_step": None, "labels": labels}
+             "skipped_rows": None, "best": None, "best_step": None, "labels": labels}
+    seen = {"samples": 0, "skipped_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -131,16 +144,30 @@ def train_loop(config: dict) -> None:
     storage = Storage.from_config(cfg.storage)
     output = config["output"]
 
+    def totals() -> dict:
+        """Samples and rows with errors over every worker (a collective: every rank calls it)."""
+        samples = state["samples"] + reduced(seen["samples"], dist.ReduceOp.SUM, device)
+        epoch_skipped = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
+        return {"samples": samples, "skipped_rows": state["skipped_rows"] if state["skipped_rows"] is not None else epoch_skipped}
+
     def report(metrics: dict, with_checkpoint: bool) -> None:
-        metrics = {**metrics, "step": state["step"], "epoch": state["epoch"]}
+        counts = totals()
+        metrics = {**metrics, **counts, "samples_per_s": counts["samples"] / max(state["train_seconds"], 1e-9),
+                   "step": state["step"], "epoch": state["epoch"]}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_checkpoint(d, core, processor, optimizer, scheduler, state)
+                # the saved skipped_rows stays None until an epoch is read whole: a resume recounts that epoch
+                saved = {**state, "samples": counts["samples"]}
+                save_checkpoint(d, core, processor, optimizer, scheduler, saved)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
                              checkpoint_dir_name=f"step-{state['step']:08d}")
+
+    def checkpoint_now(metrics: dict) -> None:
+        report({**metrics, "best": state["best"], "best_step": state["best_step"],
+                "resumed_at": state.get("resumed_at", []), "worker_nodes": worker_nodes}, True)
 
     def eval_and_checkpoint() -> None:
         metrics = {}
@@ -157,13 +184,11 @@ def train_loop(config: dict) -> None:
                         core.save_pretrained(d)
                         processor.save_pretrained(d)
                         Path(d, "eval_metrics.json").write_text(json.dumps({**metrics, "step": state["step"]}))
-                        storage.upload_dir(d, f"{output}/checkpoints/best")
+                        save_best(storage, d, f"{output}/checkpoints/best")
             if rank == 0:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step {state['best_step']})", flush=True)
-        report({**metrics, "samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
-                "best": state["best"], "best_step": state["best_step"], "skipped_rows": reduced(state["skipped_rows"], dist.ReduceOp.SUM, device),
-                "resumed_at": state.get("resumed_at", []), "worker_nodes": worker_nodes}, True)
+        checkpoint_now(metrics)
 
     model.train()
     rng = random.Random(t.seed)
@@ -171,15 +196,16 @@ def train_loop(config: dict) -> None:
     tick = time.perf_counter()  # train_seconds: wall time of training, waits for data included, evals left out
     last_eval_step = state["step"] if checkpoint else -1
     stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
+    saved_for_preemption = False
     while state["step"] < stop_at:
         rng.seed(t.seed + state["epoch"])
         batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng,
                                   t.shuffle_rows, t.seed + state["epoch"])
         to_skip, micro = state["batches_in_epoch"], 0
         exhausted = False  # some worker ran out of data: this epoch ends for everyone
+        seen["skipped_in_epoch"] = 0
         for batch, skipped in batches:
-            if micro >= to_skip and state["epoch"] == 0:  # rows with errors, counted on the first pass only
-                state["skipped_rows"] += skipped
+            seen["skipped_in_epoch"] += skipped  # also in the batches a resume skips: the epoch is counted whole
             if batch is None or micro < to_skip:  # resuming: skip what the checkpoint already saw
                 micro += batch is not None
                 continue
@@ -198,7 +224,7 @@ def train_loop(config: dict) -> None:
             n = len(next(iter(batch.values())))
             window_loss += float(loss.detach()) * t.grad_accum * n
             window_samples += n
-            state["samples"] += n * world
+            seen["samples"] += n
             state["batches_in_epoch"] = micro
             if micro % t.grad_accum:
                 state["train_seconds"] += time.perf_counter() - tick
@@ -222,9 +248,19 @@ def train_loop(config: dict) -> None:
                 eval_and_checkpoint()
                 last_eval_step = step
                 tick = time.perf_counter()
+            elif step % t.preemption_check_every == 0 and not saved_for_preemption:
+                # a barrier: every rank reaches it at the same steps, since steps are taken in lockstep
+                if ray.train.get_preemption_info() is not None:
+                    if rank == 0:
+                        print(f"step {step}: a worker's node is being preempted; saving a checkpoint now", flush=True)
+                    checkpoint_now({})
+                    saved_for_preemption = True
+                    tick = time.perf_counter()
         if not exhausted and state["step"] < stop_at:
             all_have(False, device)  # this worker ran out: release workers waiting in `all_have`
         if state["step"] < stop_at:  # the epoch ended, not the run
+            if state["skipped_rows"] is None:  # the first epoch read whole: its rows with errors, over all workers
+                state["skipped_rows"] = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
     if state["step"] != last_eval_step:

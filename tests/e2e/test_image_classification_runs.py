@@ -162,7 +162,7 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
     _, by_id, _ = predicted
     names = ["red-photo.jpg", "blue-print.jpg", "green-deep.png"]
     encoded = [base64.b64encode(corpus["files"][f"files/{n}"]).decode() for n in names]
-    cfg = config(serve={"model": trained["model"], "allow_uris": True})
+    cfg = config(serve={"model": trained["model"], "allow_uris": [corpus["root"]]})
     with served(cfg, "images") as url, httpx.Client(timeout=60) as client:
         answer = client.post(f"{url}/predict", json={"inputs": encoded, "parameters": {"top_k": 2}})
         by_uri = client.post(f"{url}/predict", json={"inputs": {"image": f"{corpus['root']}/files/red-photo.jpg"}})

@@ -65,6 +65,6 @@ def test_a_bad_predict_parameter_stops_predict_before_ray_starts(monkeypatch, tm
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
     cfg = validate({"task": "fill-mask", "model": {"source": str(tmp_path)},
-                    "predict": {"input": str(tmp_path), "output": str(tmp_path / "out"), "parameters": {"top_k": 5000}}})
+                    "predict": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "parameters": {"top_k": 5000}}})
     with pytest.raises(UserError, match="parameters.top_k: must be between 1 and 50"):
         predict(cfg)

@@ -17,6 +17,7 @@ class Backend:
 
     task = get_task("text-classification")
     options = None
+    allow_uris: list = []
 
     def __init__(self, api_key=None, result=None, fail=None):
         self.api_key = api_key
@@ -141,7 +142,7 @@ def test_a_failing_model_gets_a_500_and_the_next_request_is_served(backend, clie
     backend.fail = RuntimeError("CUDA error: device-side assert")
     response = client.post("/predict", json={"inputs": "a"})
     assert response.status_code == 500
-    assert response.json() == {"error": "prediction failed: RuntimeError: CUDA error: device-side assert"}
+    assert response.json() == {"error": "internal error", "request_id": response.json()["request_id"]}
     backend.fail = None
     assert client.post("/predict", json={"inputs": "tech a"}).json()["label"] == "tech"
 

@@ -137,3 +137,69 @@ def test_a_config_mistake_stops_before_anything_is_sent(capsys):
     # The address is unreachable: reaching it would be a different error.
     err = one_line_error(["submit", EXAMPLE, "train.lrr=1", "--address", "http://127.0.0.1:9"], capsys)
     assert err == "rayformers: error: train.lrr: unknown key (did you mean train.lr?)"
+
+
+# --- the Serve API key stays secret ----------------------------------------------------------------
+
+
+def test_the_api_key_is_printed_masked_by_rayformers_config(capsys):
+    assert run(["config", EXAMPLE, "serve.api_key=s3cret-key"]) == 0
+    printed = capsys.readouterr().out
+    assert "s3cret-key" not in printed and "api_key: '**********'" in printed
+
+
+@pytest.mark.parametrize("override", ["serve.api_key=s3cret-key", "serve={api_key: s3cret-key, port: 9001}"])
+def test_the_api_key_is_never_written_to_an_exported_serve_config(tmp_path, override, capsys):
+    exported = tmp_path / "serve.yaml"
+    assert run(["serve", EXAMPLE, override, "--export-config", str(exported)]) == 0
+    text = exported.read_text()
+    assert "s3cret-key" not in text and "api_key" not in text
+    assert "left out: set RAYFORMERS_API_KEY on the cluster" in capsys.readouterr().out
+    if "port" in override:
+        assert "port: 9001" in text and "serve={port: 9001}" in text  # the rest of the mapping survives
+
+
+def test_a_submitted_serve_job_gets_the_api_key_in_a_file_never_in_its_command_line_or_environment(monkeypatch, capsys):
+    seen = {}
+
+    def fake_submit(address, **job):
+        env = job["runtime_env"]["env_vars"]
+        seen.update(job, key=(Path(job["runtime_env"]["working_dir"]) / env["RAYFORMERS_API_KEY_FILE"]).read_text())
+        return None, "job-1", None
+
+    monkeypatch.setattr(submit_module, "connect_and_submit", fake_submit)
+    assert run(["submit", EXAMPLE, *S3_PATHS, "serve.api_key=s3cret-key", "--address", "http://h:8265",
+                "--verb", "serve", "--no-wait"]) == 0
+    assert seen["key"] == "s3cret-key"
+    assert "s3cret-key" not in seen["entrypoint"] and "api_key" not in seen["entrypoint"]
+    assert "s3cret-key" not in repr(seen["runtime_env"]) and "s3cret-key" not in repr(seen["metadata"])
+    assert "s3cret-key" not in capsys.readouterr().out
+
+
+def test_replicas_read_the_api_key_from_the_file_a_submitted_job_names(monkeypatch, tmp_path):
+    from pipelines.serve import api_key
+
+    monkeypatch.delenv("RAYFORMERS_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("RAYFORMERS_API_KEY_FILE", str(key_file))
+    assert api_key(load_config(EXAMPLE)) == "from-file"
+    assert api_key(load_config(EXAMPLE, ["serve.api_key=given"])) == "given"
+    monkeypatch.setenv("RAYFORMERS_API_KEY", "from-env")
+    assert api_key(load_config(EXAMPLE)) == "from-env"
+
+
+def test_the_rayservice_example_gives_every_ray_container_the_api_key_from_a_secret():
+    import yaml
+
+    manifest = yaml.safe_load((REPO / "infra/k8s/rayservice.yaml").read_text())
+    secret = yaml.safe_load((REPO / "infra/k8s/serve-secret-example.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {v["name"]: v for v in container["env"]}
+            reference = env["RAYFORMERS_API_KEY"]["valueFrom"]["secretKeyRef"]
+            assert reference == {"name": secret["metadata"]["name"], "key": "RAYFORMERS_API_KEY"}
+    assert "RAYFORMERS_API_KEY" in secret["stringData"]
+    assert "api_key" not in manifest["spec"]["serveConfigV2"]

@@ -1,0 +1,175 @@
+"""Hostile requests against the serving HTTP layer, without Ray: files outside the allow-list, bodies that
+never end, JSON nested to crash the parser, media that decode to gigabytes. Each gets its 4xx before any
+model (or file system) is touched, and a 500 says nothing about the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from types import SimpleNamespace
+
+import fsspec
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from jobs.config import validate
+from models import get_task
+from models.audio import read_clip, wav_bytes
+from pipelines.serve import PredictorDeployment, serving_limits
+from pipelines.serve_http import RequestError, http_app, parse_form, read_body, refused_uri
+from pipelines.storage import Storage
+
+ALLOWED = ["s3://uploads/in/"]
+
+
+class ImageBackend:
+    """A stand-in deployment for an image task: records what reaches it."""
+
+    task = get_task("image-classification")
+    options = None
+    api_key = None
+    max_request_bytes = 200_000
+    max_items_per_request = 4
+
+    def __init__(self, allow_uris=ALLOWED, fail=None):
+        self.allow_uris, self.fail, self.calls = allow_uris, fail, []
+
+    def check_model(self, model_id):
+        pass
+
+    async def predict(self, model_id, rows, parameters, is_list):
+        self.calls.append(rows)
+        if self.fail:
+            raise self.fail
+        return [{"label": "cat", "score": 1.0}] * len(rows), [None] * len(rows)
+
+    def health(self):
+        return {"status": "ok"}
+
+
+HOSTILE_URIS = [
+    ("file:///etc/passwd", "not under a prefix of serve.allow_uris"),
+    ("local:///proc/self/environ", "not under a prefix of serve.allow_uris"),
+    ("hf://datasets/secret/x.png", "not under a prefix of serve.allow_uris"),
+    ("s3://other-bucket/in/cat.jpg", "not under a prefix of serve.allow_uris"),
+    ("s3a://uploads/in/cat.jpg", "not under a prefix of serve.allow_uris"),
+    ("s3://uploads/in-secret/cat.jpg", "not under a prefix of serve.allow_uris"),
+    ("s3://uploads/in/../private/key.png", "not a plain object key"),
+    ("s3://uploads/in/./../x.png", "not a plain object key"),
+    ("s3://uploads/in//x.png", "not a plain object key"),
+    ("s3://uploads/in/%2e%2e/private/key.png", "not a plain object key"),
+    ("s3://uploads/in/*.png", "not a plain object key"),
+    ("s3://uploads/in/x.png?versionId=1", "not a plain object key"),
+]
+
+
+@pytest.mark.parametrize("uri, why", HOSTILE_URIS)
+def test_a_uri_outside_the_allow_list_is_refused_before_anything_is_read(uri, why):
+    backend = ImageBackend()
+    client = TestClient(http_app(backend))
+    response = client.post("/predict", json={"inputs": ["aGVsbG8=", {"image": uri}]})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith(f"inputs[1]: image: {uri[:200]}: {why}")
+    assert backend.calls == []
+
+
+def test_without_an_allow_list_no_uri_is_read_and_an_allowed_one_reaches_the_replica():
+    off = ImageBackend(allow_uris=[])
+    response = TestClient(http_app(off)).post("/predict", json={"inputs": "s3://uploads/in/cat.jpg"})
+    assert response.status_code == 422 and "serve.allow_uris is off" in response.json()["error"]
+    assert off.calls == []
+    on = ImageBackend()
+    assert TestClient(http_app(on)).post("/predict", json={"inputs": "s3://uploads/in/cat.jpg"}).status_code == 200
+    assert on.calls == [[{"image": "s3://uploads/in/cat.jpg"}]]
+    assert refused_uri("s3://uploads/in/a/b c.jpg", ALLOWED) is None  # keys may hold spaces and folders
+
+
+@pytest.mark.parametrize("value", [True, ["file:///srv/"], ["/srv/uploads"], ["s3://"], ["s3://b/../c"]])
+def test_an_allow_list_that_would_open_the_file_system_is_refused_in_the_config(value):
+    with pytest.raises(Exception, match="serve.allow_uris"):
+        validate({"task": "image-classification", "model": {"source": "x"}, "serve": {"allow_uris": value}})
+    ok = validate({"task": "image-classification", "model": {"source": "x"}, "serve": {"allow_uris": ["s3://b/up"]}})
+    assert ok.serve.allow_uris == ["s3://b/up/"]  # s3://b/up must not admit s3://b/up-secret/
+
+
+def fake_deployment(limit: int) -> SimpleNamespace:
+    cfg = SimpleNamespace(serve=SimpleNamespace(max_media_bytes=limit))
+    return SimpleNamespace(cfg=cfg, media_columns=["image"], storage=Storage())
+
+
+def test_the_files_one_request_names_share_one_byte_budget():
+    fs = fsspec.filesystem("memory")
+    for name in ("a", "b", "c"):
+        fs.pipe(f"/budget/{name}.png", bytes(600))
+    rows = [{"image": f"memory://budget/{name}.png"} for name in ("a", "b")]
+    fetched = PredictorDeployment.fetch_uris(fake_deployment(1200), rows, True)
+    assert [len(r["image"]) for r in fetched] == [600, 600]
+    with pytest.raises(RequestError) as over:
+        PredictorDeployment.fetch_uris(fake_deployment(1000), rows, True)
+    assert over.value.status == 413 and over.value.message.startswith("inputs[1]: image: ")
+    assert "serve.max_media_bytes" in over.value.message
+    with pytest.raises(RequestError) as missing:
+        PredictorDeployment.fetch_uris(fake_deployment(1000), [{"image": "memory://budget/nowhere.png"}], False)
+    assert (missing.value.status, missing.value.message) == (422, "inputs: image: memory://budget/nowhere.png: no such file or folder")
+
+
+@pytest.mark.parametrize("depth", [40, 50_000])
+def test_json_nested_deeper_than_any_request_needs_is_a_400(depth):
+    backend = ImageBackend()
+    body = ('{"inputs": ' + "[" * depth + "]" * depth + "}").encode()
+    response = TestClient(http_app(backend)).post("/predict", content=body)
+    assert response.status_code == 400 and response.json() == {"error": "body: JSON nested more than 32 levels deep"}
+    assert backend.calls == []
+
+
+class EndlessBody:
+    """A request whose body never ends (chunked, no content-length); counts what was read of it."""
+
+    def __init__(self, content_type: str = "application/json"):
+        self.headers = {"content-type": content_type}
+        self.scope = {"type": "http", "headers": [(b"content-type", content_type.encode())]}
+        self.read = 0
+
+    async def stream(self):
+        while True:
+            self.read += 4096
+            yield b"x" * 4096
+
+
+def test_a_body_that_never_ends_is_read_only_to_the_limit_plus_one_chunk():
+    endless = EndlessBody()
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(read_body(endless, 10_000))
+    assert refused.value.status == 413 and endless.read <= 10_000 + 4096
+    upload = EndlessBody("multipart/form-data; boundary=xyz")
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(parse_form(upload, ImageBackend.task, 10_000, 4))
+    assert refused.value.status == 413 and upload.read <= 10_000 + 4096
+
+
+def test_a_500_says_internal_error_and_its_request_id_finds_the_traceback_in_the_log(caplog):
+    backend = ImageBackend(fail=FileNotFoundError("/srv/models/secret-run/model.safetensors"))
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        response = TestClient(http_app(backend)).post("/predict", json={"inputs": "aGVsbG8="})
+    assert response.status_code == 500
+    body = response.json()
+    assert body == {"error": "internal error", "request_id": body["request_id"]} and "/srv" not in response.text
+    logged = [r for r in caplog.records if body["request_id"] in r.getMessage()]
+    assert logged and "secret-run" in str(logged[0].exc_info[1])
+
+
+def test_serving_decodes_no_image_or_clip_over_its_caps_whatever_long_audio_says():
+    cfg = validate({"task": "audio-classification", "model": {"source": "x"}, "data": {"long_audio": "chunk"},
+                    "serve": {"max_audio_seconds": 1, "max_image_pixels": 1000}})
+    limits = serving_limits(cfg)
+    assert (limits.long_audio, limits.max_audio_seconds, limits.max_image_pixels) == ("reject", 1, 1000)
+    clip = wav_bytes(np.zeros(16_000 * 3, dtype=np.float32))
+    samples, error = read_clip(clip, 16_000, limits)
+    assert samples is None and error.startswith("audio is 3.0 s long")
+    assert read_clip(clip, 16_000, cfg.data)[1] is None  # batch prediction still chunks it
+    from models.images import decode_image, encode_png
+
+    image, error = decode_image(encode_png(np.zeros((64, 64, 3), dtype=np.uint8)), limits.max_image_pixels)
+    assert image is None and "4096 pixels (64x64), more than" in error
