@@ -122,8 +122,14 @@ class PredictConfig(Section):
     use_gpu: bool = False
     quantize: Literal["none", "int8"] = "none"
     # predictor actors preprocess their own rows (default on CPU: no extra process on the same cores)
-    fuse_preprocessing: bool | None = None
+    fuse_preprocessing: bool | None = Field(None, description=(
+        "Accepted for older configs; predictor actors now always read and preprocess their own units "
+        "(one input file each), so that a unit is committed whole."))
     parameters: dict[str, Any] = {}
+    overwrite: bool = Field(False, description=(
+        "Replace a complete earlier output in predict.output (one with a _SUCCESS marker), or restart a "
+        "partial one made with another model, input or settings. The earlier output stays intact until "
+        "the new one is complete. Without it such a run is refused; a partial run of the same job resumes."))
 
 
 class ServeConfig(Section):

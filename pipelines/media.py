@@ -13,11 +13,13 @@ import base64
 import binascii
 import posixpath
 import re
+import time
 
 from models.spec import UserError
 from pipelines.storage import Storage, storage_errors
 
 MAX_MEDIA_BYTES = 512 * 1024 * 1024  # one file; anything larger is surely not one image or clip
+FETCH_TRIES, FETCH_BACKOFF_S = 3, 0.5  # transient storage errors are retried before the row becomes an error row
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -29,12 +31,32 @@ def fetch_file(storage: Storage, fs, uri_or_path: str, is_uri: bool) -> bytes:
         fs, path = loc.fs, loc.path
     else:
         path = uri_or_path
-    with storage_errors(uri_or_path):
-        # one ranged read (no separate size request): a byte past the limit means the file is too big
-        data = fs.cat_file(path, start=0, end=MAX_MEDIA_BYTES + 1)
+    for attempt in range(FETCH_TRIES):
+        try:
+            with storage_errors(uri_or_path):
+                # one ranged read (no separate size request): a byte past the limit means the file is too big
+                data = fs.cat_file(path, start=0, end=MAX_MEDIA_BYTES + 1)
+            break
+        except (IsADirectoryError, NotADirectoryError):
+            raise UserError(f"{uri_or_path}: a folder, not a file") from None
+        except UserError:
+            if _is_folder(fs, path):  # object stores call a folder a missing file
+                raise UserError(f"{uri_or_path}: a folder, not a file") from None
+            raise
+        except Exception as exc:  # a dropped connection, a throttled or failing store: try again, then give up on this row
+            if attempt == FETCH_TRIES - 1:
+                raise UserError(f"{uri_or_path}: could not be read after {FETCH_TRIES} tries ({type(exc).__name__}: {exc})") from None
+            time.sleep(FETCH_BACKOFF_S * 2 ** attempt)
     if len(data) > MAX_MEDIA_BYTES:
         raise UserError(f"{uri_or_path}: more than the {MAX_MEDIA_BYTES} bytes a media file may have")
     return data
+
+
+def _is_folder(fs, path: str) -> bool:
+    try:
+        return bool(fs.isdir(path))
+    except Exception:  # the question is only asked to word an error better
+        return False
 
 
 def resolve_paths(values: list, sources: list[str | None], storage: Storage, fs, column: str) -> tuple[list, list]:
