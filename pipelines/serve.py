@@ -123,6 +123,7 @@ class PredictorDeployment:
         self.storage = Storage.from_config(cfg.storage)
         self.api_key = api_key(cfg)
         self.max_request_bytes, self.max_items_per_request = s.max_request_bytes, s.max_items_per_request
+        self.max_ongoing_predictions, self.retry_after_s = s.max_ongoing_requests, s.retry_after_s
         self.allow_uris = s.allow_uris
         self.media_columns = [c.name for c in self.task.columns if c.kind == "media"]
         self.probe = probe_rows(self.task)
@@ -138,6 +139,7 @@ class PredictorDeployment:
         # Set up here rather than as decorators so that the limits come from the config.
         self.load_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_named)
         self.batching = s.max_batch_size > 1
+        self.one_at_a_time = asyncio.Lock()
         self.predict_batch.set_max_batch_size(s.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
@@ -246,14 +248,20 @@ class PredictorDeployment:
             raise problem
         key = f"{id(predictor)}:{sorted(features.arrays)}:{json.dumps(parameters, sort_keys=True, default=str)}"
         pending = Pending(predictor, features, parameters, key)
-        result = await self.predict_batch(pending) if self.batching else self.run([pending])[0]
+        if self.batching:
+            result = await self.predict_batch(pending)
+        else:
+            async with self.one_at_a_time:  # as @serve.batch runs one batch at a time
+                result = (await asyncio.to_thread(self.run, [pending]))[0]
         if isinstance(result, Exception):
             raise result
         return result, features.flags or [None] * len(rows)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # replaced from the config in __init__
     async def predict_batch(self, batch: list[Pending]) -> list:
-        return self.run(batch)
+        # In a worker thread (torch releases the GIL), so the replica's loop answers /healthz and sheds
+        # load during a forward pass instead of after it: one hand-off per batch, not per request.
+        return await asyncio.to_thread(self.run, batch)
 
     def run(self, batch: list[Pending]) -> list:
         """Predictions for each request of a batch (or the exception that its group raised)."""
@@ -291,6 +299,9 @@ class PredictorDeployment:
         return predictions
 
 
+HEALTH_HEADROOM = 8  # requests a replica admits beyond its predictions: health probes and 503s
+
+
 def deployment_options(cfg: JobConfig) -> dict:
     """The Serve deployment options for the config (also written by `export_config`)."""
     s = cfg.serve
@@ -301,8 +312,10 @@ def deployment_options(cfg: JobConfig) -> dict:
              "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
     if s.use_gpu:
         actor["num_gpus"] = 1
-    # Overload is shed at the proxy: past max_queued_requests waiting, a request gets 503 + Retry-After at once.
-    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests,
+    # Overload is shed twice, each time with 503 + Retry-After at once: by a replica past serve.max_ongoing_requests
+    # predictions (Serve admits HEALTH_HEADROOM more, so /healthz and those quick refusals are never queued
+    # behind predictions), and by the proxy past serve.max_queued_requests waiting (Ray Serve's own limit).
+    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests + HEALTH_HEADROOM,
                "max_queued_requests": s.max_queued_requests,
                "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
                "ray_actor_options": actor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import uuid
 from typing import Any, AsyncIterator, Protocol
@@ -34,9 +35,9 @@ URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 class RequestError(Exception):
     """Answered with `status` and `{"error": message, **details}`; the 4xx ones are the client's to fix."""
 
-    def __init__(self, status: int, message: str, **details: Any):
+    def __init__(self, status: int, message: str, headers: dict | None = None, **details: Any):
         super().__init__(message)
-        self.status, self.message, self.details = status, message, details
+        self.status, self.message, self.headers, self.details = status, message, headers, details
 
 
 class PredictRequest(BaseModel):
@@ -55,6 +56,8 @@ class Backend(Protocol):
     api_key: str | None
     max_request_bytes: int
     max_items_per_request: int
+    max_ongoing_predictions: int  # more at once on this replica are answered 503 + Retry-After
+    retry_after_s: float
     allow_uris: list[str]  # URI prefixes a media item may name (serve.allow_uris)
 
     def check_model(self, model_id: str | None) -> None: ...  # RequestError(404) when not served
@@ -271,7 +274,7 @@ def internal_error(what: str) -> JSONResponse:
 
 
 def error_response(exc: RequestError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
     return JSONResponse({"error": exc.message, **exc.details}, status_code=exc.status, headers=headers)
 
 
@@ -304,7 +307,21 @@ def http_app(backend: Backend) -> FastAPI:
     async def http_error(_: Request, exc: HTTPException):  # unknown routes and methods, as JSON like the rest
         return JSONResponse({"error": f"{exc.detail}"}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    in_flight = 0  # prediction requests this replica is working on
+
     async def answer(request: Request, model_id: str | None) -> Response:
+        nonlocal in_flight
+        if in_flight >= backend.max_ongoing_predictions:  # shed here, before reading the body
+            return error_response(RequestError(
+                503, f"overloaded: this replica is working on its {backend.max_ongoing_predictions} requests "
+                     "(serve.max_ongoing_requests); retry shortly", headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
+        in_flight += 1
+        try:
+            return await checked_answer(request, model_id)
+        finally:
+            in_flight -= 1
+
+    async def checked_answer(request: Request, model_id: str | None) -> Response:
         try:
             check_api_key(request.headers.get("authorization"), backend.api_key)
             backend.check_model(model_id)

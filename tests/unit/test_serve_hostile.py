@@ -32,6 +32,8 @@ class ImageBackend:
     api_key = None
     max_request_bytes = 200_000
     max_items_per_request = 4
+    max_ongoing_predictions = 8
+    retry_after_s = 1.5
 
     def __init__(self, allow_uris=ALLOWED, fail=None):
         self.allow_uris, self.fail, self.calls = allow_uris, fail, []
@@ -173,3 +175,13 @@ def test_serving_decodes_no_image_or_clip_over_its_caps_whatever_long_audio_says
 
     image, error = decode_image(encode_png(np.zeros((64, 64, 3), dtype=np.uint8)), limits.max_image_pixels)
     assert image is None and "4096 pixels (64x64), more than" in error
+
+
+def test_a_replica_at_its_limit_answers_503_with_retry_after_and_healthz_still_answers():
+    backend = ImageBackend()
+    backend.max_ongoing_predictions = 0  # as if it were busy with all it may take
+    client = TestClient(http_app(backend))
+    response = client.post("/predict", json={"inputs": "aGVsbG8="})
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert "serve.max_ongoing_requests" in response.json()["error"]
+    assert client.get("/healthz").status_code == 200 and backend.calls == []
