@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jobs.config import load_config, validate
@@ -76,6 +78,29 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 def test_the_example_config_is_valid():
     cfg = load_config("jobs/examples/text-classification.yaml")
     assert cfg.task == "text-classification" and cfg.model.init.architecture == "bert"
+
+
+EXAMPLES = sorted(Path(__file__).resolve().parents[2].joinpath("jobs/examples").glob("*.yaml"))
+
+
+def test_there_is_one_example_per_task():
+    from models import task_names
+
+    assert sorted(p.stem for p in EXAMPLES) == sorted(task_names())
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_shipped_example_loads_and_validates(example):
+    from models import get_task
+
+    cfg = load_config(str(example))
+    assert cfg.task == example.stem  # jobs/examples/<task>.yaml describes <task>
+    task = get_task(cfg.task)
+    assert (cfg.model.source is None) != (cfg.model.init is None)
+    if cfg.model.init is not None:
+        assert cfg.model.init.architecture in task.architectures
+    cfg.options()  # the example's task_options are valid for its task
+    assert cfg.data.train and cfg.predict.input and cfg.predict.output
 
 
 def test_defaults_are_filled_in():
