@@ -261,7 +261,8 @@ def finish(out: Output, summary: dict) -> None:
                     continue
                 fs.makedirs(posixpath.dirname(root.join(relative).path), exist_ok=True)
                 fs.mv(path, root.join(relative).path)
-            fs.rm(out.work.path, recursive=True)
+            if fs.exists(out.work.path):  # an object store has no folder left once its objects moved
+                fs.rm(out.work.path, recursive=True)
     write_whole(root, MARKER, (json.dumps(summary, indent=1) + "\n").encode())
     if root.is_local:
         with storage_errors(root.uri):
