@@ -121,10 +121,10 @@ class PredictConfig(Section):
     threads_per_actor: int = Field(1, ge=1)
     use_gpu: bool = False
     quantize: Literal["none", "int8"] = "none"
-    # predictor actors preprocess their own rows (default on CPU: no extra process on the same cores)
     fuse_preprocessing: bool | None = Field(None, description=(
-        "Accepted for older configs; predictor actors now always read and preprocess their own units "
-        "(one input file each), so that a unit is committed whole."))
+        "Predictor actors preprocess each window of rows inline (default on CPU: no extra work on the same "
+        "cores); false (default with use_gpu): a thread in each predictor actor preprocesses the next window "
+        "while the model runs on the current one."))
     parameters: dict[str, Any] = {}
     overwrite: bool = Field(False, description=(
         "Replace a complete earlier output in predict.output (one with a _SUCCESS marker), or restart a "

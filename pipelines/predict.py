@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import ray
@@ -22,12 +23,13 @@ from jobs.config import JobConfig
 from models import get_task
 from models.spec import TaskSpec, UserError
 from pipelines.cluster import connect
-from pipelines.predict_output import Commits, check_no_overlap, digest, finish, first_rows, folder_stamp, open_output, write_part
-from pipelines.predictor import ERROR, FLAG, PredictStage, check_columns
+from pipelines.predict_output import (Commits, check_no_overlap, digest, finish, first_rows, folder_stamp, load_commits,
+                                      open_output, write_part)
+from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
 from pipelines.readers import READ_ERROR, ROW, ROWS_PER_BLOCK, SOURCE, data_files, file_blocks, folder_rows, table_from_rows
 from pipelines.storage import Storage
 
-READ_TRIES = 3  # a unit whose file cannot be read (a transient storage error) is tried this often
+READ_TRIES = 3  # a unit whose file cannot be read or whose part cannot be written is tried this often
 PROGRESS_EVERY_S = 5.0
 
 
@@ -178,7 +180,12 @@ class UnitScorer:
         self.storage = Storage.from_config(cfg.storage)
         keep = tuple(dict.fromkeys(k for k in (cfg.data.id_column, SOURCE, ROW) if k))
         preprocess = dict(job=job, processor=processor, labels=None, keep=keep, data_uri=cfg.predict.input)
-        self.stage = PredictStage(job, model_uri, keep, preprocess)
+        p = cfg.predict
+        fused = p.fuse_preprocessing if p.fuse_preprocessing is not None else not p.use_gpu
+        # unfused (the GPU default): a thread preprocesses the next window while the model runs on this one.
+        # Built before the model: it pins torch to one thread, the predictor then sets its own.
+        self.preprocessor = None if fused else Preprocessor(**preprocess)
+        self.stage = PredictStage(job, model_uri, keep, preprocess if fused else None)
         self.work = self.storage.resolve(work_uri)
         self.window = cfg.predict.sort_window
 
@@ -186,38 +193,59 @@ class UnitScorer:
         unit, path, rows = int(batch["unit"][0]), str(batch["path"][0]), str(batch["rows"][0])
         for attempt in range(READ_TRIES):
             try:
-                tables = list(self.score(path, rows))
+                tables = self.predict_windows(self.windows(path, rows))
                 break
             except (OSError, UserError) as exc:  # storage_errors raises UserError for what a user can fix
                 if attempt == READ_TRIES - 1:
                     why = f"{path}: could not read the file after {READ_TRIES} tries ({type(exc).__name__}: {exc})"
                     where = self.storage.resolve(path).path
-                    tables = [self.stage(self.complete(self.tag(table_from_rows([{}], [why]), where, 0)))]
+                    tables = self.predict_windows([self.tag(table_from_rows([{}], [why]), where, 0)])
                 else:
                     time.sleep(0.5 * 2 ** attempt)
         table = unify(tables) if tables else pa.table({ERROR: pa.array([], pa.string()), FLAG: pa.array([], pa.string())})
-        name = write_part(self.work, unit, table)
+        for attempt in range(READ_TRIES):  # a failed write is retried too; a part is only ever whole
+            try:
+                name = write_part(self.work, unit, table)
+                break
+            except (OSError, UserError):
+                if attempt == READ_TRIES - 1:
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
         errors = table.num_rows - table.column(ERROR).null_count
         flagged = table.num_rows - table.column(FLAG).null_count
         return {"unit": [unit], "part": [name], "rows": [table.num_rows], "errors": [errors], "flagged": [flagged],
                 "source": [path]}
 
-    def score(self, path: str, rows: str):
+    def windows(self, path: str, rows: str):
+        """The unit's rows, `predict.sort_window` at a time."""
         if rows:  # a slice of a folder layout's rows, listed by the driver
             listed = json.loads(rows)
             errors = [r.get(READ_ERROR) for r in listed]
             table = table_from_rows([{k: v for k, v in r.items() if k not in (SOURCE, ROW, READ_ERROR)} for r in listed],
                                     errors)
             table = table.append_column(SOURCE, pa.array([r[SOURCE] for r in listed], pa.string()))
-            blocks = [table.append_column(ROW, pa.array([r[ROW] for r in listed], pa.int64()))]
-            yield from (self.stage(self.complete(b.slice(i, self.window))) for b in blocks
-                        for i in range(0, b.num_rows, self.window))
+            table = table.append_column(ROW, pa.array([r[ROW] for r in listed], pa.int64()))
+            yield from (table.slice(i, self.window) for i in range(0, table.num_rows, self.window))
             return
         loc = self.storage.resolve(path)
         with loc.fs.open(loc.path, "rb") as f:
             for block in file_blocks(f, loc.path, self.cfg.data.format, self.task):
-                for i in range(0, block.num_rows, self.window):
-                    yield self.stage(self.complete(block.slice(i, self.window)))
+                yield from (block.slice(i, self.window) for i in range(0, block.num_rows, self.window))
+
+    def predict_windows(self, windows) -> list[pa.Table]:
+        windows = (self.complete(w) for w in windows)
+        if self.preprocessor is None:
+            return [self.stage(w) for w in windows]
+        out, ahead = [], None
+        with ThreadPoolExecutor(1) as pool:
+            for window in windows:
+                features = pool.submit(self.preprocessor, window)
+                if ahead is not None:
+                    out.append(self.stage(ahead.result()))
+                ahead = features
+            if ahead is not None:
+                out.append(self.stage(ahead.result()))
+        return out
 
     @staticmethod
     def tag(table: pa.Table, path: str, start: int) -> pa.Table:
@@ -262,8 +290,6 @@ def unify(tables: list[pa.Table]) -> pa.Table:
 
 def summarize(out, units: int, scored: int, seconds: float, pipeline_seconds: float, actors: int) -> dict:
     """Counts from the manifest (one small record per unit), never from the output table."""
-    from pipelines.predict_output import load_commits
-
     records = load_commits(out.work)
     missing = units - len(records)
     if missing:
