@@ -189,6 +189,21 @@ class PredictorDeployment:
             return self.default
         return await self.load_model(model_id)  # a failure is a 500 whose request id finds it in the log
 
+    def in_serve_terms(self, errors: list[str | None]) -> list[str | None]:
+        """Row errors naming the serve.* cap that refused the item where that is the one in force (the
+        tasks name the data.* keys that batch prediction uses)."""
+        d, s = self.cfg.data, self.cfg.serve
+        swaps = []
+        if s.max_image_pixels < d.max_image_pixels:
+            swaps.append(("data.max_image_pixels=", "serve.max_image_pixels="))
+        if s.max_audio_seconds < d.max_audio_seconds:
+            swaps.append(("data.max_audio_seconds=", "serve.max_audio_seconds="))
+        if s.max_audio_seconds < d.max_audio_seconds or d.long_audio == "chunk":  # serving never chunks
+            swaps.append((" (data.long_audio: reject)", ""))
+        for old, new in swaps:
+            errors = [e.replace(old, new) if e else e for e in errors]
+        return errors
+
     def fetch_uris(self, rows: list[dict], is_list: bool) -> list[dict]:
         """Media items that name a URI (already checked against serve.allow_uris) replaced by the file's
         bytes, all of a request's fetches together within serve.max_media_bytes (413 past it)."""
@@ -219,7 +234,7 @@ class PredictorDeployment:
         if self.allow_uris:
             row = (await asyncio.to_thread(self.fetch_uris, [row], False))[0]
         features = predictor.preprocess_rows([row])
-        problem = row_errors(features.errors, False)
+        problem = row_errors(self.in_serve_terms(features.errors), False)
         if problem:
             raise problem
         try:
@@ -243,7 +258,7 @@ class PredictorDeployment:
         if self.allow_uris:
             rows = await asyncio.to_thread(self.fetch_uris, rows, is_list)
         features = predictor.preprocess_rows(rows)
-        problem = row_errors(features.errors, is_list)
+        problem = row_errors(self.in_serve_terms(features.errors), is_list)
         if problem:
             raise problem
         key = f"{id(predictor)}:{sorted(features.arrays)}:{json.dumps(parameters, sort_keys=True, default=str)}"

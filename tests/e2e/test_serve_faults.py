@@ -241,7 +241,7 @@ HOSTILE = [
     ("another scheme", {"inputs": "hf://datasets/x/a.png"}, 422, "not under a prefix of serve.allow_uris"),
     ("files past the byte budget", {"inputs": ["s3://{bucket}/uploads/a.png", "s3://{bucket}/uploads/b.png"]}, 413,
      "serve.max_media_bytes"),
-    ("a decompression bomb", {"inputs": "{bomb}"}, 422, "more than data.max_image_pixels=1000000"),
+    ("a decompression bomb", {"inputs": "{bomb}"}, 422, "more than serve.max_image_pixels=1000000"),
     ("an unbounded top_k", {"inputs": "{png}", "parameters": {"top_k": 10**6}}, 422, "parameters.top_k: must be between 1 and 100"),
     ("an unknown parameter", {"inputs": "{png}", "parameters": {"threshold": 0.5}}, 422, "parameters.threshold: not a parameter"),
 ]

@@ -185,3 +185,14 @@ def test_a_replica_at_its_limit_answers_503_with_retry_after_and_healthz_still_a
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert "serve.max_ongoing_requests" in response.json()["error"]
     assert client.get("/healthz").status_code == 200 and backend.calls == []
+
+
+def test_a_refused_image_or_clip_names_the_serve_cap_in_force():
+    cfg = validate({"task": "audio-classification", "model": {"source": "x"},
+                    "serve": {"max_audio_seconds": 1, "max_image_pixels": 1000}})
+    deployment = SimpleNamespace(cfg=cfg)
+    errors = [None, "image has 4096 pixels (64x64), more than data.max_image_pixels=1000",
+              "audio is 3.0 s long, over data.max_audio_seconds=1 (data.long_audio: reject)"]
+    assert PredictorDeployment.in_serve_terms(deployment, errors) == [
+        None, "image has 4096 pixels (64x64), more than serve.max_image_pixels=1000",
+        "audio is 3.0 s long, over serve.max_audio_seconds=1"]
