@@ -23,6 +23,7 @@ import ray
 import transformers
 import yaml
 from ray import serve
+from ray.serve import metrics
 
 from jobs.config import JobConfig, load_config, without_api_key
 from models import get_task
@@ -139,6 +140,14 @@ class PredictorDeployment:
         # Set up here rather than as decorators so that the limits come from the config.
         self.load_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_named)
         self.batching = s.max_batch_size > 1
+        # The app's own metrics, next to Serve's (serve_num_http_requests, serve_http_request_latency_ms, ...),
+        # on Ray's Prometheus endpoint; Serve adds the deployment, replica and application tags.
+        self.responses = metrics.Counter("rayformers_responses", "prediction requests answered, by HTTP status "
+                                         "(503: shed for overload)", tag_keys=("status",))
+        self.latency = metrics.Histogram("rayformers_request_seconds", "time to answer a prediction request",
+                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        self.batch_rows = metrics.Histogram("rayformers_batch_rows", "rows in one forward-pass group",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
         self.one_at_a_time = asyncio.Lock()
         self.predict_batch.set_max_batch_size(s.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -170,6 +179,10 @@ class PredictorDeployment:
             self.check("the default model", self.default)
         for model_id, predictor in list(self.loaded.items()):
             self.check(f"model {model_id!r}", predictor)
+
+    def record(self, status: int, seconds: float) -> None:
+        self.responses.inc(tags={"status": str(status)})
+        self.latency.observe(seconds)
 
     def check_model(self, model_id: str | None) -> None:
         named = sorted(self.cfg.serve.models)
@@ -286,6 +299,7 @@ class PredictorDeployment:
         results: list = [None] * len(batch)
         for members in groups.values():
             first = batch[members[0]]
+            self.batch_rows.observe(sum(len(batch[i].features.errors) for i in members))
             try:
                 predictions = self.predict_features(first.predictor, merge([batch[i].features for i in members]),
                                                     first.parameters)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
 
@@ -70,6 +71,9 @@ class Backend(Protocol):
         row is unusable or the task does not stream."""
 
     def health(self) -> dict: ...
+
+    def record(self, status: int, seconds: float) -> None:
+        """Counts one prediction request's answer (metrics)."""
 
 
 # --- request checks (pure functions) --------------------------------------------------------------
@@ -311,15 +315,19 @@ def http_app(backend: Backend) -> FastAPI:
 
     async def answer(request: Request, model_id: str | None) -> Response:
         nonlocal in_flight
+        started = time.monotonic()
         if in_flight >= backend.max_ongoing_predictions:  # shed here, before reading the body
-            return error_response(RequestError(
+            response = error_response(RequestError(
                 503, f"overloaded: this replica is working on its {backend.max_ongoing_predictions} requests "
                      "(serve.max_ongoing_requests); retry shortly", headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
-        in_flight += 1
-        try:
-            return await checked_answer(request, model_id)
-        finally:
-            in_flight -= 1
+        else:
+            in_flight += 1
+            try:
+                response = await checked_answer(request, model_id)
+            finally:
+                in_flight -= 1
+        backend.record(response.status_code, time.monotonic() - started)
+        return response
 
     async def checked_answer(request: Request, model_id: str | None) -> Response:
         try:

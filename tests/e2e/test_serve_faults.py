@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import struct
 import threading
@@ -225,6 +226,22 @@ def test_overload_is_shed_with_503_and_retry_after_and_latency_recovers(endpoint
     with httpx.Client(timeout=30) as http:
         while _timed(http, url, body) > 2 * unloaded + 0.05:
             assert time.monotonic() - recovered_at < 5, "latency did not return to its unloaded p50 within 5 s"
+
+
+def test_requests_by_status_latencies_and_batch_sizes_are_on_rays_prometheus_endpoint(endpoint):
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    scrape = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = [r'rayformers_responses_total\{[^}]*status="503"', r'rayformers_responses_total\{[^}]*status="200"',
+              "rayformers_request_seconds_bucket", "rayformers_batch_rows_bucket", "ray_serve_num_http_requests"]
+    deadline, text = time.monotonic() + 40, ""
+    while time.monotonic() < deadline:  # metrics reach the agent every few seconds
+        text = httpx.get(scrape, timeout=10).text
+        if all(re.search(w, text) for w in wanted):
+            break
+        time.sleep(2)
+    assert [w for w in wanted if not re.search(w, text)] == []
 
 
 def _timed(http: httpx.Client, url: str, body: dict) -> float:

@@ -36,7 +36,7 @@ class ImageBackend:
     retry_after_s = 1.5
 
     def __init__(self, allow_uris=ALLOWED, fail=None):
-        self.allow_uris, self.fail, self.calls = allow_uris, fail, []
+        self.allow_uris, self.fail, self.calls, self.recorded = allow_uris, fail, [], []
 
     def check_model(self, model_id):
         pass
@@ -49,6 +49,9 @@ class ImageBackend:
 
     def health(self):
         return {"status": "ok"}
+
+    def record(self, status, seconds):
+        self.recorded.append(status)
 
 
 HOSTILE_URIS = [
@@ -185,6 +188,7 @@ def test_a_replica_at_its_limit_answers_503_with_retry_after_and_healthz_still_a
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert "serve.max_ongoing_requests" in response.json()["error"]
     assert client.get("/healthz").status_code == 200 and backend.calls == []
+    assert backend.recorded == [503]  # counted: rayformers_responses{status="503"}
 
 
 def test_a_refused_image_or_clip_names_the_serve_cap_in_force():

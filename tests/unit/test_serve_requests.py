@@ -27,6 +27,7 @@ class Backend:
         self.max_items_per_request = 4
         self.result, self.fail = result, fail
         self.calls: list = []
+        self.recorded: list = []
 
     def check_model(self, model_id):
         if model_id not in (None, "alpha"):
@@ -42,6 +43,9 @@ class Backend:
 
     def health(self):
         return {"status": "ok"}
+
+    def record(self, status, seconds):
+        self.recorded.append(status)
 
 
 @pytest.fixture
@@ -197,3 +201,11 @@ def test_generation_parameters_that_would_cost_minutes_are_refused_before_the_mo
     assert backend.calls == []
     client.post("/predict", json={"inputs": "go on", "parameters": {"stop": " .", "seed": None}})
     assert backend.calls[-1][2] == {"stop": [" ."]}  # the model gets the normalised parameters
+
+
+def test_every_prediction_request_is_counted_by_status_and_probes_are_not(client, backend):
+    client.post("/predict", json={"inputs": "a b"})
+    client.post("/predict", content=b"{")
+    client.post("/v1/models/gamma/predict", json={"inputs": "a"})
+    client.get("/healthz")
+    assert backend.recorded == [200, 400, 404]
