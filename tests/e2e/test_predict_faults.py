@@ -122,11 +122,11 @@ def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket):
 def rayformers_predict(*overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "predict", str(REPO / "jobs/examples/text-classification.yaml"),
                              *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """The driver by its pid, then whatever it started in its session (its local Ray)."""
+    """The driver by its pid, then anything it started in its own session."""
     proc.kill()
     proc.wait(30)
     try:
@@ -135,14 +135,19 @@ def kill_tree(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_a_killed_driver_is_resumed_by_running_the_same_command_again(s3_endpoint, tiny_model, bucket):
+def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_session, tiny_model, bucket):
+    """Both runs join the session's Ray as a cluster job would, so the test pays for no Ray start;
+    the cluster outlives the killed driver and drops its actors, as on a real cluster."""
+    import ray
+
     fs = s3fs.S3FileSystem()
     root = f"s3://{bucket}"
     files = 20
     n = write_corpus(fs, root, files=files, rows=20)
     output = f"{root}/predictions"
     command = (f"predict.model={tiny_model}", f"predict.input={root}/corpus", f"predict.output={output}",
-               "predict.actors=1", "predict.batch_size=1", "predict.sort_window=4", "ray.num_cpus=2")
+               "predict.actors=1", "predict.batch_size=1", "predict.sort_window=4",
+               f"ray.address={ray.get_runtime_context().gcs_address}")
 
     first = rayformers_predict(*command)
     try:
