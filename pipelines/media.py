@@ -43,9 +43,10 @@ def fetch_file(storage: Storage, fs, uri_or_path: str, is_uri: bool) -> bytes:
             if _is_folder(fs, path):  # object stores call a folder a missing file
                 raise UserError(f"{uri_or_path}: a folder, not a file") from None
             raise
-        except Exception as exc:  # a dropped connection, a throttled or failing store: try again, then give up on this row
+        except Exception as exc:  # a dropped connection, a throttled or failing store: try again, then give up on the row
             if attempt == FETCH_TRIES - 1:
-                raise UserError(f"{uri_or_path}: could not be read after {FETCH_TRIES} tries ({type(exc).__name__}: {exc})") from None
+                why = f"{type(exc).__name__}: {exc}"
+                raise UserError(f"{uri_or_path}: could not be read after {FETCH_TRIES} tries ({why})") from None
             time.sleep(FETCH_BACKOFF_S * 2 ** attempt)
     if len(data) > MAX_MEDIA_BYTES:
         raise UserError(f"{uri_or_path}: more than the {MAX_MEDIA_BYTES} bytes a media file may have")
