@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-fast test-unit bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# Between edits: the unit tests without the slow trainers (no Ray, no S3 server); `make test` runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "unit and not slow" tests/unit
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/predict_vs_pipeline.py

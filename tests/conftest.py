@@ -157,3 +157,10 @@ def trained_text_model(ray_session, demo_data_s3, session_bucket) -> dict:
     cfg = job_config(data={"train": f"{demo_data_s3}/train", "eval": f"{demo_data_s3}/eval"}, train={"output": output})
     summary = train(cfg)
     return {"output": output, "model": f"{output}/model", "summary": summary, "data": demo_data_s3}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/unit is a `unit` test: `make test-fast` selects them by marker."""
+    for item in items:
+        if "tests/unit/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.unit)

@@ -84,6 +84,7 @@ def test_metrics_leave_invalid_pixels_out():
     assert result["delta1"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow
 def test_training_lowers_abs_rel_on_the_demo_ramp():
     model, processor = tiny()
     rows = TASK.demo_data(12, seed=0)

@@ -144,6 +144,7 @@ def test_panoptic_quality_matches_segments_of_the_same_class_above_half_iou():
     assert metric.compute()["pq"] == pytest.approx((0 + 1 + 0) / 3)
 
 
+@pytest.mark.slow
 def test_mask2former_learns_panoptic_targets_and_answers_with_segments(tmp_path):
     model, processor = tiny("mask2former")
     rows = TASK.demo_data(8, seed=0)
