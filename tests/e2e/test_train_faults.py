@@ -1,0 +1,267 @@
+"""Training under faults, on a real local Ray and the loopback S3 server, killing real processes: a
+train worker dies mid-run, the driver is SIGKILLed mid-run, an upload fails while model/ is written,
+and a resume meets a changed config or data. Each run is a tiny BERT on a few hundred rows."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import yaml
+
+from tests.conftest import REPO, job_config
+
+pytestmark = pytest.mark.e2e
+
+
+def write_rows(uri: str, rows: list[dict]) -> None:
+    with s3fs.S3FileSystem().open(uri.removeprefix("s3://"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+
+
+@pytest.fixture
+def small_data(bucket) -> str:
+    """512 learnable training rows plus 16 with an empty text (error rows), and 100 eval rows."""
+    from models import get_task
+
+    task = get_task("text-classification")
+    bad = [{"id": f"bad-{i}", "text": "", "label": "sports"} for i in range(16)]
+    write_rows(f"s3://{bucket}/data/train/part-0.parquet", task.demo_data(512, 0) + bad)
+    write_rows(f"s3://{bucket}/data/eval/part-0.parquet", task.demo_data(100, 1))
+    return f"s3://{bucket}/data"
+
+
+@pytest.fixture
+def clean_data(bucket) -> str:
+    """512 learnable training rows (2 workers x 2 blocks of 8 full batches of 16) and 100 eval rows."""
+    from models import get_task
+
+    task = get_task("text-classification")
+    write_rows(f"s3://{bucket}/clean/train/part-0.parquet", task.demo_data(512, 0))
+    write_rows(f"s3://{bucket}/clean/eval/part-0.parquet", task.demo_data(100, 1))
+    return f"s3://{bucket}/clean"
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_registered(output: str, step: int) -> bool:
+    """Whether Ray Train has registered the checkpoint of `step` (a restart resumes from it): its snapshot
+    names it. The checkpoint's files alone are not enough; a kill before registration restarts from the one before."""
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    try:
+        snapshot = fs.cat(f"{output.removeprefix('s3://')}/checkpoints/checkpoint_manager_snapshot.json")
+    except FileNotFoundError:
+        return False
+    return f"step-{step:08d}".encode() in snapshot
+
+
+def loads_in_a_pipeline(model_uri: str) -> list[str]:
+    from transformers import pipeline
+
+    from pipelines.storage import Storage
+
+    local = Storage().local_copy(model_uri)
+    return [p["label"] for p in pipeline("text-classification", model=local)(["goal match referee", "pasta garlic oven"])]
+
+
+def test_a_killed_train_worker_restarts_the_run_from_its_last_checkpoint(ray_session, clean_data, bucket):
+    import ray
+    from ray.util.state import list_actors
+
+    from pipelines.train import train
+
+    output = f"s3://{bucket}/killed-worker"
+    cfg = job_config(data={"train": f"{clean_data}/train", "eval": f"{clean_data}/eval"},
+                     train={"output": output, "num_workers": 2, "batch_size": 16, "max_steps": 100, "eval_every": 20})
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        wait_for(lambda: checkpoint_registered(output, 20), 900, "the checkpoint at step 20")
+        # this session's Ray by its address: other Ray instances on the machine have train workers too
+        workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    summary = train(cfg)
+    killer.join(5)
+    assert killed, "no worker was killed"
+    assert summary["final"]["step"] == 100
+    assert len(summary["resumed_at_steps"]) == 1 and summary["resumed_at_steps"][0] in (20, 40, 60, 80), summary
+    metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-worker/metrics.json"))
+    assert metrics["resumed_at_steps"] == summary["resumed_at_steps"]  # the restart is on record
+    # every batch holds 16 rows on each of 2 workers; steps lost to the kill are not counted twice
+    assert metrics["samples"] == 100 * 16 * 2 and metrics["skipped_rows"] == 0, metrics
+    assert metrics["throughput_samples_per_s"] > 0
+    assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
+
+
+def write_job(path, data: str, output: str) -> str:
+    job = {"task": "text-classification",
+           "model": {"init": {"architecture": "bert", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": 800}},
+           "data": {"train": f"{data}/train", "eval": f"{data}/eval"},
+           "train": {"output": output, "num_workers": 2, "batch_size": 16, "max_steps": 60, "eval_every": 20, "lr": 1e-3},
+           "ray": {"num_cpus": 4}}
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def rayformers(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(s3_endpoint, small_data, bucket, tmp_path):
+    output = f"s3://{bucket}/killed-driver"
+    job = write_job(tmp_path / "job.yaml", small_data, output)
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: checkpoint_registered(output, 20) or driver.poll() is not None, 900, "the checkpoint at step 20")
+        assert driver.poll() is None, "the first run ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        time.sleep(2)  # Ray's own processes share the driver's fate; whatever lingers in its group goes too
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    again = rayformers("train", job)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-driver/metrics.json"))
+    assert metrics["final"]["step"] == 60 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 20, metrics
+    assert metrics["skipped_rows"] == 16, metrics  # the 16 empty texts, once, summed over both workers
+    assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
+
+
+def test_a_resume_with_a_changed_config_or_data_is_refused_in_one_line(ray_session, small_data, bucket, tmp_path, capsys):
+    from pipelines.train import train
+
+    output = f"s3://{bucket}/changed"
+    sections = dict(data={"train": f"{small_data}/train"}, train={"output": output, "max_steps": 2, "eval_every": 2})
+    train(job_config(**sections))
+    job = write_job(tmp_path / "job.yaml", small_data, output)
+    # write_job's batch size (16) differs from job_config's (32): refused before Ray starts
+    refused = rayformers("train", job, "data.eval=null", "train.num_workers=1", timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"rayformers: error: train.output: {output} holds another run (train.batch_size: 32 before, "
+                                      "16 now); resume with the same settings, choose another train.output, or set train.fresh=true to start over")
+    write_rows(f"{small_data}/train/part-1.parquet", [{"id": "new", "text": "goal", "label": "sports"}])
+    refused = rayformers("train", job, "data.eval=null", "train.batch_size=32", timeout=120)
+    assert refused.returncode == 2 and "(data.train: the file list changed (1 files before, 2 now))" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    # asked for, a fresh start removes what the earlier run wrote and trains from step 0
+    sections["train"]["fresh"] = True
+    summary = train(job_config(**sections))
+    assert summary["final"]["step"] == 2 and summary["resumed_at_steps"] == []
+    assert f"train.fresh: removed checkpoints, prepared, model, metrics.json from {output}" in capsys.readouterr().out
+
+
+class FlakyS3Proxy:
+    """An S3 endpoint on 127.0.0.1 that forwards to the loopback S3 server and refuses uploads whose
+    path ends with `fail_suffix` while it is set, as a store failing in the middle of a folder would."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.removeprefix("http://")
+        self.fail_suffix = None
+        self.refused = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if not size:
+                            return out
+                        out += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def forward(self):
+                data = self.body()
+                if self.command == "PUT" and proxy.fail_suffix and self.path.split("?")[0].endswith(proxy.fail_suffix):
+                    proxy.refused += 1
+                    message = b"<Error><Code>InvalidRequest</Code><Message>upload refused by the test proxy</Message></Error>"
+                    self.send_response(400)
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "expect")}
+                if self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(data))
+                upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                upstream.request(self.command, self.path, body=data if self.command in ("PUT", "POST") else None, headers=headers)
+                response = upstream.getresponse()
+                payload = response.read()
+                self.send_response(response.status)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)) if self.command != "HEAD" else response.getheader("Content-Length", "0"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_writes_one(ray_session, small_data, bucket, s3_endpoint):
+    from pipelines.train import train
+
+    proxy = FlakyS3Proxy(s3_endpoint)
+    try:
+        output = f"s3://{bucket}/flaky"
+        cfg = job_config(storage={"endpoint_url": proxy.url},
+                         data={"train": f"{small_data}/train", "eval": f"{small_data}/eval"},
+                         train={"output": output, "max_steps": 4, "eval_every": 2})
+        proxy.fail_suffix = f"/{bucket}/flaky/model/model.safetensors"
+        with pytest.raises(Exception):
+            train(cfg)
+        assert proxy.refused >= 1
+        fs = s3fs.S3FileSystem()
+        # the upload stopped midway: model/ holds the config but no marker, so nothing reads it as a model
+        assert fs.exists(f"{bucket}/flaky/model/config.json") and not fs.exists(f"{bucket}/flaky/model/_COMPLETE.json")
+        proxy.fail_suffix = None
+        summary = train(cfg)
+        assert summary["best"]["step"] in (2, 4)
+        assert fs.exists(f"{bucket}/flaky/model/_COMPLETE.json")
+        assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
+    finally:
+        proxy.close()
