@@ -111,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--max-queued", type=int, default=None, help="serve.max_queued_requests (default: the config's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -128,7 +129,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         cfg = validate({"task": "text-classification", "model": {"source": save_tiny_model(folder), "max_length": 64},
                         "serve": {"min_replicas": args.replicas, "max_replicas": args.replicas, "max_ongoing_requests": 8,
-                                  "max_batch_size": 4}}).with_absolute_paths()
+                                  "max_batch_size": 4,
+                                  **({"max_queued_requests": args.max_queued} if args.max_queued is not None else {})}
+                        }).with_absolute_paths()
         serve.run(app_for(cfg), name="overload", route_prefix="/")
         url, body = f"http://127.0.0.1:{port}/predict", {"inputs": [TEXT] * 16}
         with httpx.Client(timeout=30) as http:
