@@ -17,18 +17,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from jobs.config import JobConfig
 from models import get_task
 from models.spec import TaskSpec, UserError
 from pipelines.cluster import connect
-from pipelines.predict_output import (Commits, check_no_overlap, digest, finish, first_rows, folder_stamp, load_commits,
-                                      open_output, write_part)
+from pipelines.predict_output import (Commits, check_no_overlap, digest, file_entries, finish, first_rows, folder_stamp,
+                                      load_commits, open_output, write_part)
 from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
-from pipelines.readers import READ_ERROR, ROW, ROWS_PER_BLOCK, SOURCE, data_files, file_blocks, folder_rows, table_from_rows
+from pipelines.readers import (READ_ERROR, ROW, ROWS_PER_BLOCK, SOURCE, data_files, file_blocks, folder_rows, format_of,
+                               table_from_rows)
 from pipelines.storage import Storage
 
+UNIT_BYTES = 256 * 1024 * 1024  # a Parquet file larger than this is split into units of row groups
 READ_TRIES = 3  # a unit whose file cannot be read or whose part cannot be written is tried this often
 PROGRESS_EVERY_S = 5.0
 
@@ -49,17 +52,50 @@ def is_path(source: str) -> bool:
 
 
 def plan_units(storage: Storage, cfg: JobConfig, task: TaskSpec) -> tuple[list[dict], str]:
-    """The units of work (one per data file; slices of rows for a `folder` layout) and a stamp of
-    the input that changes when any file does."""
+    """The units of work and a stamp of the input that changes when any file does. A unit is a data
+    file; a Parquet file over UNIT_BYTES is split into runs of row groups (so a big file is scored
+    by several actors and a crash redoes only a part of it); a `folder` layout is sliced by rows."""
     p = cfg.predict
     if cfg.data.format == "folder":
         rows = folder_rows(storage, p.input, task)
-        units = [{"unit": i, "path": p.input, "rows": json.dumps(rows[start:start + ROWS_PER_BLOCK])}
+        units = [unit(i, p.input, rows=json.dumps(rows[start:start + ROWS_PER_BLOCK]))
                  for i, start in enumerate(range(0, len(rows), ROWS_PER_BLOCK))]
         return units, folder_stamp(storage.resolve(p.input))
     files = data_files(storage, p.input, cfg.data.format, task)
-    units = [{"unit": i, "path": f.uri, "rows": ""} for i, f in enumerate(files)]
-    return units, folder_stamp(storage.resolve(p.input), [f.path for f in files])
+    entries = file_entries(storage.resolve(p.input), [f.path for f in files])
+    units: list[dict] = []
+    for f in files:
+        size = entries.get(f.path, {}).get("size") or 0
+        if size > UNIT_BYTES and format_of(f.path, cfg.data.format, task) == "parquet":
+            units += [unit(len(units) + i, f.uri, *piece) for i, piece in enumerate(row_group_runs(f))]
+        else:
+            units.append(unit(len(units), f.uri))
+    return units, folder_stamp(storage.resolve(p.input), entries=entries)
+
+
+def unit(i: int, path: str, first_group: int = -1, end_group: int = -1, first_row: int = 0, rows: str = "") -> dict:
+    return {"unit": i, "path": path, "rows": rows, "first_group": first_group, "end_group": end_group,
+            "first_row": first_row}
+
+
+def row_group_runs(file) -> list[tuple[int, int, int]]:
+    """(first row group, end row group, first row) of runs of about UNIT_BYTES, from the file's footer.
+    A footer that cannot be read leaves the file whole: its unit then reports why, as an error row."""
+    try:
+        with file.fs.open(file.path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+    except (pa.ArrowException, OSError, ValueError):
+        return [(-1, -1, 0)]
+    runs, first, row, size = [], 0, 0, 0
+    start_row = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        size += group.total_byte_size
+        row += group.num_rows
+        if size >= UNIT_BYTES or g == meta.num_row_groups - 1:
+            runs.append((first, g + 1, start_row))
+            first, size, start_row = g + 1, 0, row
+    return runs or [(-1, -1, 0)]
 
 
 def fingerprint(cfg: JobConfig, storage: Storage, source: str, input_stamp: str) -> dict:
@@ -191,15 +227,17 @@ class UnitScorer:
 
     def __call__(self, batch: dict) -> dict:
         unit, path, rows = int(batch["unit"][0]), str(batch["path"][0]), str(batch["rows"][0])
+        groups = range(int(batch["first_group"][0]), int(batch["end_group"][0])) if batch["first_group"][0] >= 0 else None
+        first_row = int(batch["first_row"][0])
         for attempt in range(READ_TRIES):
             try:
-                tables = self.predict_windows(self.windows(path, rows))
+                tables = self.predict_windows(self.windows(path, rows, groups, first_row))
                 break
             except (OSError, UserError) as exc:  # storage_errors raises UserError for what a user can fix
                 if attempt == READ_TRIES - 1:
                     why = f"{path}: could not read the file after {READ_TRIES} tries ({type(exc).__name__}: {exc})"
                     where = self.storage.resolve(path).path
-                    tables = self.predict_windows([self.tag(table_from_rows([{}], [why]), where, 0)])
+                    tables = self.predict_windows([self.tag(table_from_rows([{}], [why]), where, first_row)])
                 else:
                     time.sleep(0.5 * 2 ** attempt)
         table = unify(tables) if tables else pa.table({ERROR: pa.array([], pa.string()), FLAG: pa.array([], pa.string())})
@@ -216,7 +254,7 @@ class UnitScorer:
         return {"unit": [unit], "part": [name], "rows": [table.num_rows], "errors": [errors], "flagged": [flagged],
                 "source": [path]}
 
-    def windows(self, path: str, rows: str):
+    def windows(self, path: str, rows: str, groups: range | None = None, first_row: int = 0):
         """The unit's rows, `predict.sort_window` at a time."""
         if rows:  # a slice of a folder layout's rows, listed by the driver
             listed = json.loads(rows)
@@ -229,7 +267,7 @@ class UnitScorer:
             return
         loc = self.storage.resolve(path)
         with loc.fs.open(loc.path, "rb") as f:
-            for block in file_blocks(f, loc.path, self.cfg.data.format, self.task):
+            for block in file_blocks(f, loc.path, self.cfg.data.format, self.task, groups, first_row):
                 yield from (block.slice(i, self.window) for i in range(0, block.num_rows, self.window))
 
     def predict_windows(self, windows) -> list[pa.Table]:

@@ -77,8 +77,8 @@ def check_no_overlap(storage: Storage, output: str, others: dict[str, str | None
 # --- fingerprints --------------------------------------------------------------------------------
 
 
-def folder_stamp(loc: Location, paths: list[str] | None = None) -> str:
-    """Names, sizes and versions (ETag or modification time) of the files at `loc` (or of `paths`)."""
+def file_entries(loc: Location, paths: list[str] | None = None) -> dict[str, dict]:
+    """Path -> listing details (size, ETag or modification time) of the files at `loc` (or of `paths`)."""
     with storage_errors(loc.uri):
         if loc.fs.isdir(loc.path):
             entries = loc.fs.find(loc.path, detail=True)
@@ -90,6 +90,12 @@ def folder_stamp(loc: Location, paths: list[str] | None = None) -> str:
         entries = {p: d for p, d in entries.items() if p in wanted}
         with storage_errors(loc.uri):  # files named by a glob, outside one folder listing
             entries.update({p: loc.fs.info(p) for p in missing})
+    return entries
+
+
+def folder_stamp(loc: Location, paths: list[str] | None = None, entries: dict | None = None) -> str:
+    """A digest of the names, sizes and versions of the files at `loc`: changes when any file does."""
+    entries = entries if entries is not None else file_entries(loc, paths)
     lines = [f"{p}:{d.get('size')}:{d.get('ETag') or d.get('LastModified') or d.get('mtime') or ''}"
              for p, d in sorted(entries.items())]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:20]

@@ -101,13 +101,14 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
-def parse_parquet(data) -> Iterator[pa.Table]:
-    """Parquet bytes or a seekable file, a block at a time. A file that is not Parquet, or is cut
-    short, ends in one error row naming the problem (after the rows that could be read)."""
+def parse_parquet(data, row_groups: range | None = None) -> Iterator[pa.Table]:
+    """Parquet bytes or a seekable file (only `row_groups` of it, if given), a block at a time. A file
+    that is not Parquet, or is cut short, ends in one error row naming the problem (after the rows
+    that could be read)."""
     read = 0
     try:
         source = pa.BufferReader(data) if isinstance(data, (bytes, bytearray)) else data
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=ROWS_PER_BLOCK):
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=ROWS_PER_BLOCK, row_groups=row_groups):
             table = pa.Table.from_batches([batch])
             read += table.num_rows
             yield table.append_column(READ_ERROR, pa.nulls(table.num_rows, pa.string()))
@@ -232,17 +233,19 @@ def parse_lines(data, fmt: str) -> Iterator[pa.Table]:
         yield table_from_rows(rows, errors)
 
 
-def file_blocks(f, path: str, fmt: str, task: TaskSpec | None) -> Iterator[pa.Table]:
+def file_blocks(f, path: str, fmt: str, task: TaskSpec | None, row_groups: range | None = None,
+                first_row: int = 0) -> Iterator[pa.Table]:
     """The rows of one open data file, a block at a time, tagged with `_source` (the file) and `_row`
-    (the position in it). Text formats and Parquet are read in pieces, never whole."""
+    (the position in it). Text formats and Parquet are read in pieces, never whole. A Parquet file
+    may be read in part: `row_groups` of it, whose first row is row `first_row` of the file."""
     fmt = format_of(path, fmt, task)
     if task and fmt in task.formats:
         blocks = parse_file(task, fmt, f.read(), path)
     elif fmt == "parquet":  # Parquet needs to seek; Ray Data hands read tasks a forward-only stream
-        blocks = parse_parquet(f if getattr(f, "seekable", lambda: False)() else f.read())
+        blocks = parse_parquet(f if getattr(f, "seekable", lambda: False)() else f.read(), row_groups)
     else:
         blocks = parse_lines(f, fmt)
-    start = 0
+    start = first_row
     for block in blocks:
         n = block.num_rows
         yield block.append_column(SOURCE, pa.array([path] * n, pa.string())).append_column(

@@ -193,3 +193,27 @@ def test_a_transient_storage_error_is_retried_then_becomes_an_error_row(monkeypa
     assert fetch_file(Storage(), FlakyStore(failures=2), "/x.png", is_uri=False) == b"image bytes"
     with pytest.raises(UserError, match=r"/x.png: could not be read after 3 tries \(TimeoutError: read timed out\)"):
         fetch_file(Storage(), FlakyStore(failures=3), "/x.png", is_uri=False)
+
+
+# --- units -----------------------------------------------------------------------------------------
+
+
+def test_a_big_parquet_file_is_split_into_row_group_units_that_cover_every_row_once(tmp_path, monkeypatch):
+    from pipelines import predict as module
+    from tests.conftest import job_config
+
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(1000)], "text": ["goal"] * 1000}), tmp_path / "big.parquet",
+                   row_group_size=100)
+    (tmp_path / "small.jsonl").write_text('{"id": "s0", "text": "soup"}\n')
+    monkeypatch.setattr(module, "UNIT_BYTES", 2500)  # a few row groups per unit
+    cfg = job_config(predict={"input": str(tmp_path), "output": str(tmp_path) + "-out"})
+    units, _ = module.plan_units(Storage(), cfg, get_task("text-classification"))
+    big = [u for u in units if u["path"].endswith("big.parquet")]
+    assert len(big) > 2 and [u["unit"] for u in units] == list(range(len(units)))
+    seen = []
+    for u in big:
+        with open(u["path"], "rb") as f:
+            for block in file_blocks(f, u["path"], "auto", None, range(u["first_group"], u["end_group"]), u["first_row"]):
+                seen += list(zip(block.column("id").to_pylist(), block.column("_row").to_pylist()))
+    assert seen == [(f"r{i}", i) for i in range(1000)]  # each row once, with its position in the whole file
+    assert [u for u in units if u["path"].endswith("small.jsonl")][0]["first_group"] == -1  # small files stay whole
