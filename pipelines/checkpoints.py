@@ -41,10 +41,7 @@ def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
     """Restores model, optimizer and scheduler in place; returns the saved training state."""
     d = Path(directory)
     check_complete(d)
-    weights = {}
-    for file in sorted((d / MODEL_DIR).glob("*.safetensors")):
-        weights.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(_saved_weights(d / MODEL_DIR, model), strict=False)
     tied = {k for k in missing if k.endswith(("decoder.weight", "lm_head.weight", "position_ids"))}
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
@@ -52,6 +49,17 @@ def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((d / "scheduler.json").read_text()))
     return json.loads((d / "state.json").read_text())
+
+
+def _saved_weights(model_dir: Path, model) -> dict:
+    """The checkpoint's weights under the names `model` uses. transformers 5 saves some architectures (ViT, DETR)
+    under their older key names (`out_proj`, `conv_encoder`, ...); only `from_pretrained` maps those back."""
+    weights = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    if set(weights) <= set(model.state_dict()):
+        return weights
+    return type(model).from_pretrained(model_dir, use_safetensors=True).state_dict()
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
