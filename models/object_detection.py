@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection, ResNetConfig
 from transformers import DetrImageProcessorPil
+from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
 from models.images import IMAGE_SUFFIXES, decode_image, encode_png, pixel_values, random_crop_box, resize
 from models.parameters import THRESHOLD, sanitize
@@ -68,6 +69,28 @@ def resized_size(width: int, height: int, processor) -> tuple[int, int]:
     if longest and max(width, height) * scale > longest:
         scale = longest / max(width, height)
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+class BackboneBatchNorm(torch.nn.BatchNorm2d):
+    """Trainable BatchNorm whose saved tensors are exactly DetrFrozenBatchNorm2d's (no `num_batches_tracked`,
+    which a `from_pretrained` load would report as an unexpected key; it only matters when momentum is None)."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.num_batches_tracked = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        # version 2 keeps BatchNorm from adding a `num_batches_tracked` key to weights that never had one
+        super()._load_from_state_dict(state_dict, prefix, {**local_metadata, "version": 2}, *args)
+
+
+def batch_norm(module: torch.nn.Module) -> None:
+    """Replace DETR's frozen BatchNorm layers under `module` with trainable ones, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, DetrFrozenBatchNorm2d):
+            setattr(module, name, BackboneBatchNorm(child.weight.shape[0]))
+        else:
+            batch_norm(child)
 
 
 def check_targets(boxes, categories, labels: dict) -> str | None:
@@ -234,6 +257,12 @@ class ObjectDetection(TaskSpec):
         # DETR freezes backbone layers by name, meant for a pretrained ResNet; from scratch they must learn.
         for parameter in model.model.backbone.parameters():
             parameter.requires_grad_(True)
+        # DETR also swaps the backbone's BatchNorm for a frozen identity one (pretrained statistics). From scratch
+        # that leaves the ResNet unnormalised, and whether training takes off then hangs on the initial draw (and on
+        # the CPU's float kernels): 1 seed in 3 stayed at mAP@50 0.01 after 2000 steps. Real BatchNorm learns the
+        # statistics; its saved weight/bias/running_mean/running_var are exactly what the frozen layer of a
+        # `from_pretrained` load reads, so evaluation-mode outputs are the same after loading.
+        batch_norm(model.model.backbone)
         # Object queries drawn with std 0.02 start nearly equal and tiny DETRs collapse onto one box;
         # the original DETR draws them N(0, 1) (nn.Embedding's default).
         torch.nn.init.normal_(model.model.query_position_embeddings.weight, std=1.0)

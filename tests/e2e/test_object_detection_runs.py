@@ -31,8 +31,10 @@ SECTIONS = dict(
     # no flips: the split is preprocessed once and every run sees the same seeded order, so the model this module
     # checks is the same each time (image-classification keeps the augmented, streamed path)
     task_options={"horizontal_flip": False},
-    train={"epochs": 4, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-4, "warmup_ratio": 0.02,
-           "eval_every": 250, "log_every": 50, "num_workers": 1},
+    # 2000 steps: with a trainable backbone BatchNorm every seed tried learns (mAP@50 0.22-0.55 at 1250-1500 steps
+    # in a plain loop); at 1000 steps the weakest seeds were still near 0.15
+    train={"epochs": 8, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-4, "warmup_ratio": 0.02,
+           "eval_every": 500, "log_every": 100, "num_workers": 1},
 )
 
 
@@ -104,11 +106,12 @@ def test_training_finds_the_shapes_far_better_than_an_untrained_detr(trained):
     best = trained["summary"]["best"]
     before = untrained_map(trained["cfg"], trained["scenes"])
     assert before["map_50"] < 0.01, before
-    assert best["eval_map_50"] >= 0.05 and best["eval_map_50"] >= 10 * max(before["map_50"], 0.001), (best, before)
+    assert best["eval_map_50"] >= 0.15 and best["eval_map_50"] >= 15 * max(before["map_50"], 0.001), (best, before)
     assert best["eval_map"] > before["map"], (best, before)
 
 
 def real_files(rng: random.Random) -> dict[str, bytes]:
+    """One scene saved in six image formats."""
     image = Image.open(io.BytesIO(shapes_scene(rng, size=(120, 90))["image"]))
     rgba = image.convert("RGBA")
     rgba.putalpha(230)
@@ -152,8 +155,7 @@ def test_predict_keeps_every_row_and_reports_boxes_in_image_pixels(predicted, tr
         assert all(d["label"] in ("circle", "square", "triangle") and 0 <= d["score"] <= 1 for d in detections)
         # boxes are in the 120x90 original's pixels (a little outside is allowed, as in HF's pipeline)
         assert all(-20 <= d["box"]["xmin"] < d["box"]["xmax"] <= 140 and -20 <= d["box"]["ymin"] < d["box"]["ymax"] <= 110
-                   for d in detections)
-        assert max(d["box"]["xmax"] for d in detections) > 64  # scaled back from the 64x64 model input
+                   for d in detections)  # the scale itself is checked against transformers.pipeline below
     assert by_id["corrupt.png"]["error"].startswith("image is corrupt") and by_id["corrupt.png"]["detections"] is None
     assert by_id["huge.png"]["error"] == "image has 360000 pixels (600x600), more than data.max_image_pixels=250000"
     assert "gone.png" in by_id["missing"]["error"]
