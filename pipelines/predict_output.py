@@ -80,7 +80,9 @@ def check_no_overlap(storage: Storage, output: str, others: dict[str, str | None
 def file_entries(loc: Location, paths: list[str] | None = None) -> dict[str, dict]:
     """Path -> listing details (size, ETag or modification time) of the files at `loc` (or of `paths`)."""
     with storage_errors(loc.uri):
-        if loc.fs.isdir(loc.path):
+        if any(ch in loc.path for ch in "*?["):
+            entries = {}  # a glob: its files are `paths`, looked up one by one below
+        elif loc.fs.isdir(loc.path):
             entries = loc.fs.find(loc.path, detail=True)
         else:
             entries = {loc.path: loc.fs.info(loc.path)}

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -129,21 +130,24 @@ def test_train_job_runs_one_worker_on_each_node_and_writes_the_model_to_s3(clust
 
 def test_predict_job_spreads_its_actors_over_both_nodes_and_scores_every_row(cluster, train_job):
     predictions = cluster.s3_uri("predictions")
-    done = submit(cluster, "predict", *data_overrides(cluster), f"predict.input={cluster.s3_uri('demo/eval')}",
+    # two input files (train and eval): predict commits one unit per file, and each unit goes to one actor
+    corpus = cluster.s3_uri("demo/*/part-00000.parquet")
+    done = submit(cluster, "predict", *data_overrides(cluster), f"predict.input={corpus}",
                   f"predict.output={predictions}", "predict.actors=2", "predict.sort_window=16")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert f"wrote {DEMO_ROWS // 5} predictions (0 errors" in output
+    assert f"wrote {DEMO_ROWS + DEMO_ROWS // 5} predictions (0 errors" in output  # train 300 + eval 60
 
     report = probe(cluster, job_id_of(output))
-    predictors = [a for a in report["actors"] if "PredictStage" in a["name"]]
+    predictors = [a for a in report["actors"] if "UnitScorer" in a["name"]]
     print(f"\npredict actors: {predictors}")
     assert len(predictors) >= 2, report
     assert {a["node"] for a in predictors} == set(report["nodes"])  # one or more on each of the two nodes
 
     fs = s3(cluster)
     table = pq.ParquetDataset(predictions.removeprefix("s3://"), filesystem=fs).read()
-    expected = pq.ParquetDataset(cluster.s3_uri("demo/eval").removeprefix("s3://"), filesystem=fs).read()
+    expected = pa.concat_tables([pq.ParquetDataset(cluster.s3_uri(f"demo/{split}").removeprefix("s3://"), filesystem=fs).read()
+                                 for split in ("train", "eval")])
     assert sorted(table.column("id").to_pylist()) == sorted(expected.column("id").to_pylist())
     assert table.column("error").null_count == table.num_rows
     assert set(table.column("label").to_pylist()) <= set(expected.column("label").to_pylist())

@@ -217,3 +217,17 @@ def test_a_big_parquet_file_is_split_into_row_group_units_that_cover_every_row_o
                 seen += list(zip(block.column("id").to_pylist(), block.column("_row").to_pylist()))
     assert seen == [(f"r{i}", i) for i in range(1000)]  # each row once, with its position in the whole file
     assert [u for u in units if u["path"].endswith("small.jsonl")][0]["first_group"] == -1  # small files stay whole
+
+
+def test_a_glob_input_is_one_unit_per_file_it_names_and_its_stamp_follows_the_files(tmp_path):
+    from pipelines import predict as module
+    from tests.conftest import job_config
+
+    for split in ("train", "eval", "other"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "part-0.jsonl").write_text(f'{{"id": "{split}", "text": "soup"}}\n')
+    cfg = job_config(predict={"input": str(tmp_path / "*a*" / "part-0.jsonl"), "output": str(tmp_path) + "-out"})
+    units, stamp = module.plan_units(Storage(), cfg, get_task("text-classification"))
+    assert sorted(u["path"].rsplit("/", 2)[1] for u in units) == ["eval", "train"]  # not other/
+    (tmp_path / "eval" / "part-0.jsonl").write_text('{"id": "eval", "text": "a longer soup"}\n')
+    assert module.plan_units(Storage(), cfg, get_task("text-classification"))[1] != stamp
