@@ -55,6 +55,17 @@ def start_s3_server(extra_env: dict | None = None) -> tuple[str, subprocess.Pope
     return f"http://127.0.0.1:{port}", proc
 
 
+def wait_until(condition, timeout: float, what: str):
+    """The first truthy value of `condition()`, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     url = os.environ.get("RAYFORMERS_TEST_S3")

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pyarrow.parquet as pq
@@ -19,7 +18,7 @@ import pytest
 import s3fs
 
 from jobs import cli
-from tests.conftest import REPO, free_port, job_config
+from tests.conftest import REPO, free_port, job_config, wait_until
 
 pytestmark = pytest.mark.e2e
 APP, SECURE = "serve-test", "serve-test-secure"
@@ -31,16 +30,6 @@ def replicas(app: str) -> dict:
     status = serve.status().applications[app]
     (deployment,) = status.deployments.values()
     return {"status": str(deployment.status.value), **deployment.replica_states}
-
-
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

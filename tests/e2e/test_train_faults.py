@@ -20,7 +20,7 @@ import pytest
 import s3fs
 import yaml
 
-from tests.conftest import REPO, job_config
+from tests.conftest import REPO, job_config, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -51,16 +51,6 @@ def clean_data(bucket) -> str:
     write_rows(f"s3://{bucket}/clean/train/part-0.parquet", task.demo_data(512, 0))
     write_rows(f"s3://{bucket}/clean/eval/part-0.parquet", task.demo_data(100, 1))
     return f"s3://{bucket}/clean"
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def checkpoint_registered(output: str, step: int) -> bool:
@@ -95,7 +85,7 @@ def test_a_killed_train_worker_restarts_the_run_from_its_last_checkpoint(ray_ses
     killed = []
 
     def kill_a_worker_after_the_first_checkpoint():
-        wait_for(lambda: checkpoint_registered(output, 20), 900, "the checkpoint at step 20")
+        wait_until(lambda: checkpoint_registered(output, 20), 900, "the checkpoint at step 20")
         # this session's Ray by its address: other Ray instances on the machine have train workers too
         workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
                               filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -137,7 +127,7 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(s3_e
     driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job], cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: checkpoint_registered(output, 20) or driver.poll() is not None, 900, "the checkpoint at step 20")
+        wait_until(lambda: checkpoint_registered(output, 20) or driver.poll() is not None, 900, "the checkpoint at step 20")
         assert driver.poll() is None, "the first run ended before it could be killed"
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
