@@ -152,21 +152,6 @@ class Storage:
             return self.local_copy(source)
         return source
 
-    def copy_dir(self, src_uri: str, dst_uri: str) -> None:
-        src, dst = self.resolve(src_uri), self.resolve(dst_uri)
-        with storage_errors(src_uri):
-            files = [p for p in src.fs.find(src.path)]
-            if dst.fs.exists(dst.path):
-                dst.fs.rm(dst.path, recursive=True)
-            for path in files:
-                target = dst.join(path[len(src.path.rstrip("/")) + 1 :]).path
-                dst.fs.makedirs(os.path.dirname(target), exist_ok=True)
-                if src.fs is dst.fs:
-                    src.fs.copy(path, target)
-                else:
-                    with src.fs.open(path, "rb") as fin, dst.fs.open(target, "wb") as fout:
-                        fout.write(fin.read())
-
     def read_text(self, uri: str) -> str:
         loc = self.resolve(uri)
         with storage_errors(uri):

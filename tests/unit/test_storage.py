@@ -36,11 +36,13 @@ def test_an_unsupported_scheme():
         Storage().resolve("nosuch://bucket/x")
 
 
-def test_copy_dir_and_text_round_trip(tmp_path):
+def test_commit_dir_and_text_round_trip(tmp_path):
+    from pipelines.storage import commit_dir
+
     storage = Storage()
     (tmp_path / "src" / "sub").mkdir(parents=True)
     (tmp_path / "src" / "sub" / "f.txt").write_text("x")
-    storage.copy_dir(str(tmp_path / "src"), str(tmp_path / "dst"))
+    commit_dir(storage, str(tmp_path / "src"), str(tmp_path / "dst"))
     assert (tmp_path / "dst" / "sub" / "f.txt").read_text() == "x"
     storage.write_text(str(tmp_path / "out" / "m.json"), "{}")
     assert storage.read_text(str(tmp_path / "out" / "m.json")) == "{}"
