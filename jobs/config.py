@@ -106,7 +106,18 @@ class TrainConfig(Section):
         "metrics.json are removed first. Without it a re-run resumes, and refuses a changed config or data."))
     seed: int = 42
     length_buckets: int = Field(8, ge=1)  # batches sorted together by length
-    shuffle_rows: int = Field(1024, ge=0)  # rows each worker shuffles across blocks every epoch (0: block order only)
+    shuffle_rows: int = Field(1024, ge=0, description=(
+        "Rows shuffled together every epoch (a window of the training split in file order); batches of "
+        "similar length are cut from each window and shuffled within it"))
+    data_order: Literal["exact", "streaming"] = Field("exact", description=(
+        "exact: the rows of an epoch reach the workers in an order fixed by (seed, epoch, the files), and a "
+        "resumed run, also with another num_workers, trains every row of the epoch exactly once. Every "
+        "worker reads the whole split (cached: from Ray's object store; not cached: each worker preprocesses "
+        "it). streaming: Ray Data's streaming split, each worker preprocesses a share; a resume skips the "
+        "number of batches already trained, so rows near the resume point may repeat or be missed"))
+    log_rows: bool = Field(False, description=(
+        "Record the key (file, row) of every trained row under train.output/rows/, one file per worker and "
+        "checkpoint, written with the checkpoint: an audit of what each epoch trained on"))
     stop_after_steps: int | None = Field(None, ge=1)  # end this run early (the next run resumes)
 
 

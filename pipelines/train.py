@@ -21,7 +21,8 @@ import os
 import tempfile
 import time
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs.config import JobConfig
@@ -30,7 +31,7 @@ from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR, best_model
 from pipelines.cluster import connect
 from pipelines.predictor import Preprocessor, check_columns
-from pipelines.readers import ROW, data_files, read_rows
+from pipelines.readers import ROW, SOURCE, data_files, read_rows
 from pipelines.storage import Storage, commit_dir, is_committed, remove
 from pipelines.train_loop import train_loop
 
@@ -68,6 +69,11 @@ def run_identity(cfg: JobConfig, train_files: list) -> dict:
         "data.train": {"files": len(uris), "sha256": hashlib.sha256("\n".join(uris).encode()).hexdigest()},
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
+        # what fixes the order of the rows within an epoch, and so what a saved position means
+        "train.data_order": cfg.train.data_order,
+        "train.seed": cfg.train.seed,
+        "train.shuffle_rows": cfg.train.shuffle_rows,
+        "train.length_buckets": cfg.train.length_buckets,
     }
 
 
@@ -78,7 +84,8 @@ def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> 
         return
     saved = json.loads(storage.read_text(f"{output}/prepared/prepared.json"))
     before = saved["run"]
-    changes = [(key, before.get(key), value) for key, value in run.items() if before.get(key) != value]
+    # keys that an older version did not record are not compared
+    changes = [(key, before[key], value) for key, value in run.items() if key in before and before[key] != value]
     if cfg.data.labels is not None and list(cfg.data.labels) != saved["labels"]:
         changes.append(("data.labels", saved["labels"], list(cfg.data.labels)))
     if changes:
@@ -166,24 +173,40 @@ def train(cfg: JobConfig) -> dict:
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
 
     job = cfg.model_dump(mode="json")
+    exact = t.data_order == "exact"
+    cached = cache_train(cfg, task, rows)
+    if exact:
+        # rows keep their file order through reading, preprocessing and the cache: data_order.py numbers them
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+    actors = cfg.data.preprocess_actors
+    if exact and not cached and t.num_workers > 1:
+        actors = max(1, actors // t.num_workers)  # every worker runs a preprocessing pass of its own
+        print(f"train.data_order=exact with an uncached training split: each of the {t.num_workers} workers "
+              f"preprocesses the whole split ({actors} actor(s) each); data.cache_train=true or "
+              "train.data_order=streaming avoids that", flush=True)
 
-    def preprocessed(ds, split: str, uri: str):
+    def preprocessed(ds, split: str, uri: str, actors: int):
         return ds.map_batches(
             Preprocessor,
-            fn_constructor_kwargs=dict(job=job, processor=processor, labels=labels, train=split == "train", data_uri=uri),
+            fn_constructor_kwargs=dict(job=job, processor=processor, labels=labels, train=split == "train", data_uri=uri,
+                                       keep=(SOURCE, ROW) if split == "train" else ()),
             batch_format="pyarrow",
             batch_size=cfg.data.preprocess_batch_size,
-            concurrency=cfg.data.preprocess_actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
         )
 
-    datasets = {"train": preprocessed(train_raw, "train", cfg.data.train)}
-    if cache_train(cfg, task, rows):
+    datasets = {"train": preprocessed(train_raw, "train", cfg.data.train, actors)}
+    if cached:
         # one pass now; every epoch then streams the cached blocks instead of re-reading and re-preprocessing
         datasets["train"] = datasets["train"].materialize()
     if cfg.data.eval:
         eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
         check_columns(eval_raw.schema().names, task, cfg.data.columns, training=True)
-        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval).materialize()
+        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors).materialize()
+    # exact order: every worker reads the whole training split, in order; eval is split among them
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = exact
+    dataset_config = DataConfig(datasets_to_split=["eval"] if exact else "all", execution_options={"train": ingest})
 
     trainer = TorchTrainer(
         train_loop,
@@ -203,6 +226,7 @@ def train(cfg: JobConfig) -> dict:
                                                checkpoint_score_order="max"),
         ),
         datasets=datasets,
+        dataset_config=dataset_config,
     )
     started = time.perf_counter()
     try:

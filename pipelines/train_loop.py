@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,26 +32,9 @@ from jobs.config import JobConfig
 from models import get_task
 from models.spec import UserError
 from pipelines.checkpoints import load_checkpoint, save_best, save_checkpoint
-from pipelines.predictor import ERROR, FLAG, LENGTH, column_values, to_device
-from pipelines.storage import Storage
-
-
-def length_bucketed(shard, batch_size: int, buckets: int, rng: random.Random, shuffle_rows: int = 0, seed: int = 0):
-    """Batches of rows with similar lengths, in shuffled order; rows with errors are left out. Rows are
-    first shuffled across blocks through a buffer of `shuffle_rows` (seeded: a resumed epoch replays)."""
-    for block in shard.iter_batches(batch_size=batch_size * buckets, batch_format="pyarrow",
-                                    local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed if shuffle_rows else None):
-        usable = block.filter(pa.compute.is_null(block.column(ERROR)))
-        skipped = block.num_rows - usable.num_rows
-        order = sorted(range(usable.num_rows), key=usable.column(LENGTH).to_pylist().__getitem__)
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        rng.shuffle(chunks)
-        names = [n for n in usable.column_names if n not in (ERROR, FLAG, LENGTH)]
-        columns = {n: column_values(usable, n) for n in names}
-        for n, rows in enumerate(chunks):
-            yield {name: [values[i] for i in rows] for name, values in columns.items()}, (skipped if n == 0 else 0)
-        if not chunks and skipped:
-            yield None, skipped
+from pipelines.data_order import rounds, window_rows
+from pipelines.predictor import to_device
+from pipelines.storage import Storage, remove
 
 
 def reduced(value: int, op, device) -> int:
@@ -74,7 +58,9 @@ def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
     loss_sum = torch.zeros(2, device=device)
     model.eval()
     with torch.no_grad():
-        for batch, _ in length_bucketed(shard, 32, 4, random.Random(0)):
+        windows = shard.iter_batches(batch_size=128, batch_format="pyarrow")
+        for r in rounds(windows, seed=0, epoch=0, batch_size=32, length_buckets=4, world=1, rank=0, start=0):
+            batch = r.batch
             if batch is None:
                 continue
             inputs = to_device(task.collate(batch, processor), device)
@@ -104,7 +90,10 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+        # the node's cores shared by the workers on it (one worker alone on a 2-core laptop gets both),
+        # at least the CPUs each worker asked Ray for
+        on_node = max(1, worker_nodes.count(node))
+        torch.set_num_threads(max(1, int(t.cpus_per_worker), (os.cpu_count() or 1) // on_node))
 
     try:
         source_dir = Storage.from_config(cfg.storage).model_path(cfg.model.source) if cfg.model.source else None
@@ -121,28 +110,38 @@ def train_loop(config: dict) -> None:
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
-    steps_per_epoch = max(1, math.ceil(config["train_rows"] / world / t.batch_size / t.grad_accum))
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
-
+    exact = t.data_order == "exact"
+    # `position` is where the epoch stands: with exact data order the batches of the epoch dealt to all
+    # workers, else the batches this worker took from its own shard
+    state = {"step": 0, "epoch": 0, "position": 0, "samples": 0, "train_seconds": 0.0,
+             "skipped_rows": None, "best": None, "best_step": None, "labels": labels}
     # samples and skipped_rows in `state` are totals over all workers at the last checkpoint (or None
     # for skipped_rows until a whole epoch has been read); `seen` is what this worker added since.
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
-             "skipped_rows": None, "best": None, "best_step": None, "labels": labels}
     seen = {"samples": 0, "skipped_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    with checkpoint.as_directory() if checkpoint else nullcontext() as d:
+        if d:
+            state = json.loads(Path(d, "state.json").read_text())
+            state.setdefault("position", 0)  # checkpoints of older versions: the epoch restarts
+        # the schedule covers what is left: after an elastic resume, more or fewer steps than first planned
+        batches_per_epoch = max(1, math.ceil(config["train_rows"] / t.batch_size))
+        done = state["epoch"] * batches_per_epoch + state["position"] * (1 if exact else world)
+        left = max(1, math.ceil((t.epochs * batches_per_epoch - done) / (world * t.grad_accum)))
+        total_steps = t.max_steps or state["step"] + left
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
+        if d:
             state = load_checkpoint(d, model, optimizer, scheduler)
-        state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
-        if rank == 0:
-            print(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['batches_in_epoch']})", flush=True)
+            state.setdefault("position", 0)
+            state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
+            if rank == 0:
+                print(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['position']})", flush=True)
+    storage = Storage.from_config(cfg.storage)
+    output = config["output"]
+    rows_log = RowsLog(storage, f"{output}/rows", rank, state["step"] if checkpoint else 0) if t.log_rows else None
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     has_eval = config["has_eval"]
     sign = 1 if task.best_metric_mode == "max" else -1
-    storage = Storage.from_config(cfg.storage)
-    output = config["output"]
 
     def totals() -> dict:
         """Samples and rows with errors over every worker (a collective: every rank calls it)."""
@@ -157,6 +156,8 @@ def train_loop(config: dict) -> None:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        if rows_log:  # before the checkpoint: a registered checkpoint has every worker's rows on record
+            rows_log.write(state["step"])
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 # the saved skipped_rows stays None until an epoch is read whole: a resume recounts that epoch
@@ -191,41 +192,48 @@ def train_loop(config: dict) -> None:
         checkpoint_now(metrics)
 
     model.train()
-    rng = random.Random(t.seed)
+    window = window_rows(t.batch_size, t.length_buckets, t.shuffle_rows)
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
     tick = time.perf_counter()  # train_seconds: wall time of training, waits for data included, evals left out
     last_eval_step = state["step"] if checkpoint else -1
     stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
     saved_for_preemption = False
-    while state["step"] < stop_at:
-        rng.seed(t.seed + state["epoch"])
-        batches = length_bucketed(ray.train.get_dataset_shard("train"), t.batch_size, t.length_buckets, rng,
-                                  t.shuffle_rows, t.seed + state["epoch"])
-        to_skip, micro = state["batches_in_epoch"], 0
-        exhausted = False  # some worker ran out of data: this epoch ends for everyone
+    # a run of whole epochs ends with its last epoch (rows with errors make the planned steps an estimate)
+    while state["step"] < stop_at and (t.max_steps or state["epoch"] < t.epochs):
+        # exact: every worker reads the whole split in file order and takes its batches by number; streaming:
+        # each reads its own shard (see data_order.py)
+        windows = ray.train.get_dataset_shard("train").iter_batches(batch_size=window, batch_format="pyarrow")
+        epoch_rounds = rounds(windows, seed=t.seed, epoch=state["epoch"], batch_size=t.batch_size,
+                              length_buckets=t.length_buckets, world=world if exact else 1,
+                              rank=rank if exact else 0, start=state["position"])
+        micro = 0
+        exhausted = False  # streaming: some worker ran out of data, so this epoch ends for everyone
         seen["skipped_in_epoch"] = 0
-        for batch, skipped in batches:
-            seen["skipped_in_epoch"] += skipped  # also in the batches a resume skips: the epoch is counted whole
-            if batch is None or micro < to_skip:  # resuming: skip what the checkpoint already saw
-                micro += batch is not None
-                continue
+        for r in epoch_rounds:
+            if rank == 0 or not exact:  # with exact order every worker reads every row: rank 0 counts
+                seen["skipped_in_epoch"] += r.skipped
+            if r.spare is None or exhausted:
+                continue  # only rows with errors left; or draining the shard so the next epoch starts cleanly
             if state["step"] >= stop_at:
                 break
-            if exhausted:
-                continue  # drain the shard so that the next epoch starts cleanly
-            if not all_have(True, device):
+            if not exact and not all_have(True, device):
                 exhausted = True
                 continue
+            # a worker without a batch in a short last round trains the round's first with weight 0
+            batch, weight = (r.batch, 1.0) if r.batch is not None else (r.spare, 0.0)
             inputs = to_device(task.collate(batch, processor), device)
             with autocast():
                 loss = model(**inputs).loss / t.grad_accum
-            loss.backward()
+            (loss * weight).backward()
             micro += 1
-            n = len(next(iter(batch.values())))
-            window_loss += float(loss.detach()) * t.grad_accum * n
-            window_samples += n
-            seen["samples"] += n
-            state["batches_in_epoch"] = micro
+            state["position"] = r.position
+            if r.batch is not None:
+                n = len(r.keys) or len(next(iter(batch.values())))
+                window_loss += float(loss.detach()) * t.grad_accum * n
+                window_samples += n
+                seen["samples"] += n
+                if rows_log:
+                    rows_log.add(state["epoch"], r.keys)
             if micro % t.grad_accum:
                 state["train_seconds"] += time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -256,12 +264,38 @@ def train_loop(config: dict) -> None:
                     checkpoint_now({})
                     saved_for_preemption = True
                     tick = time.perf_counter()
-        if not exhausted and state["step"] < stop_at:
+        if not exact and not exhausted and state["step"] < stop_at:
             all_have(False, device)  # this worker ran out: release workers waiting in `all_have`
         if state["step"] < stop_at:  # the epoch ended, not the run
             if state["skipped_rows"] is None:  # the first epoch read whole: its rows with errors, over all workers
                 state["skipped_rows"] = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
             state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            state["position"] = 0
     if state["step"] != last_eval_step:
         eval_and_checkpoint()
+
+
+class RowsLog:
+    """train.log_rows: the (file, row) keys this worker trained on, written as
+    rows/step-<step>-rank-<rank>.tsv (epoch, file, row per line) just before each checkpoint. A run
+    that starts from the checkpoint of step S first removes the files of later steps: an attempt that
+    died wrote them for steps it never checkpointed, and those steps are trained again."""
+
+    def __init__(self, storage: Storage, uri: str, rank: int, resumed_step: int):
+        self.storage, self.uri, self.rank, self.lines = storage, uri, rank, []
+        if rank == 0 and storage.exists(uri):
+            # the other ranks write only after DDP steps, which wait for rank 0 to get past this
+            loc = storage.resolve(uri)
+            loc.fs.invalidate_cache()
+            for path in loc.fs.ls(loc.path, detail=False):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("step-") and int(name.split("-")[1]) > resumed_step:
+                    remove(storage, f"{uri}/{name}")
+
+    def add(self, epoch: int, keys: list) -> None:
+        self.lines += [f"{epoch}\t{source}\t{row}" for source, row in keys]
+
+    def write(self, step: int) -> None:
+        if self.lines:
+            self.storage.write_text(f"{self.uri}/step-{step:08d}-rank-{self.rank:03d}.tsv", "\n".join(self.lines) + "\n")
+        self.lines = []

@@ -1,6 +1,7 @@
 """Training under faults, on a real local Ray and the loopback S3 server, killing real processes: a
-train worker dies mid-run, the driver is SIGKILLed mid-run, an upload fails while model/ is written,
-and a resume meets a changed config or data. Each run is a tiny BERT on a few hundred rows."""
+train worker dies mid-run, the driver is SIGKILLed mid-run, a run resumes with another number of
+workers, an upload fails while model/ is written, and a resume meets a changed config or data. Each run
+is a tiny BERT on a few hundred rows; `train.log_rows` shows every row trained exactly once per epoch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -73,6 +75,29 @@ def loads_in_a_pipeline(model_uri: str) -> list[str]:
     return [p["label"] for p in pipeline("text-classification", model=local)(["goal match referee", "pasta garlic oven"])]
 
 
+def trained_rows(output: str) -> dict[int, Counter]:
+    """From train.log_rows: how often each (file, row) was trained on, per epoch."""
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    epochs: dict[int, Counter] = {}
+    for path in fs.ls(f"{output.removeprefix('s3://')}/rows"):
+        for line in fs.cat(path).decode().splitlines():
+            epoch, source, row = line.split("\t")
+            epochs.setdefault(int(epoch), Counter())[(source.rsplit("/", 1)[-1], int(row))] += 1
+    return epochs
+
+
+def assert_each_row_once_per_epoch(output: str, rows: set, epochs: int) -> None:
+    seen = trained_rows(output)
+    assert sorted(seen) == list(range(epochs)), sorted(seen)
+    for epoch, counts in seen.items():
+        assert set(counts) == rows and set(counts.values()) == {1}, (
+            epoch, len(rows - set(counts)), [k for k, n in counts.items() if n > 1][:5])
+
+
+CLEAN_ROWS = {("part-0.parquet", i) for i in range(512)}
+SMALL_ROWS = {("part-0.parquet", i) for i in range(512)}  # the 16 empty texts (rows 512-527) are never trained
+
+
 def test_a_killed_train_worker_restarts_the_run_from_its_last_checkpoint(ray_session, clean_data, bucket):
     import ray
     from ray.util.state import list_actors
@@ -80,12 +105,14 @@ def test_a_killed_train_worker_restarts_the_run_from_its_last_checkpoint(ray_ses
     from pipelines.train import train
 
     output = f"s3://{bucket}/killed-worker"
+    # 2 epochs of 512 rows, 2 workers x 16 rows a step: 32 steps
     cfg = job_config(data={"train": f"{clean_data}/train", "eval": f"{clean_data}/eval"},
-                     train={"output": output, "num_workers": 2, "batch_size": 16, "max_steps": 100, "eval_every": 20})
+                     train={"output": output, "num_workers": 2, "batch_size": 16, "epochs": 2, "eval_every": 8,
+                            "log_rows": True})
     killed = []
 
     def kill_a_worker_after_the_first_checkpoint():
-        wait_until(lambda: checkpoint_registered(output, 20), 900, "the checkpoint at step 20")
+        wait_until(lambda: checkpoint_registered(output, 8), 900, "the checkpoint at step 8")
         # this session's Ray by its address: other Ray instances on the machine have train workers too
         workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
                               filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -97,13 +124,14 @@ def test_a_killed_train_worker_restarts_the_run_from_its_last_checkpoint(ray_ses
     summary = train(cfg)
     killer.join(5)
     assert killed, "no worker was killed"
-    assert summary["final"]["step"] == 100
-    assert len(summary["resumed_at_steps"]) == 1 and summary["resumed_at_steps"][0] in (20, 40, 60, 80), summary
+    assert summary["final"]["step"] == 32
+    assert len(summary["resumed_at_steps"]) == 1 and summary["resumed_at_steps"][0] in (8, 16, 24), summary
     metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-worker/metrics.json"))
     assert metrics["resumed_at_steps"] == summary["resumed_at_steps"]  # the restart is on record
-    # every batch holds 16 rows on each of 2 workers; steps lost to the kill are not counted twice
-    assert metrics["samples"] == 100 * 16 * 2 and metrics["skipped_rows"] == 0, metrics
+    # steps lost to the kill are not counted twice: 2 epochs of 512 rows
+    assert metrics["samples"] == 2 * 512 and metrics["skipped_rows"] == 0, metrics
     assert metrics["throughput_samples_per_s"] > 0
+    assert_each_row_once_per_epoch(output, CLEAN_ROWS, 2)
     assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
 
 
@@ -111,7 +139,8 @@ def write_job(path, data: str, output: str) -> str:
     job = {"task": "text-classification",
            "model": {"init": {"architecture": "bert", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": 800}},
            "data": {"train": f"{data}/train", "eval": f"{data}/eval"},
-           "train": {"output": output, "num_workers": 2, "batch_size": 16, "max_steps": 60, "eval_every": 20, "lr": 1e-3},
+           "train": {"output": output, "num_workers": 2, "batch_size": 16, "epochs": 2, "eval_every": 8, "lr": 1e-3,
+                     "log_rows": True},
            "ray": {"num_cpus": 4}}
     path.write_text(yaml.safe_dump(job))
     return str(path)
@@ -121,28 +150,48 @@ def rayformers(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(s3_endpoint, small_data, bucket, tmp_path):
+def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_session, small_data, bucket, tmp_path):
+    import ray
+
     output = f"s3://{bucket}/killed-driver"
     job = write_job(tmp_path / "job.yaml", small_data, output)
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job], cwd=REPO, start_new_session=True,
+    # the driver joins this session's Ray (as a driver on a cluster would): its job's actors die with it
+    address = f"ray.address={ray.get_runtime_context().gcs_address}"
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job, address], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: checkpoint_registered(output, 20) or driver.poll() is not None, 900, "the checkpoint at step 20")
+        wait_until(lambda: checkpoint_registered(output, 8) or driver.poll() is not None, 900, "the checkpoint at step 8")
         assert driver.poll() is None, "the first run ended before it could be killed"
+    finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(30)
-    finally:
-        time.sleep(2)  # Ray's own processes share the driver's fate; whatever lingers in its group goes too
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    again = rayformers("train", job)
+    # Ray notices the dead driver and ends its Train workers; the re-run waits for their CPUs
+    again = rayformers("train", job, address)
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-driver/metrics.json"))
-    assert metrics["final"]["step"] == 60 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 20, metrics
-    assert metrics["skipped_rows"] == 16, metrics  # the 16 empty texts, once, summed over both workers
+    assert metrics["final"]["step"] == 32 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 8, metrics
+    assert metrics["skipped_rows"] == 16, metrics  # the 16 empty texts, once, although both workers read them
+    assert metrics["samples"] == 2 * 512, metrics
+    assert_each_row_once_per_epoch(output, SMALL_ROWS, 2)
     assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
+
+
+def test_a_run_resumed_with_more_workers_trains_each_row_once_per_epoch(ray_session, small_data, bucket):
+    from pipelines.train import train
+
+    output = f"s3://{bucket}/elastic"
+    sections = dict(data={"train": f"{small_data}/train"},
+                    train={"output": output, "num_workers": 1, "batch_size": 16, "epochs": 2, "eval_every": 100,
+                           "log_rows": True, "stop_after_steps": 11})
+    first = train(job_config(**sections))
+    assert first["final"]["step"] == 11  # a third of the first epoch, on one worker
+    sections["train"].update(num_workers=2, stop_after_steps=None)
+    second = train(job_config(**sections))
+    # then on two workers: the first epoch's other 21 batches (the last step has one batch; the other worker
+    # trains it with weight 0) and the second epoch's 32
+    assert second["resumed_at_steps"] == [11] and second["final"]["epoch"] == 2, second
+    assert second["samples"] == 2 * 512 and second["skipped_rows"] == 16, second
+    assert_each_row_once_per_epoch(output, SMALL_ROWS, 2)
 
 
 def test_a_resume_with_a_changed_config_or_data_is_refused_in_one_line(ray_session, small_data, bucket, tmp_path, capsys):
