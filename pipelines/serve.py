@@ -1,8 +1,9 @@
-"""`rayformers serve`: the configured model(s) behind one Ray Serve deployment with a FastAPI ingress.
+"""`rayformers serve`: the configured model(s) behind a Ray Serve deployment, reached through a light
+FastAPI ingress deployment (`serve_ingress`) that answers health probes, docs and bad requests itself.
 
-Each replica holds the default model (`serve.model`, else `train.output/model`, else `model.source`)
+Each model replica holds the default model (`serve.model`, else `train.output/model`, else `model.source`)
 and loads the models of `serve.models` on demand, evicting the least recently used (Serve model
-multiplexing). Requests are checked and preprocessed by the task spec on arrival, then grouped
+multiplexing). Requests, checked by the ingress, are preprocessed by the task spec on arrival, then grouped
 with `@serve.batch` and run through the same `Predictor` as `rayformers predict`, so both give
 the same label and score for the same input (to float32 rounding: the rows sharing a forward pass
 differ). `check_health` runs every loaded model on a tiny input, so a replica whose model is
@@ -30,11 +31,13 @@ from models import get_task
 from models.spec import Features, UserError
 from pipelines.cluster import connect
 from pipelines.predictor import Predictor
-from pipelines.serve_http import API_KEY_ENV, API_KEY_FILE_ENV, URI, RequestError, http_app, row_errors
+from pipelines.serve_http import URI, RequestError, row_errors
+from pipelines.serve_ingress import Ingress, answer_error, api_key
 from pipelines.storage import Storage, storage_errors
 
 APP_NAME = "rayformers"
-DEPLOYMENT_NAME = "Predictor"
+DEPLOYMENT_NAME = "Predictor"  # the models; the HTTP ingress in front of them is INGRESS_NAME
+INGRESS_NAME = "Ingress"
 IMPORT_PATH = "pipelines.serve:build_app"
 
 
@@ -44,23 +47,6 @@ def serving_limits(cfg: JobConfig):
     d, s = cfg.data, cfg.serve
     return d.model_copy(update={"max_image_pixels": min(d.max_image_pixels, s.max_image_pixels),
                                 "max_audio_seconds": min(d.max_audio_seconds, s.max_audio_seconds), "long_audio": "reject"})
-
-
-def api_key(cfg: JobConfig) -> str | None:
-    """The key prediction routes require: serve.api_key, else RAYFORMERS_API_KEY, else the file that
-    RAYFORMERS_API_KEY_FILE names (how `rayformers submit` ships it: never in the job's command line)."""
-    if cfg.serve.api_key:
-        return cfg.serve.api_key.get_secret_value()
-    if os.environ.get(API_KEY_ENV):
-        return os.environ[API_KEY_ENV]
-    path = os.environ.get(API_KEY_FILE_ENV)
-    if path:
-        try:
-            with open(path) as f:
-                return f.read().strip() or None
-        except OSError as exc:
-            raise UserError(f"{API_KEY_FILE_ENV}: {path}: cannot read the API key ({exc.strerror})") from None
-    return None
 
 
 def default_source(cfg: JobConfig) -> str | None:
@@ -113,7 +99,9 @@ def merge(features: list[Features]) -> Features:
 
 
 class PredictorDeployment:
-    """One Serve replica: the models, the batching, the health check; HTTP is `serve_http.http_app`."""
+    """One model replica: the models, the batching, the health check. The ingress (`serve_ingress`) calls
+    `predict` and `stream` through a DeploymentHandle with requests it has checked; a request error comes
+    back as a value (`answer_error`)."""
 
     def __init__(self, cfg: JobConfig):
         transformers.utils.logging.disable_progress_bar()  # one bar per model load would flood the replica logs
@@ -122,9 +110,6 @@ class PredictorDeployment:
         self.task = get_task(cfg.task)
         self.options = cfg.options()
         self.storage = Storage.from_config(cfg.storage)
-        self.api_key = api_key(cfg)
-        self.max_request_bytes, self.max_items_per_request = s.max_request_bytes, s.max_items_per_request
-        self.max_ongoing_predictions, self.retry_after_s = s.max_ongoing_requests, s.retry_after_s
         self.allow_uris = s.allow_uris
         self.media_columns = [c.name for c in self.task.columns if c.kind == "media"]
         self.probe = probe_rows(self.task)
@@ -140,20 +125,12 @@ class PredictorDeployment:
         # Set up here rather than as decorators so that the limits come from the config.
         self.load_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_named)
         self.batching = s.max_batch_size > 1
-        # The app's own metrics, next to Serve's (serve_num_http_requests, serve_http_request_latency_ms, ...),
-        # on Ray's Prometheus endpoint; Serve adds the deployment, replica and application tags.
-        self.responses = metrics.Counter("rayformers_responses", "prediction requests answered, by HTTP status "
-                                         "(503: shed for overload)", tag_keys=("status",))
-        self.latency = metrics.Histogram("rayformers_request_seconds", "time to answer a prediction request",
-                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        # Next to the ingress's rayformers_responses and rayformers_request_seconds, on Ray's Prometheus endpoint.
         self.batch_rows = metrics.Histogram("rayformers_batch_rows", "rows in one forward-pass group",
                                             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
         self.one_at_a_time = asyncio.Lock()
         self.predict_batch.set_max_batch_size(s.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-
-    def __serve_build_asgi_app__(self):
-        return http_app(self)
 
     # --- models ---------------------------------------------------------------------------------
     def load(self, name: str, source: str) -> Predictor:
@@ -179,22 +156,6 @@ class PredictorDeployment:
             self.check("the default model", self.default)
         for model_id, predictor in list(self.loaded.items()):
             self.check(f"model {model_id!r}", predictor)
-
-    def record(self, status: int, seconds: float) -> None:
-        self.responses.inc(tags={"status": str(status)})
-        self.latency.observe(seconds)
-
-    def check_model(self, model_id: str | None) -> None:
-        named = sorted(self.cfg.serve.models)
-        if model_id is None and self.default is None:
-            raise RequestError(404, f"no default model is served; use /v1/models/<id>/predict with one of {named}")
-        if model_id is not None and model_id not in self.cfg.serve.models:
-            served = f"served: {', '.join(named)}" if named else "no named models are served (serve.models); use /predict"
-            raise RequestError(404, f"unknown model {model_id!r} ({served})")
-
-    def health(self) -> dict:
-        return {"status": "ok", "task": self.task.name, "default_model": self.default is not None,
-                "models": sorted(self.cfg.serve.models), "loaded": sorted(self.loaded.keys())}
 
     # --- prediction -----------------------------------------------------------------------------
     async def predictor_for(self, model_id: str | None) -> Predictor:
@@ -243,6 +204,19 @@ class PredictorDeployment:
         return out
 
     async def stream(self, model_id: str | None, row: dict, parameters: dict):
+        """Streamed through the handle: first {} (or the request's error), then the prediction's pieces."""
+        try:
+            pieces = await self.checked_pieces(model_id, row, parameters)
+        except RequestError as exc:
+            yield answer_error(exc)
+            return
+        yield {}
+        # The model makes each piece in a worker thread, so the replica keeps working while it does.
+        done, it = object(), iter(pieces)
+        while (piece := await asyncio.to_thread(next, it, done)) is not done:
+            yield piece
+
+    async def checked_pieces(self, model_id: str | None, row: dict, parameters: dict):
         predictor = await self.predictor_for(model_id)
         if self.allow_uris:
             row = (await asyncio.to_thread(self.fetch_uris, [row], False))[0]
@@ -257,16 +231,18 @@ class PredictorDeployment:
             raise RequestError(422, f"parameters: {json.dumps(parameters)} cannot be used ({exc})") from None
         if pieces is None:
             raise RequestError(422, f"stream: {self.task.name} answers whole predictions; leave 'stream' out")
+        return pieces
 
-        async def produced():
-            # The model makes each piece in a worker thread, so the replica keeps answering while it does.
-            done, it = object(), iter(pieces)
-            while (piece := await asyncio.to_thread(next, it, done)) is not done:
-                yield piece
+    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> dict:
+        """{"predictions": one per row, "flags": one per row, "loaded": the named models held here}, or the
+        request's error (422 naming unusable rows)."""
+        try:
+            predictions, flags = await self.predictions(model_id, rows, parameters, is_list)
+        except RequestError as exc:
+            return answer_error(exc)
+        return {"predictions": predictions, "flags": flags, "loaded": sorted(self.loaded.keys())}
 
-        return produced()
-
-    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+    async def predictions(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
         predictor = await self.predictor_for(model_id)
         if self.allow_uris:
             rows = await asyncio.to_thread(self.fetch_uris, rows, is_list)
@@ -287,8 +263,8 @@ class PredictorDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # replaced from the config in __init__
     async def predict_batch(self, batch: list[Pending]) -> list:
-        # In a worker thread (torch releases the GIL), so the replica's loop answers /healthz and sheds
-        # load during a forward pass instead of after it: one hand-off per batch, not per request.
+        # In a worker thread (torch releases the GIL), so the replica's loop takes in and preprocesses the
+        # next requests during a forward pass instead of after it: one hand-off per batch, not per request.
         return await asyncio.to_thread(self.run, batch)
 
     def run(self, batch: list[Pending]) -> list:
@@ -328,23 +304,25 @@ class PredictorDeployment:
         return predictions
 
 
-HEALTH_HEADROOM = 8  # requests a replica admits beyond its predictions: health probes and 503s
+# Requests the ingress admits beyond all the model deployment can hold (in flight and queued): health
+# probes, /docs and the quick refusals, which Serve's proxy must never queue behind predictions.
+INGRESS_HEADROOM = 64
+MAIN_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def deployment_options(cfg: JobConfig) -> dict:
-    """The Serve deployment options for the config (also written by `export_config`)."""
+    """The model deployment's Serve options for the config (also written by `export_config`)."""
     s = cfg.serve
     # Serve runs user code on an event loop of its own thread by default. A replica that holds the GIL
     # through a forward pass pays for every hand-off between the two threads: on its main loop it served
     # 1.6-1.8x the requests/s at 32 clients, with a lower p99 (2 cores; tests/benchmarks/serve_latency.py).
-    actor = {"num_cpus": s.threads_per_replica,
-             "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
+    actor = {"num_cpus": s.threads_per_replica, "runtime_env": {"env_vars": MAIN_LOOP}}
     if s.use_gpu:
         actor["num_gpus"] = 1
-    # Overload is shed twice, each time with 503 + Retry-After at once: by a replica past serve.max_ongoing_requests
-    # predictions (Serve admits HEALTH_HEADROOM more, so /healthz and those quick refusals are never queued
-    # behind predictions), and by the proxy past serve.max_queued_requests waiting (Ray Serve's own limit).
-    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests + HEALTH_HEADROOM,
+    # Overload is shed at the ingress: each replica takes serve.max_ongoing_requests predictions, the
+    # ingress holds serve.max_queued_requests more waiting for one (Ray Serve's own limits), and past
+    # both its DeploymentHandle raises BackPressureError, answered 503 + Retry-After at once.
+    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests,
                "max_queued_requests": s.max_queued_requests,
                "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
                "ray_actor_options": actor,
@@ -363,8 +341,22 @@ def deployment_options(cfg: JobConfig) -> dict:
     return options
 
 
+def ingress_options(cfg: JobConfig) -> dict:
+    """The HTTP ingress's Serve options: one replica that reserves no CPU (its work per request is parsing
+    and checking, as the proxy's is) and admits every request the models could hold, plus headroom."""
+    s = cfg.serve
+    held = s.max_ongoing_requests * s.max_replicas + max(s.max_queued_requests, 0)
+    return {"name": INGRESS_NAME, "num_replicas": 1, "max_ongoing_requests": held + INGRESS_HEADROOM,
+            "max_queued_requests": s.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": MAIN_LOOP}}}
+
+
 def app_for(cfg: JobConfig, cls: type = PredictorDeployment):
-    return serve.deployment(serve.ingress()(cls)).options(**deployment_options(cfg)).bind(cfg)
+    """The Serve application: the ingress, bound to a handle of the model deployment (`cls`)."""
+    model = serve.deployment(cls).options(**deployment_options(cfg)).bind(cfg)
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(**ingress_options(cfg))
+    return ingress.bind(cfg, model, default_source(cfg) is not None)
 
 
 def build_app(args: dict):
@@ -436,7 +428,7 @@ def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_fi
     if kept:
         args["overrides"] = kept
     application = {"name": APP_NAME, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH, "args": args,
-                   "deployments": [deployment_options(cfg)]}
+                   "deployments": [ingress_options(cfg), deployment_options(cfg)]}
     config = {"http_options": {"host": s.host, "port": s.port}, "applications": [application]}
     ServeDeploySchema.model_validate(config)
     text = yaml.safe_dump(config, sort_keys=False)

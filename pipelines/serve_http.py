@@ -1,11 +1,10 @@
 """The HTTP face of `rayformers serve`: routes, request checks and JSON errors, without Ray.
 
-The FastAPI app built here is the Serve deployment's ingress. A request a user can get wrong is
-answered with a 4xx JSON body `{"error": "<one line naming the problem>"}` before any model sees it
-(items the task's preprocess refuses and `parameters` its `sanitize_parameters` refuses included); only
-parameters a particular model cannot use (a subtask its head lacks) are found after the forward pass
-(422 as well). `backend` is the deployment (`pipelines/serve.py`);
-tests hand in a stand-in.
+The FastAPI app built here is the app's ingress. A request a user can get wrong is answered with a 4xx
+JSON body `{"error": "<one line naming the problem>"}` before any model sees it (items the task's
+preprocess refuses and `parameters` its `sanitize_parameters` refuses included); only parameters a
+particular model cannot use (a subtask its head lacks) are found after the forward pass (422 as well).
+`backend` is the ingress deployment (`pipelines/serve_ingress.py`); tests hand in a stand-in.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from models.spec import TaskSpec, UserError
 
@@ -57,14 +57,15 @@ class Backend(Protocol):
     api_key: str | None
     max_request_bytes: int
     max_items_per_request: int
-    max_ongoing_predictions: int  # more at once on this replica are answered 503 + Retry-After
+    max_waiting: int | None  # predictions held at once (at the models or queued for them); more get 503 at once
     retry_after_s: float
     allow_uris: list[str]  # URI prefixes a media item may name (serve.allow_uris)
 
     def check_model(self, model_id: str | None) -> None: ...  # RequestError(404) when not served
 
     async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
-        """(one prediction per row, one flag per row); RequestError(422) naming unusable rows."""
+        """(one prediction per row, one flag per row); RequestError(422) naming unusable rows, RequestError(503)
+        with Retry-After when the models are overloaded."""
 
     async def stream(self, model_id: str | None, row: dict, parameters: dict) -> AsyncIterator[str]:
         """Checks the row, then returns its prediction's pieces as produced; RequestError(422) when the
@@ -311,21 +312,21 @@ def http_app(backend: Backend) -> FastAPI:
     async def http_error(_: Request, exc: HTTPException):  # unknown routes and methods, as JSON like the rest
         return JSONResponse({"error": f"{exc.detail}"}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    in_flight = 0  # prediction requests this replica is working on
+    waiting = 0  # prediction requests this ingress holds
 
     async def answer(request: Request, model_id: str | None) -> Response:
-        nonlocal in_flight
+        nonlocal waiting
         started = time.monotonic()
-        if in_flight >= backend.max_ongoing_predictions:  # shed here, before reading the body
+        if backend.max_waiting is not None and waiting >= backend.max_waiting:  # before the body is even read
             response = error_response(RequestError(
-                503, f"overloaded: this replica is working on its {backend.max_ongoing_predictions} requests "
-                     "(serve.max_ongoing_requests); retry shortly", headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
+                503, "overloaded: every model replica is busy and the queue is full (serve.max_ongoing_requests, "
+                     "serve.max_queued_requests); retry shortly", headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
         else:
-            in_flight += 1
+            waiting += 1
             try:
                 response = await checked_answer(request, model_id)
             finally:
-                in_flight -= 1
+                waiting -= 1
         backend.record(response.status_code, time.monotonic() - started)
         return response
 
@@ -351,6 +352,8 @@ def http_app(backend: Backend) -> FastAPI:
             return render(predictions if is_list else predictions[0], flags, is_list)
         except RequestError as exc:
             return error_response(exc)
+        except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+            return Response(status_code=499)
         except Exception:  # a bug or a broken model: answer 500, keep the replica serving
             return internal_error("prediction failed")
 
@@ -362,7 +365,7 @@ def http_app(backend: Backend) -> FastAPI:
     async def predict_with(model_id: str, request: Request):
         return await answer(request, model_id)
 
-    @app.get("/healthz", summary="Liveness: the replica answers (its model is probed by Serve's health check)")
+    @app.get("/healthz", summary="Liveness: the ingress answers (the models are probed by Serve's health check)")
     async def healthz():
         return backend.health()
 

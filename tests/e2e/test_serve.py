@@ -25,10 +25,12 @@ APP, SECURE = "serve-test", "serve-test-secure"
 
 
 def replicas(app: str) -> dict:
+    """The model deployment's status and replica states (the ingress in front of it is apart)."""
     from ray import serve
 
-    status = serve.status().applications[app]
-    (deployment,) = status.deployments.values()
+    from pipelines.serve import DEPLOYMENT_NAME
+
+    deployment = serve.status().applications[app].deployments[DEPLOYMENT_NAME]
     return {"status": str(deployment.status.value), **deployment.replica_states}
 
 
@@ -119,8 +121,7 @@ def test_named_models_load_on_demand_and_the_least_recently_used_is_evicted(endp
         alpha = client.post(f"{endpoint}/v1/models/alpha/predict", json={"inputs": "pasta oven garlic"})
         assert alpha.status_code == 200 and alpha.json() == default  # the same weights as the default
         assert client.get(f"{endpoint}/healthz").json()["loaded"] == ["alpha"]
-        beta = client.post(f"{endpoint}/v1/models/beta/predict", json={"inputs": ["pasta oven garlic"]},
-                           headers={"serve_multiplexed_model_id": "beta"})  # the header routes to a replica holding it
+        beta = client.post(f"{endpoint}/v1/models/beta/predict", json={"inputs": ["pasta oven garlic"]})
         assert beta.status_code == 200 and beta.json() == [default]
         # serve.max_models_per_replica=1: loading beta evicted alpha
         assert client.get(f"{endpoint}/healthz").json()["loaded"] == ["beta"]
@@ -148,7 +149,7 @@ def test_docs_and_openapi_are_served(endpoint):
 def test_a_replica_whose_model_breaks_fails_its_health_check_and_is_replaced(endpoint, trained_text_model):
     from ray import serve
 
-    from pipelines.serve import PredictorDeployment, app_for
+    from pipelines.serve import DEPLOYMENT_NAME, PredictorDeployment, app_for
 
     class Breakable(PredictorDeployment):  # defined here so that Ray ships it by value
         def replica(self) -> str:
@@ -159,7 +160,8 @@ def test_a_replica_whose_model_breaks_fails_its_health_check_and_is_replaced(end
                 parameter.data.fill_(float("nan"))
 
     cfg = job_config(serve={"model": trained_text_model["model"], "health_check_period_s": 1, "health_check_timeout_s": 10})
-    handle = serve.run(app_for(cfg, Breakable), name="breakable", route_prefix="/breakable")
+    serve.run(app_for(cfg, Breakable), name="breakable", route_prefix="/breakable")
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, "breakable")  # the models, behind the ingress
 
     def replica() -> str | None:
         try:
@@ -197,7 +199,8 @@ def test_the_exported_config_deploys_with_serve_deploy(endpoint, trained_text_mo
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = schema.applications
     assert app.import_path == "pipelines.serve:build_app" and app.args["config"] == str(config)
-    (deployment,) = app.deployments
+    ingress, deployment = app.deployments
+    assert ingress.name == "Ingress" and ingress.num_replicas == 1
     assert deployment.name == "Predictor" and deployment.autoscaling_config["max_replicas"] == 2
 
     dashboard = "http://" + ray._private.worker.get_dashboard_url()

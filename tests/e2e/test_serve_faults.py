@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -83,55 +85,51 @@ def drive(url: str, body: dict, clients: int, max_requests: int, max_seconds: fl
     return threads
 
 
-def drive_at_rate(url: str, body: dict, rate: float, seconds: float, traffic: Traffic) -> None:
-    """Open-loop load: one request every 1/rate s for `seconds` (each on its own pool thread, whatever the
-    answers take), as clients arrive in production; returns when every request has been answered."""
-    from concurrent.futures import ThreadPoolExecutor
+def drive_at_rate(base: str, path: str, body: dict, rate: float, seconds: float, traffic: Traffic) -> None:
+    """Open-loop load: one request every 1/rate s for `seconds` whatever the answers take, as clients arrive in
+    production (the benchmark's asyncio client: it takes little of the cores it shares with the server);
+    returns when every request has been answered."""
+    import asyncio
 
-    local = threading.local()
+    from tests.benchmarks.serve_overload import Client, open_loop
 
-    def shoot():
-        if not hasattr(local, "http"):
-            local.http = httpx.Client(timeout=30)
+    client = Client(int(base.rsplit(":", 1)[1].split("/")[0]), path, body)
+    shots = asyncio.run(open_loop(client, rate, min(seconds, 1000 / rate)))
+    traffic.shots += [(start, took, status, headers.get("retry-after")) for start, took, status, headers in shots]
+
+
+PROBE = """
+import sys, time, httpx
+with httpx.Client(timeout=30) as http:  # a slow answer counts as slow, not as a failure
+    while True:
         start = time.monotonic()
         try:
-            response = local.http.post(url, json=body)
-            status, retry = response.status_code, response.headers.get("retry-after")
-        except httpx.HTTPError:
-            status, retry = 0, None
-        with traffic.lock:
-            traffic.shots.append((start, time.monotonic() - start, status, retry))
-
-    count = int(min(rate * seconds, 1000))
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        begin = time.monotonic()
-        for i in range(count):
-            time.sleep(max(0.0, begin + i / rate - time.monotonic()))
-            pool.submit(shoot)
+            status = http.get(sys.argv[1]).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        print(time.monotonic() - start, status, flush=True)
+        time.sleep(0.2)
+"""
 
 
 class HealthProbe:
-    """GET /healthz every 0.2 s in a thread while a block runs: the slowest answer and any failures."""
+    """GET /healthz every 0.2 s while a block runs, from a process of its own (as a load balancer probes; the
+    load this test generates must not delay the probe itself): the slowest answer and any failures."""
 
     def __init__(self, base: str):
         self.base, self.seconds, self.failures = base, [], []
-        self.stop = threading.Event()
 
     def __enter__(self):
-        def probe():
-            with httpx.Client(timeout=30) as http:  # a slow answer counts as slow, not as a failure
-                while not self.stop.is_set():
-                    start = time.monotonic()
-                    try:
-                        status = http.get(f"{self.base}/healthz").status_code
-                    except httpx.HTTPError as exc:
-                        status = type(exc).__name__
-                    self.seconds.append(time.monotonic() - start)
-                    if status != 200:
-                        self.failures.append(status)
-                    self.stop.wait(0.2)
+        self.process = subprocess.Popen([sys.executable, "-c", PROBE, f"{self.base}/healthz"], stdout=subprocess.PIPE, text=True)
 
-        self.thread = threading.Thread(target=probe, daemon=True)
+        def read():
+            for line in self.process.stdout:
+                seconds, status = line.split()
+                self.seconds.append(float(seconds))
+                if status != "200":
+                    self.failures.append(status)
+
+        self.thread = threading.Thread(target=read, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.seconds and time.monotonic() < deadline:  # the block starts once the probe answers
@@ -139,7 +137,8 @@ class HealthProbe:
         return self
 
     def __exit__(self, *exc):
-        self.stop.set()
+        self.process.kill()
+        self.process.wait(10)
         self.thread.join(10)
 
 
@@ -155,7 +154,9 @@ def replica_pids(app: str) -> list[int]:
 def running_replicas(app: str) -> int:
     from ray import serve
 
-    (deployment,) = serve.status().applications[app].deployments.values()
+    from pipelines.serve import DEPLOYMENT_NAME
+
+    deployment = serve.status().applications[app].deployments[DEPLOYMENT_NAME]  # the models, not the ingress
     return deployment.replica_states.get("RUNNING", 0)
 
 
@@ -213,7 +214,7 @@ def test_overload_is_shed_with_503_and_retry_after_and_latency_recovers(endpoint
         time.sleep(2)
     traffic = Traffic()
     with HealthProbe(endpoint["text"]) as health:
-        drive_at_rate(url, body, rate=4 * capacity, seconds=5, traffic=traffic)
+        drive_at_rate(endpoint["text"], "/text/predict", body, rate=4 * capacity, seconds=5, traffic=traffic)
     shed = [s for s in traffic.shots if s[2] == 503]
     served = [s for s in traffic.shots if s[2] == 200]
     print(f"\noverload at 4x {capacity:.1f} requests/s: {traffic.statuses()}; unloaded p50 {unloaded * 1000:.0f} ms; "
@@ -223,9 +224,8 @@ def test_overload_is_shed_with_503_and_retry_after_and_latency_recovers(endpoint
     assert set(traffic.statuses()) <= {200, 503}, traffic.statuses()  # nothing else: no 500s, no dropped connections
     assert shed and served
     assert all(s[3] == "1" for s in shed)  # Retry-After: serve.retry_after_s
-    # Not asserted yet, only reported above: how fast a 503 comes and whether /healthz stays under 1 s. On a quiet
-    # 2-core machine at 4x, the slowest 503 took 1.5 s, the slowest /healthz 1.08 s and 7 of them were shed with
-    # 503, because /healthz shares the replicas' queue (issue 12 stays open for a separate health route).
+    # /healthz is answered by the ingress, never queued behind predictions or slowed by a forward pass
+    assert max(health.seconds) < 1.0 and not health.failures
     assert len(shed) > len(served)  # at 4x most of the excess is refused, not queued
     recovered_at = time.monotonic()
     with httpx.Client(timeout=30) as http:

@@ -5,7 +5,6 @@ model (or file system) is touched, and a 500 says nothing about the server."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ from models import get_task
 from models.audio import read_clip, wav_bytes
 from pipelines.serve import PredictorDeployment, serving_limits
 from pipelines.serve_http import RequestError, http_app, parse_form, read_body, refused_uri
+from pipelines.serve_ingress import answer_error
 from pipelines.storage import Storage
 
 ALLOWED = ["s3://uploads/in/"]
@@ -32,7 +32,7 @@ class ImageBackend:
     api_key = None
     max_request_bytes = 200_000
     max_items_per_request = 4
-    max_ongoing_predictions = 8
+    max_waiting = 8
     retry_after_s = 1.5
 
     def __init__(self, allow_uris=ALLOWED, fail=None):
@@ -180,15 +180,77 @@ def test_serving_decodes_no_image_or_clip_over_its_caps_whatever_long_audio_says
     assert image is None and "4096 pixels (64x64), more than" in error
 
 
-def test_a_replica_at_its_limit_answers_503_with_retry_after_and_healthz_still_answers():
+class ModelHandle:
+    """A stand-in for the model deployment's DeploymentHandle: each call raises `fail` or answers `answer`."""
+
+    def __init__(self, fail=None, answer=None):
+        self.fail, self.answer, self.calls = fail, answer, 0
+        self.predict = SimpleNamespace(remote=self.remote)
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args):
+        self.calls += 1
+
+        async def result():
+            if isinstance(self.fail, list):  # one failure per call, in turn
+                if self.fail:
+                    raise self.fail.pop(0)
+            elif self.fail:
+                raise self.fail
+            return self.answer
+
+        return result()
+
+
+def ingress(handle):
+    from pipelines.serve_ingress import Ingress
+
+    cfg = validate({"task": "image-classification", "model": {"source": "x"}, "serve": {"retry_after_s": 1.5}})
+    backend = Ingress(cfg, handle, True)
+    backend.recorded = []
+    backend.record = lambda status, seconds: backend.recorded.append(status)
+    return backend
+
+
+def test_an_ingress_holding_all_the_models_can_take_answers_503_before_reading_the_body_and_healthz_still_answers():
     backend = ImageBackend()
-    backend.max_ongoing_predictions = 0  # as if it were busy with all it may take
+    backend.max_waiting = 0  # as if every replica were busy and the queue full
+    client = TestClient(http_app(backend))
+    response = client.post("/predict", content=b"not even JSON")
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert "serve.max_queued_requests" in response.json()["error"]
+    assert client.get("/healthz").status_code == 200 and backend.calls == []
+    assert backend.recorded == [503]  # counted: rayformers_responses{status="503"}
+
+
+def test_with_the_models_busy_and_their_queue_full_the_ingress_answers_503_and_healthz_still_answers():
+    from ray.serve.exceptions import BackPressureError
+
+    backend = ingress(ModelHandle(fail=BackPressureError(num_queued_requests=16, max_queued_requests=16)))
     client = TestClient(http_app(backend))
     response = client.post("/predict", json={"inputs": "aGVsbG8="})
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
-    assert "serve.max_ongoing_requests" in response.json()["error"]
-    assert client.get("/healthz").status_code == 200 and backend.calls == []
+    assert "serve.max_queued_requests" in response.json()["error"]
+    assert client.get("/healthz").json()["status"] == "ok"
     assert backend.recorded == [503]  # counted: rayformers_responses{status="503"}
+
+
+def test_a_prediction_lost_with_its_replica_is_sent_once_more_and_a_row_error_comes_back_as_its_4xx():
+    from ray.exceptions import ActorDiedError
+
+    answer = {"predictions": [{"label": "cat", "score": 1.0}], "flags": [None], "loaded": []}
+    handle = ModelHandle(fail=[ActorDiedError()], answer=answer)
+    client = TestClient(http_app(ingress(handle)))
+    assert client.post("/predict", json={"inputs": "aGVsbG8="}).json() == {"label": "cat", "score": 1.0}
+    assert handle.calls == 2
+    lost_twice = ModelHandle(fail=[ActorDiedError(), ActorDiedError()], answer=answer)
+    response = TestClient(http_app(ingress(lost_twice))).post("/predict", json={"inputs": "aGVsbG8="})
+    assert response.status_code == 503 and "replica was lost" in response.json()["error"]
+    refused = ModelHandle(answer=answer_error(RequestError(422, "inputs: image is not an image", items=[1])))
+    response = TestClient(http_app(ingress(refused))).post("/predict", json={"inputs": "aGVsbG8="})
+    assert response.status_code == 422 and response.json() == {"error": "inputs: image is not an image", "items": [1]}
 
 
 def test_a_refused_image_or_clip_names_the_serve_cap_in_force():
