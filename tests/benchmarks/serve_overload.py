@@ -59,27 +59,39 @@ class Client:
 
     async def post(self) -> tuple[int, float, dict]:
         start = time.monotonic()
-        conn = self.idle.pop() if self.idle else None
-        try:
-            if conn is None:
-                conn = await asyncio.open_connection("127.0.0.1", self.port)
-            reader, writer = conn
-            writer.write(self.request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
-            headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
-            await reader.readexactly(int(headers.get("content-length", "0")))
+        while True:
+            reused = bool(self.idle)
+            conn = self.idle.pop() if reused else None
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection("127.0.0.1", self.port)
+                status, headers = await self.exchange(*conn)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
+                if conn is not None:
+                    conn[1].close()
+                if reused and isinstance(exc, (asyncio.IncompleteReadError, ConnectionResetError)) and not getattr(exc, "partial", b""):
+                    continue  # the server had closed this idle keep-alive connection: as any client, send it afresh
+                self.failures[type(exc).__name__] = self.failures.get(type(exc).__name__, 0) + 1
+                return 0, time.monotonic() - start, {}
             if "close" in headers.get("connection", "").lower():
-                writer.close()
+                conn[1].close()
             else:
                 self.idle.append(conn)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
-            if conn is not None:
-                conn[1].close()
-            self.failures[type(exc).__name__] = self.failures.get(type(exc).__name__, 0) + 1
-            return 0, time.monotonic() - start, {}
-        return status, time.monotonic() - start, headers
+            return status, time.monotonic() - start, headers
+
+    async def exchange(self, reader, writer) -> tuple[int, dict]:
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await reader.readexactly(size + 2)
+            await reader.readuntil(b"\r\n")
+        else:
+            await reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers
 
     def close(self) -> None:
         for _, writer in self.idle:
