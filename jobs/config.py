@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -401,6 +402,12 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
             raise UserError(f"{path}: expected a mapping of keys at the top level")
     for key, value in parse_overrides(list(overrides)):
         set_dotted(data, key, value)
+        # model.source and model.init exclude each other: the one given on the command line wins
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        for chosen, other in (("model.source", "init"), ("model.init", "source")):
+            if (key == chosen or key.startswith(chosen + ".")) and value is not None and model.get(other) is not None:
+                model.pop(other)
+                print(f"{key} given: model.{other} from {path or 'the config'} is not used", file=sys.stderr)
     return validate(data).with_absolute_paths()
 
 

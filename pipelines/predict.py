@@ -27,8 +27,8 @@ from pipelines.cluster import connect
 from pipelines.predict_output import (Commits, check_no_overlap, digest, file_entries, finish, first_rows, folder_stamp,
                                       load_commits, open_output, write_part)
 from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
-from pipelines.readers import (READ_ERROR, ROW, ROWS_PER_BLOCK, SOURCE, data_files, file_blocks, folder_rows, format_of,
-                               table_from_rows)
+from pipelines.readers import (READ_ERROR, ROW, ROWS_PER_BLOCK, SOURCE, data_files, detect_format, file_blocks, folder_rows,
+                               format_of, table_from_rows, with_format)
 from pipelines.storage import Storage
 
 UNIT_BYTES = 256 * 1024 * 1024  # a Parquet file larger than this is split into units of row groups
@@ -135,6 +135,7 @@ def predict(cfg: JobConfig) -> dict:
     if not p.output:
         raise UserError("predict.output: required by `rayformers predict` (where the Parquet goes)")
     storage = Storage.from_config(cfg.storage)
+    cfg = with_format(cfg, detect_format(storage, p.input, cfg.data.format, task))
     source = model_uri(cfg, p.model)
     model_key = "predict.model" if p.model else ("train.output" if cfg.train.output else "model.source")
     check_no_overlap(storage, p.output, {"predict.input": p.input, model_key: source if is_path(source) else None,

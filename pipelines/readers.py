@@ -321,6 +321,35 @@ def folder_rows(storage: Storage, uri: str, task: TaskSpec) -> list[dict]:
     return rows
 
 
+def detect_format(storage: Storage, uri: str, fmt: str, task: TaskSpec) -> str:
+    """data.format=auto: a folder without data files but with the task's media files (class sub-folders,
+    image/mask pairs) or a metadata.jsonl/csv is read as `folder`; anything else keeps `fmt`."""
+    if fmt != "auto" or not task.media_suffixes:
+        return fmt
+    loc = storage.resolve(uri)
+    data_suffixes = tuple(suffix_formats(task))
+    with storage_errors(uri):
+        if not loc.fs.isdir(loc.path):
+            return fmt
+        top = [p for p in loc.fs.ls(loc.path, detail=False) if not posixpath.basename(p).startswith((".", "_"))]
+        if any(p.lower().endswith(data_suffixes) and posixpath.basename(p) not in METADATA_FILES for p in top):
+            return fmt  # data files right there: the usual case, decided without a deep listing
+        files = [p for p in loc.fs.find(loc.path) if not posixpath.basename(p).startswith((".", "_"))]
+    if any(posixpath.basename(p) in METADATA_FILES for p in files):
+        return "folder"
+    if not any(p.lower().endswith(data_suffixes) for p in files) and any(p.lower().endswith(task.media_suffixes) for p in files):
+        return "folder"
+    return fmt
+
+
+def with_format(cfg, fmt: str):
+    """The job config with data.format set to what `detect_format` found (said once when it changed)."""
+    if fmt == cfg.data.format:
+        return cfg
+    print(f"data.format: {cfg.data.format} -> {fmt} (a folder of media files)", flush=True)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": fmt})})
+
+
 def data_files(storage: Storage, uri: str, fmt: str, task: TaskSpec | None) -> list:
     """The files behind `uri` in `fmt`, checked before Ray reads anything (one-line errors)."""
     if fmt == "folder":

@@ -147,8 +147,14 @@ class Storage:
 
     def model_path(self, source: str) -> str:
         """What `from_pretrained` takes for a model source: a local directory for URIs and paths,
-        the hub id unchanged otherwise."""
+        the hub id unchanged otherwise. The `model/` folder of a training run is taken only once
+        training has committed it (its marker is written last; a run killed while writing it has none)."""
         if "://" in source or os.path.isdir(source) or source.startswith((".", "/")):
+            parent = source.rstrip("/").rsplit("/", 1)[0]
+            if (source.rstrip("/").endswith("/model") and self.exists(f"{parent}/prepared/{COMPLETE}")
+                    and not self.exists(f"{source.rstrip('/')}/{COMPLETE}")):
+                raise UserError(f"{source}: the training run in {parent} did not finish writing its model (no "
+                                f"{COMPLETE}); run the same `rayformers train` again to finish it")
             return self.local_copy(source)
         return source
 

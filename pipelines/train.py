@@ -31,7 +31,7 @@ from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR, best_model
 from pipelines.cluster import connect
 from pipelines.predictor import Preprocessor, check_columns
-from pipelines.readers import ROW, SOURCE, data_files, read_rows
+from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
 from pipelines.storage import Storage, commit_dir, is_committed, remove
 from pipelines.train_loop import train_loop
 
@@ -154,6 +154,7 @@ def train(cfg: JobConfig) -> dict:
     if not cfg.data.train:
         raise UserError("data.train: required by `rayformers train`")
     storage = Storage.from_config(cfg.storage)
+    cfg = with_format(cfg, detect_format(storage, cfg.data.train, cfg.data.format, task))
     output = storage.check_writable(t.output)
     train_files = data_files(storage, cfg.data.train, cfg.data.format, task)
     if cfg.data.eval:

@@ -127,3 +127,17 @@ def test_the_training_split_is_cached_only_where_each_epoch_would_preprocess_the
                     "automatic-speech-recognition": "wav2vec2"}.get(task, "bert")
     cfg = load_config(None, overrides, base={"task": task, "model": {"init": {"architecture": architecture}}, "task_options": options})
     assert cache_train(cfg, get_task(task), rows) is cached
+
+
+def test_a_model_source_given_on_the_command_line_replaces_the_examples_model_init(capsys):
+    from jobs.config import load_config
+
+    example = str(EXAMPLES[0].parent / "text-classification.yaml")
+    cfg = load_config(example, ["model.source=s3://models/minilm"])
+    assert cfg.model.source == "s3://models/minilm" and cfg.model.init is None
+    assert f"model.source given: model.init from {example} is not used" in capsys.readouterr().err
+    cfg = load_config(None, ["model.init.architecture=bert"], base={"task": "text-classification", "model": {"source": "x/y"}})
+    assert cfg.model.init.architecture == "bert" and cfg.model.source is None
+    # both in one file is still the user's mistake to fix
+    with pytest.raises(UserError, match="set exactly one of model.source"):
+        load_config(None, [], base={"task": "text-classification", "model": {"source": "x/y", "init": {"architecture": "bert"}}})

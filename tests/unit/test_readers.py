@@ -11,6 +11,7 @@ import pytest
 
 from models.spec import UserError
 from pipelines.readers import READ_ERROR, format_of, parse_lines, parse_parquet
+from pipelines.storage import Storage
 
 
 def rows_of(blocks):
@@ -62,3 +63,34 @@ def test_jsonl_columns_missing_from_the_first_line_are_kept():
     data = b'{"id": 1, "text": "a"}\n{"id": 2, "tokens": ["b", "c"]}\n'
     rows = rows_of(parse_lines(data, "jsonl"))
     assert rows[1]["tokens"] == ["b", "c"] and rows[0]["tokens"] is None and rows[1]["text"] is None
+
+
+@pytest.mark.parametrize("task_name,layout", [
+    ("image-classification", ["cat/1.png", "cat/2.png", "dog/3.jpg"]),  # one sub-folder per class
+    ("audio-classification", ["yes/a.wav", "no/b.wav"]),
+    ("automatic-speech-recognition", ["clips/a.wav", "metadata.csv"]),  # transcripts beside the clips
+    ("image-segmentation", ["images/a.png", "masks/a.png"]),  # image/mask pairs
+    ("depth-estimation", ["images/a.png", "depth/a.png"]),
+])
+def test_auto_format_reads_a_folder_of_media_files_as_the_folder_layout(tmp_path, task_name, layout):
+    from models import get_task
+    from pipelines.readers import detect_format
+
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert detect_format(Storage(), str(tmp_path), "auto", get_task(task_name)) == "folder"
+    assert detect_format(Storage(), str(tmp_path), "parquet", get_task(task_name)) == "parquet"  # named: kept
+
+
+def test_auto_format_keeps_data_files_as_data_files(tmp_path):
+    from models import get_task
+    from pipelines.readers import detect_format
+
+    task = get_task("image-classification")
+    (tmp_path / "part-0.parquet").write_bytes(b"x")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"x")  # media that the Parquet rows point at
+    assert detect_format(Storage(), str(tmp_path), "auto", task) == "auto"
+    assert detect_format(Storage(), str(tmp_path / "part-0.parquet"), "auto", task) == "auto"
+    assert detect_format(Storage(), str(tmp_path), "auto", get_task("text-classification")) == "auto"  # no media

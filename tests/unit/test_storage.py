@@ -69,3 +69,22 @@ def test_a_request_may_name_a_file_only_where_serve_allow_uris_is_on(tmp_path):
         decode_request_value(f"file://{tmp_path}/a.png", None, "image")
     assert decode_request_value(f"file://{tmp_path}/a.png", Storage(), "image") == b"png bytes"
     assert decode_request_value("data:image/png;base64,cG5n", None, "image") == b"png"
+
+
+def test_a_training_runs_model_folder_is_used_only_once_its_marker_is_written(tmp_path):
+    from pipelines.storage import COMPLETE, Storage
+
+    run = tmp_path / "run"
+    (run / "prepared").mkdir(parents=True)
+    (run / "prepared" / COMPLETE).write_text("{}")
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")  # a run killed while it wrote model/
+    with pytest.raises(UserError) as refused:
+        Storage().model_path(str(run / "model"))
+    assert str(refused.value) == (f"{run}/model: the training run in {run} did not finish writing its model (no "
+                                  f"{COMPLETE}); run the same `rayformers train` again to finish it")
+    (run / "model" / COMPLETE).write_text("{}")
+    assert Storage().model_path(str(run / "model")) == str(run / "model")
+    # a model folder from anywhere else (saved by transformers, downloaded) needs no marker
+    (tmp_path / "elsewhere" / "model").mkdir(parents=True)
+    assert Storage().model_path(str(tmp_path / "elsewhere" / "model")) == str(tmp_path / "elsewhere" / "model")
