@@ -18,6 +18,8 @@ The flow for every task, in training, batch prediction and serving alike:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -79,16 +81,18 @@ class Features:
     flags: list[str | None] = field(default_factory=list)
 
 
-class StreamingMetric:
+class StreamingMetric(ABC):
     """A metric over an eval split with memory bounded by the label count, not the row count."""
 
     def bind(self, model: torch.nn.Module, processor: Any) -> None:
         """Called before each evaluation; metrics that generate (seq2seq, ASR decoding) keep these."""
 
+    @abstractmethod
     def update(self, outputs: Any, inputs: dict[str, Any], arrays: dict[str, list]) -> None:
         """One eval batch: the model's outputs, the collated inputs, and the rows' feature arrays."""
         raise NotImplementedError
 
+    @abstractmethod
     def compute(self) -> dict[str, float]:
         """Final values; under torch.distributed the states of all workers are combined."""
         raise NotImplementedError
@@ -111,8 +115,9 @@ def one_field_rows(inputs: Any, field: str, expected: str) -> list[dict]:
     return rows
 
 
-class TaskSpec:
-    """One task family. Subclasses set the class attributes and implement the methods."""
+class TaskSpec(ABC):
+    """One task family. Subclasses set the class attributes and implement every abstract method: a task
+    module that misses one fails when it is imported (its spec is instantiated there), not mid-job."""
 
     name: str = ""
     architectures: tuple[str, ...] = ()  # what `model.init.architecture` accepts
@@ -149,19 +154,23 @@ class TaskSpec:
             rows.append(row)
         return rows
 
+    @abstractmethod
     def demo_data(self, n: int, seed: int) -> list[dict]:
         """A small learnable dataset in the canonical columns (media as bytes)."""
         raise NotImplementedError
 
     # --- processor and model ----------------------------------------------------------------
+    @abstractmethod
     def build_processor(self, model_cfg: Any, source_dir: str | None, train_rows: Iterator[dict]) -> Any:
         """The checkpoint's processor, or one derived from training data for from-scratch runs.
         Must have `save_pretrained(dir)`; `load` reads it back."""
         raise NotImplementedError
 
+    @abstractmethod
     def build_model(self, model_cfg: Any, source_dir: str | None, labels: list, processor: Any) -> torch.nn.Module:
         raise NotImplementedError
 
+    @abstractmethod
     def load(self, model_dir: str) -> tuple[torch.nn.Module, Any]:
         """A saved model and its processor, for prediction and serving."""
         raise NotImplementedError
@@ -172,6 +181,7 @@ class TaskSpec:
         return False
 
     # --- the three steps, shared by train, predict and serve ---------------------------------
+    @abstractmethod
     def sanitize_parameters(self, parameters: dict, options: Any) -> dict:
         """A request's `parameters` (or `predict.parameters`) -> the checked, normalised parameters that
         `forward`/`postprocess` receive; called before any work (Serve: before batching; predict: before
@@ -180,10 +190,12 @@ class TaskSpec:
         `options` is the task's validated `task_options` (None when the task has none)."""
         raise NotImplementedError
 
+    @abstractmethod
     def preprocess(self, batch: dict[str, list], processor: Any, ctx: Context) -> Features:
         """Columns of rows (canonical names, Python values) -> per-row features and errors."""
         raise NotImplementedError
 
+    @abstractmethod
     def collate(self, arrays: dict[str, list], processor: Any) -> dict[str, Any]:
         """Feature arrays of usable rows -> model inputs (tensors, or lists/dicts of tensors, e.g.
         DETR's `labels`); with `labels` present when the arrays hold them (training, eval)."""
@@ -193,18 +205,22 @@ class TaskSpec:
         """Prediction's forward pass (training always calls `model(**inputs)` for the loss)."""
         return model(**{k: v for k, v in inputs.items() if k != "labels"})
 
+    @abstractmethod
     def postprocess(self, outputs: Any, inputs: dict[str, Any], arrays: dict[str, list], model: Any,
                     processor: Any, parameters: dict) -> list:
         """Model outputs -> one JSON-ready prediction per row, in the HF pipeline output format."""
         raise NotImplementedError
 
+    @abstractmethod
     def to_columns(self, predictions: list) -> dict[str, list]:
         """Predictions (None for error rows) -> Parquet columns (names and types as in `output_columns`)."""
         raise NotImplementedError
 
+    @abstractmethod
     def metrics(self, labels: list, options: Any) -> StreamingMetric:
         raise NotImplementedError
 
+    @abstractmethod
     def request_inputs(self, inputs: Any) -> list[dict]:
         """An HTTP `inputs` value (one item or a list) -> rows in canonical column names. Media
         columns keep the request's strings (base64, data: URL, or a URI); the runtime decodes them."""
