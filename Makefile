@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-unit bench clean
+.PHONY: install demo test test-fast test-unit lint bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ test-unit: $(STAMP)
 # Between edits: the unit tests without the slow trainers (no Ray, no S3 server); `make test` runs everything.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "unit and not slow" tests/unit
+
+# One tool formats and lints (settings in pyproject.toml): `ruff format .` fixes what `lint` reports on layout.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/predict_vs_pipeline.py

@@ -176,9 +176,6 @@ def train(cfg: JobConfig) -> dict:
     job = cfg.model_dump(mode="json")
     exact = t.data_order == "exact"
     cached = cache_train(cfg, task, rows)
-    if exact:
-        # rows keep their file order through reading, preprocessing and the cache: data_order.py numbers them
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
     actors = cfg.data.preprocess_actors
     if exact and not cached and t.num_workers > 1:
         actors = max(1, actors // t.num_workers)  # every worker runs a preprocessing pass of its own
@@ -197,6 +194,9 @@ def train(cfg: JobConfig) -> dict:
         )
 
     datasets = {"train": preprocessed(train_raw, "train", cfg.data.train, actors)}
+    # exact: rows keep their file order through reading, preprocessing and the cache (data_order.py numbers
+    # them); the setting is this dataset's own, not the process's
+    datasets["train"].context.execution_options.preserve_order = exact
     if cached:
         # one pass now; every epoch then streams the cached blocks instead of re-reading and re-preprocessing
         datasets["train"] = datasets["train"].materialize()
