@@ -242,7 +242,8 @@ class PredictorDeployment:
             return answer_error(exc)
         return {"predictions": predictions, "flags": flags, "loaded": sorted(self.loaded.keys())}
 
-    async def predictions(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+    async def predictions(self, model_id: str | None, rows: list[dict], parameters: dict,
+                          is_list: bool) -> tuple[list, list]:
         predictor = await self.predictor_for(model_id)
         if self.allow_uris:
             rows = await asyncio.to_thread(self.fetch_uris, rows, is_list)

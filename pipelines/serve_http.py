@@ -320,7 +320,8 @@ def http_app(backend: Backend) -> FastAPI:
         if backend.max_waiting is not None and waiting >= backend.max_waiting:  # before the body is even read
             response = error_response(RequestError(
                 503, "overloaded: every model replica is busy and the queue is full (serve.max_ongoing_requests, "
-                     "serve.max_queued_requests); retry shortly", headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
+                     "serve.max_queued_requests); retry shortly",
+                headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
         else:
             waiting += 1
             try:

@@ -4,8 +4,9 @@ It answers `/healthz`, `/docs`, the API key and every check that needs no model 
 the rest to the model deployment (`pipelines/serve.py`) through a DeploymentHandle. That deployment
 bounds its own work (serve.max_ongoing_requests per replica, serve.max_queued_requests waiting at this
 ingress); past both, the handle raises BackPressureError and the request is answered 503 + Retry-After at
-once. Because health probes and refusals never wait in the models' queue or share a process with a forward
-pass, they stay fast however overloaded the models are.
+once. Health probes and refusals never wait in the models' queue or share a process with a forward pass;
+what they still share with the models is the CPU (a refusal costs Serve's proxy and this replica ~9 ms of it
+on 2 cores: tests/benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def raise_error(answer: dict) -> None:
         raise RequestError(e["status"], e["message"], e["headers"], **e["details"])
 
 
+QUEUE_FULL = "every model replica is busy and the queue is full (serve.max_queued_requests)"
+
+
 class Ingress:
     """One ingress replica: the `serve_http.Backend` that `http_app` calls, forwarding predictions to `model`."""
 
@@ -64,7 +68,8 @@ class Ingress:
         self.retry_after_s = s.retry_after_s
         # All the model replicas can hold: past it a request is refused here before its body is read (Serve's
         # router refuses it too, but only after the parsing and a hand-off to its thread).
-        self.max_waiting = None if s.max_queued_requests < 0 else s.max_ongoing_requests * s.max_replicas + s.max_queued_requests
+        held = s.max_ongoing_requests * s.max_replicas + s.max_queued_requests
+        self.max_waiting = None if s.max_queued_requests < 0 else held
         self.allow_uris = s.allow_uris
         self.models, self.has_default = sorted(s.models), has_default
         self.model = model  # the DeploymentHandle of the model deployment
@@ -81,9 +86,11 @@ class Ingress:
 
     def check_model(self, model_id: str | None) -> None:
         if model_id is None and not self.has_default:
-            raise RequestError(404, f"no default model is served; use /v1/models/<id>/predict with one of {self.models}")
+            raise RequestError(404, f"no default model is served; use /v1/models/<id>/predict with one of "
+                                    f"{self.models}")
         if model_id is not None and model_id not in self.models:
-            served = f"served: {', '.join(self.models)}" if self.models else "no named models are served (serve.models); use /predict"
+            served = (f"served: {', '.join(self.models)}" if self.models
+                      else "no named models are served (serve.models); use /predict")
             raise RequestError(404, f"unknown model {model_id!r} ({served})")
 
     def health(self) -> dict:
@@ -104,7 +111,8 @@ class Ingress:
         handle = self.model.options(stream=True) if stream else self.model
         return handle.options(multiplexed_model_id=model_id) if model_id else handle
 
-    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict,
+                      is_list: bool) -> tuple[list, list]:
         # A prediction has no side effect, so one lost with its replica (killed, preempted) is sent once more:
         # the router has then marked that replica dead and picks a live one.
         for attempt in (1, 2):
@@ -112,7 +120,7 @@ class Ingress:
                 answer = await self.to_model(model_id).predict.remote(model_id, rows, parameters, is_list)
                 break
             except BackPressureError:
-                raise self.overloaded("every model replica is busy and the queue is full (serve.max_queued_requests)") from None
+                raise self.overloaded(QUEUE_FULL) from None
             except DeploymentUnavailableError:
                 raise self.overloaded("the model deployment is not available") from None
             except RayActorError:
@@ -127,7 +135,7 @@ class Ingress:
         try:
             raise_error(await pieces.__anext__())  # the row checked, or why not, before any piece
         except BackPressureError:
-            raise self.overloaded("every model replica is busy and the queue is full (serve.max_queued_requests)") from None
+            raise self.overloaded(QUEUE_FULL) from None
         except (DeploymentUnavailableError, RayActorError):
             raise self.overloaded("the model deployment is not available") from None
 

@@ -74,7 +74,9 @@ class Client:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
                 if conn is not None:
                     conn[1].close()
-                if reused and isinstance(exc, (asyncio.IncompleteReadError, ConnectionResetError)) and not getattr(exc, "partial", b""):
+                closed = isinstance(exc, (asyncio.IncompleteReadError, ConnectionResetError))
+                stale = closed and not getattr(exc, "partial", b"")
+                if reused and stale:
                     continue  # the server had closed this idle keep-alive connection: as any client, send it afresh
                 self.failures[type(exc).__name__] = self.failures.get(type(exc).__name__, 0) + 1
                 return 0, time.monotonic() - start, {}
@@ -236,9 +238,8 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with tempfile.TemporaryDirectory() as folder:
         model = (minilm_classifier if args.model == "minilm" else tiny_classifier)(folder)
-        serve_cfg = {"min_replicas": args.replicas, "max_replicas": args.replicas, "max_ongoing_requests": args.max_ongoing,
-                     "max_batch_size": 4}
-        serve_cfg["max_queued_requests"] = args.max_queued
+        serve_cfg = {"min_replicas": args.replicas, "max_replicas": args.replicas, "max_batch_size": 4,
+                     "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued}
         cfg = validate({"task": "text-classification", "model": {"source": model, "max_length": 128},
                         "serve": serve_cfg}).with_absolute_paths()
         serve.run(app_for(cfg), name="overload", route_prefix="/")

@@ -120,7 +120,8 @@ class HealthProbe:
         self.base, self.seconds, self.failures = base, [], []
 
     def __enter__(self):
-        self.process = subprocess.Popen([sys.executable, "-c", PROBE, f"{self.base}/healthz"], stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([sys.executable, "-c", PROBE, f"{self.base}/healthz"], stdout=subprocess.PIPE,
+                                        text=True)
 
         def read():
             for line in self.process.stdout:
