@@ -26,6 +26,7 @@ demo: $(STAMP)
 		data.train=$(DEMO_DIR)/data/train data.eval=$(DEMO_DIR)/data/eval train.output=$(DEMO_DIR)/run
 	$(VENV)/bin/rayformers predict jobs/examples/text-classification.yaml \
 		predict.model=$(DEMO_DIR)/run/model predict.input=$(DEMO_DIR)/data/eval predict.output=$(DEMO_DIR)/predictions
+	$(PY) -m jobs.demo_endpoint jobs/examples/text-classification.yaml serve.model=$(DEMO_DIR)/run/model
 
 # Starts a real S3 endpoint (moto's server) on a free loopback port for the whole run, and stops it.
 test: $(STAMP)
