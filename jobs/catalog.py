@@ -13,7 +13,9 @@ def print_tasks() -> None:
     print(f"{'task':<32}{'architectures (model.init)':<30}input columns")
     for name in task_names():
         task = get_task(name)
-        columns = ", ".join(c.name + ("" if c.required else "?") + (" (train)" if c.training_only else "") for c in task.columns)
+        columns = ", ".join(
+            c.name + ("" if c.required else "?") + (" (train)" if c.training_only else "") for c in task.columns
+        )
         print(f"{name:<32}{', '.join(task.architectures):<30}{columns}")
     print("\ntask_options (under `task_options:` in the YAML) and the data formats each task adds:")
     for name in task_names():

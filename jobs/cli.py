@@ -21,17 +21,29 @@ from models.spec import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayformers", description="Fine-tune, batch-score and serve Transformers models on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="rayformers", description="Fine-tune, batch-score and serve Transformers models on Ray."
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, text in (("train", "fine-tune with Ray Train"), ("predict", "batch inference to Parquet"),
-                       ("config", "print the resolved config"), ("serve", "run the Ray Serve application")):
+    for verb, text in (
+        ("train", "fine-tune with Ray Train"),
+        ("predict", "batch inference to Parquet"),
+        ("config", "print the resolved config"),
+        ("serve", "run the Ray Serve application"),
+    ):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("config", metavar="CONFIG", help="job YAML")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-5")
-        p.add_argument("-v", "--verbose", action="store_true",
-                       help="also show Ray's and transformers' own log lines (or set RAYFORMERS_LOG_LEVEL=INFO)")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also show Ray's and transformers' own log lines (or set RAYFORMERS_LOG_LEVEL=INFO)",
+        )
         if verb == "serve":
-            p.add_argument("--export-config", metavar="FILE", help="write a Serve config YAML for `serve deploy` and exit")
+            p.add_argument(
+                "--export-config", metavar="FILE", help="write a Serve config YAML for `serve deploy` and exit"
+            )
     p = verbs.add_parser("submit", help="submit a verb as a Ray job to a cluster")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

@@ -93,32 +93,64 @@ class TrainConfig(Section):
     eval_every: int = Field(100, ge=1)  # steps; each eval also writes a checkpoint
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(3, ge=-1, description=(
-        "How many times a run restarts from its latest checkpoint after a worker or node dies or raises "
-        "(-1: without limit, 0: never). Preemptions are counted apart (max_preemption_failures)."))
-    max_preemption_failures: int = Field(-1, ge=-1, description=(
-        "How many node preemptions (spot reclaims) a run survives by restarting from its latest checkpoint "
-        "(-1: without limit). Workers also save a checkpoint as soon as Ray Train announces a preemption."))
-    preemption_check_every: int = Field(10, ge=1, description=(
-        "Optimizer steps between two checks for a preemption notice. Each check waits for every worker: "
-        "1.5-4.4 ms with 1-2 local workers, under 1% of a tiny model's steps at the default 10."))
-    fresh: bool = Field(False, description=(
-        "Start over although train.output holds an earlier run: its checkpoints, prepared/, model/ and "
-        "metrics.json are removed first. Without it a re-run resumes, and refuses a changed config or data."))
+    max_failures: int = Field(
+        3,
+        ge=-1,
+        description=(
+            "How many times a run restarts from its latest checkpoint after a worker or node dies or raises "
+            "(-1: without limit, 0: never). Preemptions are counted apart (max_preemption_failures)."
+        ),
+    )
+    max_preemption_failures: int = Field(
+        -1,
+        ge=-1,
+        description=(
+            "How many node preemptions (spot reclaims) a run survives by restarting from its latest checkpoint "
+            "(-1: without limit). Workers also save a checkpoint as soon as Ray Train announces a preemption."
+        ),
+    )
+    preemption_check_every: int = Field(
+        10,
+        ge=1,
+        description=(
+            "Optimizer steps between two checks for a preemption notice. Each check waits for every worker: "
+            "1.5-4.4 ms with 1-2 local workers, under 1% of a tiny model's steps at the default 10."
+        ),
+    )
+    fresh: bool = Field(
+        False,
+        description=(
+            "Start over although train.output holds an earlier run: its checkpoints, prepared/, model/ and "
+            "metrics.json are removed first. Without it a re-run resumes, and refuses a changed config or data."
+        ),
+    )
     seed: int = 42
     length_buckets: int = Field(8, ge=1)  # batches sorted together by length
-    shuffle_rows: int = Field(1024, ge=0, description=(
-        "Rows shuffled together every epoch (a window of the training split in file order); batches of "
-        "similar length are cut from each window and shuffled within it"))
-    data_order: Literal["exact", "streaming"] = Field("exact", description=(
-        "exact: the rows of an epoch reach the workers in an order fixed by (seed, epoch, the files), and a "
-        "resumed run, also with another num_workers, trains every row of the epoch exactly once. Every "
-        "worker reads the whole split (cached: from Ray's object store; not cached: each worker preprocesses "
-        "it). streaming: Ray Data's streaming split, each worker preprocesses a share; a resume skips the "
-        "number of batches already trained, so rows near the resume point may repeat or be missed"))
-    log_rows: bool = Field(False, description=(
-        "Record the key (file, row) of every trained row under train.output/rows/, one file per worker and "
-        "checkpoint, written with the checkpoint: an audit of what each epoch trained on"))
+    shuffle_rows: int = Field(
+        1024,
+        ge=0,
+        description=(
+            "Rows shuffled together every epoch (a window of the training split in file order); batches of "
+            "similar length are cut from each window and shuffled within it"
+        ),
+    )
+    data_order: Literal["exact", "streaming"] = Field(
+        "exact",
+        description=(
+            "exact: the rows of an epoch reach the workers in an order fixed by (seed, epoch, the files), and a "
+            "resumed run, also with another num_workers, trains every row of the epoch exactly once. Every "
+            "worker reads the whole split (cached: from Ray's object store; not cached: each worker preprocesses "
+            "it). streaming: Ray Data's streaming split, each worker preprocesses a share; a resume skips the "
+            "number of batches already trained, so rows near the resume point may repeat or be missed"
+        ),
+    )
+    log_rows: bool = Field(
+        False,
+        description=(
+            "Record the key (file, row) of every trained row under train.output/rows/, one file per worker and "
+            "checkpoint, written with the checkpoint: an audit of what each epoch trained on"
+        ),
+    )
     stop_after_steps: int | None = Field(None, ge=1)  # end this run early (the next run resumes)
 
 
@@ -134,15 +166,23 @@ class PredictConfig(Section):
     threads_per_actor: int = Field(1, ge=1)
     use_gpu: bool = False
     quantize: Literal["none", "int8"] = "none"
-    fuse_preprocessing: bool | None = Field(None, description=(
-        "Predictor actors preprocess each window of rows inline (default on CPU: no extra work on the same "
-        "cores); false (default with use_gpu): a thread in each predictor actor preprocesses the next window "
-        "while the model runs on the current one."))
+    fuse_preprocessing: bool | None = Field(
+        None,
+        description=(
+            "Predictor actors preprocess each window of rows inline (default on CPU: no extra work on the same "
+            "cores); false (default with use_gpu): a thread in each predictor actor preprocesses the next window "
+            "while the model runs on the current one."
+        ),
+    )
     parameters: dict[str, Any] = {}
-    overwrite: bool = Field(False, description=(
-        "Replace a complete earlier output in predict.output (one with a _SUCCESS marker), or restart a "
-        "partial one made with another model, input or settings. The earlier output stays intact until "
-        "the new one is complete. Without it such a run is refused; a partial run of the same job resumes."))
+    overwrite: bool = Field(
+        False,
+        description=(
+            "Replace a complete earlier output in predict.output (one with a _SUCCESS marker), or restart a "
+            "partial one made with another model, input or settings. The earlier output stays intact until "
+            "the new one is complete. Without it such a run is refused; a partial run of the same job resumes."
+        ),
+    )
 
 
 class ServeConfig(Section):
@@ -163,42 +203,76 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=-1, description=(
-        "Requests each proxy holds waiting for a replica (Ray Serve's max_queued_requests); past it a request "
-        "is answered 503 with Retry-After at once instead of waiting behind all the others (-1: no limit)."))
+    max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description=(
+            "Requests each proxy holds waiting for a replica (Ray Serve's max_queued_requests); past it a request "
+            "is answered 503 with Retry-After at once instead of waiting behind all the others (-1: no limit)."
+        ),
+    )
     retry_after_s: float = Field(1, ge=0, description="The Retry-After a request refused for overload is given.")
     max_models_per_replica: int = Field(3, ge=1)
     use_gpu: bool = False
     threads_per_replica: int = Field(1, ge=1)
-    api_key: SecretStr | None = Field(None, description=(
-        "Bearer key prediction routes require. Printed masked, never exported or submitted in a command line; "
-        "on a cluster set RAYFORMERS_API_KEY on the nodes instead (see infra/k8s/rayservice.yaml)."))
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Bearer key prediction routes require. Printed masked, never exported or submitted in a command line; "
+            "on a cluster set RAYFORMERS_API_KEY on the nodes instead (see infra/k8s/rayservice.yaml)."
+        ),
+    )
     max_request_bytes: int = Field(1_000_000, ge=1)
     max_items_per_request: int = Field(64, ge=1)
-    allow_uris: list[str] | bool = Field(False, description=(
-        "URI prefixes a request may name instead of sending a file's bytes, e.g. [s3://bucket/uploads/] "
-        "(false or []: none). Local paths, file://, '..' and any scheme or bucket not listed are refused."))
-    max_media_bytes: int = Field(16_000_000, ge=1, description=(
-        "Bytes a request may make a replica fetch from allow_uris, all its items together (413 past it)."))
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description=(
-        "Pixels of an image a request may send (checked from its header, before decoding; also data.max_image_pixels)."))
-    max_audio_seconds: float = Field(60, gt=0, description=(
-        "Seconds of audio a request may send (checked from its header, before decoding, whatever data.long_audio says)."))
+    allow_uris: list[str] | bool = Field(
+        False,
+        description=(
+            "URI prefixes a request may name instead of sending a file's bytes, e.g. [s3://bucket/uploads/] "
+            "(false or []: none). Local paths, file://, '..' and any scheme or bucket not listed are refused."
+        ),
+    )
+    max_media_bytes: int = Field(
+        16_000_000,
+        ge=1,
+        description=("Bytes a request may make a replica fetch from allow_uris, all its items together (413 past it)."),
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description=(
+            "Pixels of an image a request may send (checked from its header, before decoding; also "
+            "data.max_image_pixels)."
+        ),
+    )
+    max_audio_seconds: float = Field(
+        60,
+        gt=0,
+        description=(
+            "Seconds of audio a request may send (checked from its header, before decoding, whatever data.long_audio "
+            "says)."
+        ),
+    )
 
     @field_validator("allow_uris", mode="after")
     @classmethod
     def _uri_prefixes(cls, value):
         if value is True:
-            raise ValueError("serve.allow_uris: list the URI prefixes requests may name, e.g. [s3://bucket/uploads/] "
-                             "(true would let a request read any file the replica can)")
+            raise ValueError(
+                "serve.allow_uris: list the URI prefixes requests may name, e.g. [s3://bucket/uploads/] "
+                "(true would let a request read any file the replica can)"
+            )
         prefixes = []
         for prefix in value or []:
             scheme, sep, rest = prefix.partition("://")
             bucket = rest.split("/", 1)[0]
             if not sep or scheme.lower() in ("file", "local", "memory") or not bucket or ".." in rest.split("/"):
-                raise ValueError(f"serve.allow_uris: {prefix!r} is not an object-storage prefix like s3://bucket/uploads/ "
-                                 "(local paths and file:// are never served)")
-            prefixes.append(prefix if prefix.endswith("/") else prefix + "/")  # s3://b/up must not admit s3://b/up-secret
+                raise ValueError(
+                    f"serve.allow_uris: {prefix!r} is not an object-storage prefix like s3://bucket/uploads/ "
+                    "(local paths and file:// are never served)"
+                )
+            prefixes.append(
+                prefix if prefix.endswith("/") else prefix + "/"
+            )  # s3://b/up must not admit s3://b/up-secret
         return prefixes
 
     @model_validator(mode="after")
@@ -251,12 +325,15 @@ class JobConfig(Section):
             raise ValueError("model: set exactly one of model.source (a pretrained model) or model.init (from scratch)")
         if self.model.init and self.model.init.architecture not in task.architectures:
             raise ValueError(
-                f"model.init.architecture: {self.model.init.architecture!r} is not one of {', '.join(task.architectures)} for {self.task}"
+                f"model.init.architecture: {self.model.init.architecture!r} is not one of "
+                f"{', '.join(task.architectures)} for {self.task}"
             )
         known = {c.name for c in task.columns}
         for key in self.data.columns:
             if key not in known:
-                raise ValueError(f"data.columns.{key}: {self.task} has no column {key!r} (columns: {', '.join(sorted(known))})")
+                raise ValueError(
+                    f"data.columns.{key}: {self.task} has no column {key!r} (columns: {', '.join(sorted(known))})"
+                )
         return self
 
     def with_absolute_paths(self) -> "JobConfig":

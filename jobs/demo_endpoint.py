@@ -17,7 +17,10 @@ import urllib.request
 
 REQUESTS = [
     ("one text", {"inputs": "the striker scored a late goal and the referee ended the match"}),
-    ("a list", {"inputs": ["garlic pasta from the oven with a spicy soup", "our flight to the island left the hotel at dawn"]}),
+    (
+        "a list",
+        {"inputs": ["garlic pasta from the oven with a spicy soup", "our flight to the island left the hotel at dawn"]},
+    ),
     ("a bad request (`input` for `inputs`)", {"input": "the chef baked a dessert"}),
 ]
 
@@ -48,7 +51,9 @@ def healthy(url: str) -> bool:
 def main(argv: list[str]) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", *argv, "serve.host=127.0.0.1", f"serve.port={port}"])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "serve", *argv, "serve.host=127.0.0.1", f"serve.port={port}"]
+    )
     try:
         deadline = time.monotonic() + 240
         while not healthy(url):

@@ -142,14 +142,18 @@ def connect_and_submit(address: str, **job) -> tuple[JobSubmissionClient, str, s
         except AuthenticationError:
             continue  # the next try, if any, sends the token
         except (ConnectionError, requests.exceptions.ConnectionError):
-            raise UserError(f"{address}: no Ray dashboard answers there (is the cluster up, and is this its "
-                            "dashboard address, by default port 8265?)") from None
+            raise UserError(
+                f"{address}: no Ray dashboard answers there (is the cluster up, and is this its "
+                "dashboard address, by default port 8265?)"
+            ) from None
         except RuntimeError as exc:  # an HTTP error from something that is not a Ray 2.x dashboard
             raise UserError(f"{address}: {str(exc).splitlines()[0]}") from None
     if sent:
         raise UserError(f"{address}: the cluster refused the Ray auth token from {source}")
-    raise UserError(f"{address}: the cluster requires a Ray auth token and none was found "
-                    "(set RAY_AUTH_TOKEN, or put the head node's token in ~/.ray/auth_token)")
+    raise UserError(
+        f"{address}: the cluster requires a Ray auth token and none was found "
+        "(set RAY_AUTH_TOKEN, or put the head node's token in ~/.ray/auth_token)"
+    )
 
 
 # --- the verb ----------------------------------------------------------------------------------
@@ -163,8 +167,11 @@ def submit(config_path: str, overrides: list[str], cfg: JobConfig, address: str,
     if not address.startswith(("http://", "https://")):
         raise UserError(f"--address: {address} is not the dashboard's URL (e.g. http://HOST:8265)")
     for item in local_paths(cfg, verb):
-        print(f"rayformers: warning: {item} is a path on this machine; the job runs on the cluster's nodes, "
-              "which need an s3:// URI or a path they all share", file=sys.stderr)
+        print(
+            f"rayformers: warning: {item} is a path on this machine; the job runs on the cluster's nodes, "
+            "which need an s3:// URI or a path they all share",
+            file=sys.stderr,
+        )
 
     with tempfile.TemporaryDirectory(prefix="rayformers-job-") as staging:
         shipped = stage(Path(staging), config_path)
@@ -186,8 +193,11 @@ def submit(config_path: str, overrides: list[str], cfg: JobConfig, address: str,
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nrayformers: stopped following; job {job_id} goes on (stop it: {ray_cli} stop --address {address} {job_id})",
-              file=sys.stderr)
+        print(
+            f"\nrayformers: stopped following; job {job_id} goes on (stop it: {ray_cli} stop --address {address} "
+            f"{job_id})",
+            file=sys.stderr,
+        )
         return 130
     except (ConnectionError, requests.exceptions.ConnectionError, aiohttp.ClientError):  # the cluster went away
         raise UserError(f"{address}: lost the connection to the cluster while following job {job_id}") from None

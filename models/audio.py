@@ -24,17 +24,49 @@ WINDOWS_PER_FORWARD = 8  # windows the model sees at once in prediction: bounds 
 
 # Sizes for from-scratch runs. "tiny" learns the demo data in a few hundred small steps on a laptop CPU:
 # no SpecAugment, dropout or layer drop, since masking 10 of a 1 s clip's 50 frames hides whole letters.
-QUIET = dict(mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0,
-             final_dropout=0.0)
+QUIET = dict(
+    mask_time_prob=0.0,
+    layerdrop=0.0,
+    hidden_dropout=0.0,
+    activation_dropout=0.0,
+    attention_dropout=0.0,
+    final_dropout=0.0,
+)
 WAV2VEC2_SIZES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 conv_dim=(64, 64, 64, 64), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 4, 4, 4),
-                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, classifier_proj_size=64, **QUIET),
-    "mini": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                 conv_dim=(128, 128, 128, 128, 128), conv_stride=(5, 4, 2, 2, 4), conv_kernel=(10, 4, 3, 3, 4),
-                 num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8, classifier_proj_size=128),
-    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
-                  conv_dim=(256,) * 7, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        conv_dim=(64, 64, 64, 64),
+        conv_stride=(5, 4, 4, 4),
+        conv_kernel=(10, 4, 4, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        classifier_proj_size=64,
+        **QUIET,
+    ),
+    "mini": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
+        conv_dim=(128, 128, 128, 128, 128),
+        conv_stride=(5, 4, 2, 2, 4),
+        conv_kernel=(10, 4, 3, 3, 4),
+        num_conv_pos_embeddings=32,
+        num_conv_pos_embedding_groups=8,
+        classifier_proj_size=128,
+    ),
+    "small": dict(
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        conv_dim=(256,) * 7,
+        num_conv_pos_embeddings=64,
+        num_conv_pos_embedding_groups=16,
+    ),
     "base": dict(),  # Wav2Vec2Config's own defaults: wav2vec2-base
 }
 # Layer-norm conv features and stable layer norm make a padded batch give the same result as one
@@ -60,8 +92,9 @@ def wav2vec2_config(size: str, overrides: dict, **head) -> Wav2Vec2Config:
 
 def feature_extractor() -> Wav2Vec2FeatureExtractor:
     """The from-scratch processor: 16 kHz, zero-mean unit-variance per clip, attention masks on."""
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=RATE, padding_value=0.0,
-                                    do_normalize=True, return_attention_mask=True)
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
 
 
 def decode(data: bytes, rate: int, max_seconds: float | None = None) -> np.ndarray:
@@ -70,8 +103,10 @@ def decode(data: bytes, rate: int, max_seconds: float | None = None) -> np.ndarr
     try:
         info = sf.info(io.BytesIO(data))
         if max_seconds is not None and info.frames / info.samplerate > max_seconds:
-            raise AudioError(f"audio is {info.frames / info.samplerate:.1f} s long, over data.max_audio_seconds="
-                             f"{max_seconds:g} (data.long_audio: reject)")
+            raise AudioError(
+                f"audio is {info.frames / info.samplerate:.1f} s long, over data.max_audio_seconds="
+                f"{max_seconds:g} (data.long_audio: reject)"
+            )
         samples, source_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = getattr(exc, "error_string", None) or str(exc).splitlines()[0][:160]  # not the BytesIO's repr
@@ -176,7 +211,9 @@ def forward_in_groups(model, inputs: dict) -> torch.Tensor:
 # --- demo sounds ----------------------------------------------------------------------------------
 
 
-def tone(rng: np.random.Generator, seconds: float, start_hz: float, end_hz: float | None = None, rate: int = RATE) -> np.ndarray:
+def tone(
+    rng: np.random.Generator, seconds: float, start_hz: float, end_hz: float | None = None, rate: int = RATE
+) -> np.ndarray:
     """A sine (or a linear chirp to `end_hz`) with 5 ms fades, at a random phase."""
     n = max(1, int(seconds * rate))
     hz = np.linspace(start_hz, end_hz if end_hz is not None else start_hz, n)

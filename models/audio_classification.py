@@ -74,7 +74,9 @@ class AudioClassification(TaskSpec):
     architectures = ("wav2vec2",)
     columns = (
         Column("audio", "the clip: WAV, FLAC, OGG or MP3 (bytes, a path or URI; base64 in requests)", kind="media"),
-        Column("label", "the class, a string or an int (in an audio folder: the sub-folder's name)", training_only=True),
+        Column(
+            "label", "the class, a string or an int (in an audio folder: the sub-folder's name)", training_only=True
+        ),
     )
     label_column = "label"
     best_metric = "accuracy"
@@ -94,12 +96,18 @@ class AudioClassification(TaskSpec):
         label2id = {name: i for i, name in id2label.items()}
         if source_dir:
             return AutoModelForAudioClassification.from_pretrained(
-                source_dir, num_labels=len(labels), id2label=id2label, label2id=label2id,
+                source_dir,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
                 ignore_mismatched_sizes=True,  # a new head on a checkpoint trained for other labels
-                trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
             )
         init = model_cfg.init
-        config = wav2vec2_config(init.size, init.overrides, num_labels=len(labels), id2label=id2label, label2id=label2id)
+        config = wav2vec2_config(
+            init.size, init.overrides, num_labels=len(labels), id2label=id2label, label2id=label2id
+        )
         return Wav2Vec2ForSequenceClassification(config)
 
     def load(self, model_dir):
@@ -129,7 +137,9 @@ class AudioClassification(TaskSpec):
             samples, errors[i] = read_clip(batch["audio"][i], rate, ctx.data)
             if samples is None:
                 continue
-            arrays["input_values"][i], arrays["spans"][i] = windows(samples, window_plan(len(samples), window, 0, 0), processor)
+            arrays["input_values"][i], arrays["spans"][i] = windows(
+                samples, window_plan(len(samples), window, 0, 0), processor
+            )
             lengths[i] = len(samples)
         return Features(arrays=arrays, lengths=lengths, errors=errors, flags=[None] * n)
 
@@ -137,7 +147,8 @@ class AudioClassification(TaskSpec):
         inputs = collate_windows(arrays["input_values"], arrays["spans"], processor)
         if arrays.get("label_id") is not None:  # every window of a clip learns the clip's label
             inputs["labels"] = torch.as_tensor(
-                [label for label, span in zip(arrays["label_id"], arrays["spans"]) for _ in range(len(span))], dtype=torch.long
+                [label for label, span in zip(arrays["label_id"], arrays["spans"]) for _ in range(len(span))],
+                dtype=torch.long,
             )
         return inputs
 
@@ -154,8 +165,10 @@ class AudioClassification(TaskSpec):
         k = min(int(parameters.get("top_k") or 5), probs.shape[-1])
         scores, ids = probs.topk(k, dim=-1)
         id2label = model.config.id2label
-        return [[{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
-                for row_scores, row_ids in zip(scores.tolist(), ids.tolist())]
+        return [
+            [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
+            for row_scores, row_ids in zip(scores.tolist(), ids.tolist())
+        ]
 
     def to_columns(self, predictions):
         return {

@@ -77,8 +77,9 @@ def build_tokenizer(transcripts, max_rows: int) -> Wav2Vec2CTCTokenizer:
         path = os.path.join(folder, "vocab.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(vocab, f, ensure_ascii=False)
-        return Wav2Vec2CTCTokenizer(path, bos_token=None, eos_token=None, unk_token=UNK, pad_token=PAD,
-                                    word_delimiter_token=DELIMITER)
+        return Wav2Vec2CTCTokenizer(
+            path, bos_token=None, eos_token=None, unk_token=UNK, pad_token=PAD, word_delimiter_token=DELIMITER
+        )
 
 
 def kept_frames(n_samples: int, left: int, right: int, frames: int) -> slice:
@@ -149,18 +150,27 @@ class SpeechRecognition(TaskSpec):
         return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
 
     def build_model(self, model_cfg, source_dir, labels, processor):
-        head = dict(vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
-                    ctc_loss_reduction="mean", ctc_zero_infinity=True)
+        head = dict(
+            vocab_size=len(processor.tokenizer),
+            pad_token_id=processor.tokenizer.pad_token_id,
+            ctc_loss_reduction="mean",
+            ctc_zero_infinity=True,
+        )
         if source_dir:
             return AutoModelForCTC.from_pretrained(
-                source_dir, **head, ignore_mismatched_sizes=True,  # a new head for a new vocabulary
-                trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+                source_dir,
+                **head,
+                ignore_mismatched_sizes=True,  # a new head for a new vocabulary
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
             )
         init = model_cfg.init
         return Wav2Vec2ForCTC(wav2vec2_config(init.size, init.overrides, **head))
 
     def load(self, model_dir):
-        return AutoModelForCTC.from_pretrained(model_dir, use_safetensors=True), AutoProcessor.from_pretrained(model_dir)
+        return AutoModelForCTC.from_pretrained(model_dir, use_safetensors=True), AutoProcessor.from_pretrained(
+            model_dir
+        )
 
     # --- preprocess / collate / postprocess -------------------------------------------------
     def preprocess(self, batch, processor, ctx):
@@ -180,8 +190,13 @@ class SpeechRecognition(TaskSpec):
             if supervised:
                 text = batch["text"][i] if "text" in batch else None
                 if not isinstance(text, str) or not text.strip():
-                    errors[i] = "text is null" if text is None else "text is empty" if isinstance(text, str) else \
-                        f"text is not a string (got {type(text).__name__})"
+                    errors[i] = (
+                        "text is null"
+                        if text is None
+                        else "text is empty"
+                        if isinstance(text, str)
+                        else f"text is not a string (got {type(text).__name__})"
+                    )
                     continue
                 arrays["reference"][i] = normalise(text)
                 arrays["labels"][i] = tokenizer(arrays["reference"][i]).input_ids

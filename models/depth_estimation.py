@@ -35,10 +35,34 @@ METRES = {"mm": 0.001, "cm": 0.01, "m": 1.0}
 
 # From-scratch sizes: GLPN's encoder is SegFormer's MiT; "tiny" trains on 64 px images in a minute on a CPU.
 GLPN_SIZES = {
-    "tiny": dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=32, image_size=64),
-    "mini": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=64, image_size=256),
-    "small": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=64, image_size=480),
-    "base": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 8, 27, 3], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=64, image_size=480),
+    "tiny": dict(
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 1, 2, 4],
+        decoder_hidden_size=32,
+        image_size=64,
+    ),
+    "mini": dict(
+        hidden_sizes=[32, 64, 160, 256],
+        depths=[2, 2, 2, 2],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=64,
+        image_size=256,
+    ),
+    "small": dict(
+        hidden_sizes=[64, 128, 320, 512],
+        depths=[2, 2, 2, 2],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=64,
+        image_size=480,
+    ),
+    "base": dict(
+        hidden_sizes=[64, 128, 320, 512],
+        depths=[3, 8, 27, 3],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=64,
+        image_size=480,
+    ),
 }
 
 
@@ -63,19 +87,31 @@ class DepthMetric(StreamingMetric):
         truth = inputs["labels"].to(self.sums.device).double()
         predicted = outputs.predicted_depth.double()
         if predicted.shape[-2:] != truth.shape[-2:]:
-            predicted = F.interpolate(predicted[:, None], size=truth.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            predicted = F.interpolate(predicted[:, None], size=truth.shape[-2:], mode="bilinear", align_corners=False)[
+                :, 0
+            ]
         valid = truth > 0
         d, t = predicted[valid].clamp(min=1e-6), truth[valid]
         ratio = torch.maximum(d / t, t / d)
-        self.sums += torch.stack([((d - t).abs() / t).sum(), ((d - t) ** 2).sum(), (ratio < 1.25).sum().double(),
-                                  torch.tensor(float(valid.sum()), dtype=torch.float64, device=d.device)])
+        self.sums += torch.stack(
+            [
+                ((d - t).abs() / t).sum(),
+                ((d - t) ** 2).sum(),
+                (ratio < 1.25).sum().double(),
+                torch.tensor(float(valid.sum()), dtype=torch.float64, device=d.device),
+            ]
+        )
 
     def compute(self):
         sums = self.sums.clone()
         if dist.is_initialized():
             dist.all_reduce(sums)
         count = float(sums[3]) or 1.0
-        return {"abs_rel": float(sums[0]) / count, "rmse": (float(sums[1]) / count) ** 0.5, "delta1": float(sums[2]) / count}
+        return {
+            "abs_rel": float(sums[0]) / count,
+            "rmse": (float(sums[1]) / count) ** 0.5,
+            "delta1": float(sums[2]) / count,
+        }
 
 
 class DepthEstimation(TaskSpec):
@@ -83,7 +119,9 @@ class DepthEstimation(TaskSpec):
     architectures = ("glpn",)
     columns = (
         Column("image", "the image: file bytes, or a path/URI to a JPEG/PNG/... file", kind="media"),
-        Column("depth", "the depth map: 16-bit PNG (mm) or .npy (metres); 0 = unknown", training_only=True, kind="media"),
+        Column(
+            "depth", "the depth map: 16-bit PNG (mm) or .npy (metres); 0 = unknown", training_only=True, kind="media"
+        ),
     )
     label_column = None
     best_metric = "abs_rel"
@@ -107,14 +145,18 @@ class DepthEstimation(TaskSpec):
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if source_dir:
-            return GLPNForDepthEstimation.from_pretrained(source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True)
+            return GLPNForDepthEstimation.from_pretrained(
+                source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
+            )
         init = model_cfg.init
         size = {k: v for k, v in GLPN_SIZES[init.size].items() if k != "image_size"}
         overrides = {k: v for k, v in init.overrides.items() if k != "image_size"}
         return GLPNForDepthEstimation(GLPNConfig(**size, **overrides))
 
     def load(self, model_dir):
-        return GLPNForDepthEstimation.from_pretrained(model_dir, use_safetensors=True), AutoImageProcessor.from_pretrained(model_dir)
+        return GLPNForDepthEstimation.from_pretrained(
+            model_dir, use_safetensors=True
+        ), AutoImageProcessor.from_pretrained(model_dir)
 
     # --- preprocess / collate / postprocess -------------------------------------------------
     def preprocess(self, batch, processor, ctx):
@@ -176,13 +218,22 @@ class DepthEstimation(TaskSpec):
             millimetres = np.clip(np.round(metres * 1000), 0, 65535).astype(np.uint16)
             low, high = float(metres.min()), float(metres.max())
             view = ((metres - low) / (high - low) * 255 if high > low else np.zeros_like(metres)).astype(np.uint8)
-            results.append({"predicted_depth": to_png_base64(millimetres), "depth": to_png_base64(view), "unit": "mm",
-                            "min": low, "max": high})
+            results.append(
+                {
+                    "predicted_depth": to_png_base64(millimetres),
+                    "depth": to_png_base64(view),
+                    "unit": "mm",
+                    "min": low,
+                    "max": high,
+                }
+            )
         return results
 
     def to_columns(self, predictions):
         def metres(p):
-            return (np.asarray(Image.open(io.BytesIO(base64.b64decode(p["predicted_depth"])))).astype(np.float32) / 1000).tolist()
+            return (
+                np.asarray(Image.open(io.BytesIO(base64.b64decode(p["predicted_depth"])))).astype(np.float32) / 1000
+            ).tolist()
 
         return {"predicted_depth": [metres(p) if p is not None else None for p in predictions]}
 
@@ -216,8 +267,13 @@ class DepthEstimation(TaskSpec):
             depth = np.round(metres * 1000).astype(np.uint16)
             x0, y0 = rng.randint(0, w - 10), rng.randint(0, h - 10)
             depth[y0 : y0 + rng.randint(4, 10), x0 : x0 + rng.randint(4, 10)] = 0
-            rows.append({"id": f"depth-{seed}-{i}", "image": encode_png(np.clip(image, 0, 255).astype(np.uint8)),
-                         "depth": encode_png(depth)})
+            rows.append(
+                {
+                    "id": f"depth-{seed}-{i}",
+                    "image": encode_png(np.clip(image, 0, 255).astype(np.uint8)),
+                    "depth": encode_png(depth),
+                }
+            )
         return rows
 
 

@@ -26,7 +26,9 @@ from models.text_classification import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
 IGNORE = -100
-FILLED = pa.struct([("score", pa.float64()), ("token", pa.int64()), ("token_str", pa.string()), ("sequence", pa.string())])
+FILLED = pa.struct(
+    [("score", pa.float64()), ("token", pa.int64()), ("token_str", pa.string()), ("sequence", pa.string())]
+)
 
 
 class Options(BaseModel):
@@ -35,8 +37,9 @@ class Options(BaseModel):
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # share of word pieces the model must restore
 
 
-def mask_tokens(ids: np.ndarray, maskable: np.ndarray, probability: float, rng: np.random.Generator,
-                mask_id: int, vocab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+    ids: np.ndarray, maskable: np.ndarray, probability: float, rng: np.random.Generator, mask_id: int, vocab: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """BERT's masking of one row: (inputs, labels); at least one piece is chosen when any can be."""
     chosen = (rng.random(len(ids)) < probability) & maskable
     if not chosen.any() and maskable.any():
@@ -66,9 +69,14 @@ class MaskedLMMetric(StreamingMetric):
         logits, targets = outputs.logits[chosen].float(), labels[chosen]
         loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        self.sums += torch.stack([loss.double(), (top5[:, 0] == targets).sum().double(),
-                                  (top5 == targets[:, None]).any(-1).sum().double(),
-                                  torch.tensor(float(len(targets)), dtype=torch.float64, device=loss.device)]).to(self.sums.device)
+        self.sums += torch.stack(
+            [
+                loss.double(),
+                (top5[:, 0] == targets).sum().double(),
+                (top5 == targets[:, None]).any(-1).sum().double(),
+                torch.tensor(float(len(targets)), dtype=torch.float64, device=loss.device),
+            ]
+        ).to(self.sums.device)
 
     def compute(self):
         sums = self.sums.clone()
@@ -76,7 +84,11 @@ class MaskedLMMetric(StreamingMetric):
             dist.all_reduce(sums)
         loss, top1, top5, count = sums.tolist()
         count = max(count, 1)
-        return {"perplexity": float(np.exp(min(loss / count, 50.0))), "accuracy": top1 / count, "top5_accuracy": top5 / count}
+        return {
+            "perplexity": float(np.exp(min(loss / count, 50.0))),
+            "accuracy": top1 / count,
+            "top5_accuracy": top5 / count,
+        }
 
 
 class FillMask(TaskSpec):
@@ -94,14 +106,25 @@ class FillMask(TaskSpec):
         if source_dir:
             return load_tokenizer(source_dir, model_cfg.max_length)
         texts = (row["text"] for row in train_rows if isinstance(row.get("text"), str))
-        return train_wordpiece(texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512)
+        return train_wordpiece(
+            texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512
+        )
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if source_dir:
-            return AutoModelForMaskedLM.from_pretrained(source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True)
+            return AutoModelForMaskedLM.from_pretrained(
+                source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
+            )
         limit = processor.model_max_length
-        return BertForMaskedLM(BertConfig(**BERT_SIZES[model_cfg.init.size], vocab_size=len(processor), pad_token_id=processor.pad_token_id,
-                                          max_position_embeddings=max(limit, 64) if limit < 10**6 else 512, **model_cfg.init.overrides))
+        return BertForMaskedLM(
+            BertConfig(
+                **BERT_SIZES[model_cfg.init.size],
+                vocab_size=len(processor),
+                pad_token_id=processor.pad_token_id,
+                max_position_embeddings=max(limit, 64) if limit < 10**6 else 512,
+                **model_cfg.init.overrides,
+            )
+        )
 
     def load(self, model_dir):
         return AutoModelForMaskedLM.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(model_dir, None)
@@ -147,10 +170,15 @@ class FillMask(TaskSpec):
             masked = []
             for ids, seed, probability in zip(rows, arrays["mask_seed"], arrays["mlm_probability"]):
                 rng = np.random.default_rng(None if seed < 0 else int(seed))
-                masked.append(mask_tokens(ids, ~np.isin(ids, special), float(probability), rng, processor.mask_token_id, vocab))
+                masked.append(
+                    mask_tokens(ids, ~np.isin(ids, special), float(probability), rng, processor.mask_token_id, vocab)
+                )
             rows = [inputs for inputs, _ in masked]
             labels = pad([labels for _, labels in masked], IGNORE)
-        inputs = {"input_ids": pad(rows, processor.pad_token_id), "attention_mask": pad([np.ones(len(r)) for r in rows], 0)}
+        inputs = {
+            "input_ids": pad(rows, processor.pad_token_id),
+            "attention_mask": pad([np.ones(len(r)) for r in rows], 0),
+        }
         if arrays.get("mask_seed") is not None:
             inputs["labels"] = labels
         return inputs
@@ -174,8 +202,14 @@ class FillMask(TaskSpec):
                 for score, token in zip(scores, tokens):
                     filled = ids.copy()
                     filled[position] = token
-                    fills.append({"score": score, "token": token, "token_str": processor.decode([token]),
-                                  "sequence": processor.decode(filled, skip_special_tokens=single)})
+                    fills.append(
+                        {
+                            "score": score,
+                            "token": token,
+                            "token_str": processor.decode([token]),
+                            "sequence": processor.decode(filled, skip_special_tokens=single),
+                        }
+                    )
                 per_mask.append(fills)
             results.append(per_mask[0] if single else per_mask)
         return results
@@ -198,11 +232,39 @@ class FillMask(TaskSpec):
         The first row is a cloze with a [MASK]: the input Serve's health check predicts."""
         rng = random.Random(seed)
         pairs = [
-            ("the {} says {} .", [("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("owl", "hoot"), ("snake", "hiss")]),
-            ("the capital of {} is {} .", [("france", "paris"), ("japan", "tokyo"), ("peru", "lima"), ("norway", "oslo"),
-                                           ("egypt", "cairo"), ("kenya", "nairobi")]),
-            ("{} is the opposite of {} .", [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"),
-                                            ("early", "late"), ("happy", "sad")]),
+            (
+                "the {} says {} .",
+                [
+                    ("cow", "moo"),
+                    ("dog", "woof"),
+                    ("cat", "meow"),
+                    ("duck", "quack"),
+                    ("owl", "hoot"),
+                    ("snake", "hiss"),
+                ],
+            ),
+            (
+                "the capital of {} is {} .",
+                [
+                    ("france", "paris"),
+                    ("japan", "tokyo"),
+                    ("peru", "lima"),
+                    ("norway", "oslo"),
+                    ("egypt", "cairo"),
+                    ("kenya", "nairobi"),
+                ],
+            ),
+            (
+                "{} is the opposite of {} .",
+                [
+                    ("hot", "cold"),
+                    ("up", "down"),
+                    ("big", "small"),
+                    ("fast", "slow"),
+                    ("early", "late"),
+                    ("happy", "sad"),
+                ],
+            ),
         ]
         openers = ["", "", "", "everyone knows that", "as usual"]
         rows = []

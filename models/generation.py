@@ -39,8 +39,10 @@ def check_parameters(parameters: dict, accepted: tuple[str, ...], limit: int, ta
     checked = sanitize(parameters, {key: RULES[key] for key in accepted}, f"generation parameter of {task}")
     for key in ("max_new_tokens", "min_new_tokens"):
         if checked.get(key, 0) > limit:
-            raise ParameterError(f"parameters.{key}: {checked[key]} is over this model's limit of {limit} "
-                                 "(task_options.max_new_tokens_limit)")
+            raise ParameterError(
+                f"parameters.{key}: {checked[key]} is over this model's limit of {limit} "
+                "(task_options.max_new_tokens_limit)"
+            )
     return checked
 
 

@@ -75,7 +75,9 @@ def eval_pixels(image: Image.Image, processor) -> np.ndarray:
     short = int(shortest / crop_pct)
     w, h = image.size
     scale = short / min(w, h)
-    resized = image.resize((max(round(w * scale), shortest), max(round(h * scale), shortest)), resample=processor.resample)
+    resized = image.resize(
+        (max(round(w * scale), shortest), max(round(h * scale), shortest)), resample=processor.resample
+    )
     left, top = (resized.width - shortest) // 2, (resized.height - shortest) // 2
     return np.asarray(resized.crop((left, top, left + shortest, top + shortest)), dtype=np.uint8)
 
@@ -101,7 +103,11 @@ class ImageClassification(TaskSpec):
     name = "image-classification"
     architectures = ("vit", "convnext")
     columns = (
-        Column("image", "the image: file bytes, a path or URI (relative to the data file), base64 in requests", kind="media"),
+        Column(
+            "image",
+            "the image: file bytes, a path or URI (relative to the data file), base64 in requests",
+            kind="media",
+        ),
         Column("label", "the class, a string or an int (an image folder: the sub-folder's name)", training_only=True),
     )
     label_column = "label"
@@ -118,8 +124,9 @@ class ImageClassification(TaskSpec):
         init = model_cfg.init
         side = int(init.overrides.get("image_size", DEFAULT_IMAGE_SIZE[init.size]))
         if init.architecture == "convnext":
-            return ConvNextImageProcessorPil(size={"shortest_edge": side}, crop_pct=0.875,
-                                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
+            return ConvNextImageProcessorPil(
+                size={"shortest_edge": side}, crop_pct=0.875, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            )
         return ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
     def build_model(self, model_cfg, source_dir, labels, processor):
@@ -127,17 +134,25 @@ class ImageClassification(TaskSpec):
         label2id = {name: i for i, name in id2label.items()}
         if source_dir:
             return AutoModelForImageClassification.from_pretrained(
-                source_dir, num_labels=len(labels), id2label=id2label, label2id=label2id,
+                source_dir,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
                 ignore_mismatched_sizes=True,  # a new head on a checkpoint trained for other labels
-                trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
             )
         init = model_cfg.init
         overrides = {k: v for k, v in init.overrides.items() if k != "image_size"}
         common = dict(num_labels=len(labels), id2label=id2label, label2id=label2id, num_channels=3)
         if init.architecture == "convnext":
-            return ConvNextForImageClassification(ConvNextConfig(**{**CONVNEXT_SIZES[init.size], **common, **overrides}))
+            return ConvNextForImageClassification(
+                ConvNextConfig(**{**CONVNEXT_SIZES[init.size], **common, **overrides})
+            )
         side = image_size(processor)[0]
-        return ViTForImageClassification(ViTConfig(**{**VIT_SIZES[init.size], "image_size": side, **common, **overrides}))
+        return ViTForImageClassification(
+            ViTConfig(**{**VIT_SIZES[init.size], "image_size": side, **common, **overrides})
+        )
 
     def load(self, model_dir):
         model = AutoModelForImageClassification.from_pretrained(model_dir, use_safetensors=True)
@@ -193,8 +208,10 @@ class ImageClassification(TaskSpec):
         k = min(int(parameters.get("top_k") or 5), probs.shape[-1])
         scores, ids = probs.topk(k, dim=-1)
         id2label = model.config.id2label
-        return [[{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
-                for row_scores, row_ids in zip(scores.tolist(), ids.tolist())]
+        return [
+            [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
+            for row_scores, row_ids in zip(scores.tolist(), ids.tolist())
+        ]
 
     def to_columns(self, predictions):
         return {
@@ -221,7 +238,9 @@ class ImageClassification(TaskSpec):
         rows = []
         for i in range(n):
             label = rng.choice(sorted(colours))
-            rows.append({"id": f"img-{seed}-{i}", "image": encode_png(shape_image(rng, colours[label])), "label": label})
+            rows.append(
+                {"id": f"img-{seed}-{i}", "image": encode_png(shape_image(rng, colours[label])), "label": label}
+            )
         return rows
 
 

@@ -50,7 +50,11 @@ def decode_map(data: bytes | None, name: str, max_pixels: int) -> tuple[np.ndarr
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                return None, f"{name} has {width * height} pixels ({width}x{height}), more than data.max_image_pixels={max_pixels}"
+                return (
+                    None,
+                    f"{name} has {width * height} pixels ({width}x{height}), more than "
+                    f"data.max_image_pixels={max_pixels}",
+                )
             image.load()
     except Image.DecompressionBombError:
         return None, f"{name} has more pixels than data.max_image_pixels={max_pixels}"
@@ -62,7 +66,11 @@ def decode_map(data: bytes | None, name: str, max_pixels: int) -> tuple[np.ndarr
         return np.asarray(image), None
     if image.mode == "LA":
         return np.asarray(image.getchannel("L")), None
-    return None, f"{name} has mode {image.mode}; expected one channel of ids or depths (8/16-bit grayscale or palette PNG, or .npy)"
+    return (
+        None,
+        f"{name} has mode {image.mode}; expected one channel of ids or depths (8/16-bit grayscale or palette PNG, or "
+        ".npy)",
+    )
 
 
 def fit_to(array: np.ndarray, height: int, width: int, name: str) -> tuple[np.ndarray | None, str | None, str | None]:
@@ -97,6 +105,7 @@ def folder_pairs(files: list[str], maps: dict[str, str], image_suffixes: tuple[s
     """The folder layout of image + map pairs: `images/x.jpg` with `<folder>/x.png|.npy` beside `images/`
     for each map folder in `maps` (folder name -> column), at any depth; a missing map is None. A folder
     without `images/` (a plain corpus to predict) gives every image file outside the map folders."""
+
     def split(path):
         folder, _, name = path.rpartition("/")
         parent, _, kind = folder.rpartition("/")
@@ -119,6 +128,7 @@ def folder_pairs(files: list[str], maps: dict[str, str], image_suffixes: tuple[s
 
 # --- output encodings --------------------------------------------------------------------------
 
+
 def rle_encode(mask: np.ndarray) -> dict:
     """A boolean HxW mask -> COCO run-length encoding {"size": [h, w], "counts": str}."""
     rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -128,4 +138,6 @@ def rle_encode(mask: np.ndarray) -> dict:
 def rle_decode(rle: dict) -> np.ndarray:
     """COCO run-length encoding as `rle_encode` writes it -> boolean HxW mask."""
     counts = rle["counts"]
-    return coco_mask.decode({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}).astype(bool)
+    return coco_mask.decode(
+        {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    ).astype(bool)

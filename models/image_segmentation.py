@@ -43,30 +43,95 @@ from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, 
 from models.parameters import THRESHOLD, Choice, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
-IGNORE = 255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
+IGNORE = (
+    255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
+)
 
-# From-scratch sizes; "tiny" trains on 64 px images in a minute on a laptop CPU, "mini".."base" follow MiT-b0..b2 / Swin-T.
+# From-scratch sizes; "tiny" trains on 64 px images in a minute on a laptop CPU, "mini".."base" follow MiT-b0..b2 /
+# Swin-T.
 SEGFORMER_SIZES = {
-    "tiny": dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 4], decoder_hidden_size=64, image_size=64),
-    "mini": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=256, image_size=256),
-    "small": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=256, image_size=512),
-    "base": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=768, image_size=512),
+    "tiny": dict(
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 1, 2, 4],
+        decoder_hidden_size=64,
+        image_size=64,
+    ),
+    "mini": dict(
+        hidden_sizes=[32, 64, 160, 256],
+        depths=[2, 2, 2, 2],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=256,
+        image_size=256,
+    ),
+    "small": dict(
+        hidden_sizes=[64, 128, 320, 512],
+        depths=[2, 2, 2, 2],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=256,
+        image_size=512,
+    ),
+    "base": dict(
+        hidden_sizes=[64, 128, 320, 512],
+        depths=[3, 4, 6, 3],
+        num_attention_heads=[1, 2, 5, 8],
+        decoder_hidden_size=768,
+        image_size=512,
+    ),
 }
 MASK2FORMER_SIZES = {
-    "tiny": dict(swin=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=4), hidden=32, ffn=64,
-                 encoder_layers=1, decoder_layers=2, heads=2, num_queries=16, train_num_points=1024, image_size=64),
-    "mini": dict(swin=dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=7), hidden=128, ffn=512,
-                 encoder_layers=3, decoder_layers=6, heads=4, num_queries=50, train_num_points=4096, image_size=256),
-    "small": dict(swin=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7), hidden=256, ffn=1024,
-                  encoder_layers=6, decoder_layers=10, heads=8, num_queries=100, train_num_points=12544, image_size=384),
-    "base": dict(swin=dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7), hidden=256, ffn=2048,
-                 encoder_layers=6, decoder_layers=10, heads=8, num_queries=100, train_num_points=12544, image_size=384),
+    "tiny": dict(
+        swin=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=4),
+        hidden=32,
+        ffn=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        heads=2,
+        num_queries=16,
+        train_num_points=1024,
+        image_size=64,
+    ),
+    "mini": dict(
+        swin=dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=7),
+        hidden=128,
+        ffn=512,
+        encoder_layers=3,
+        decoder_layers=6,
+        heads=4,
+        num_queries=50,
+        train_num_points=4096,
+        image_size=256,
+    ),
+    "small": dict(
+        swin=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
+        hidden=256,
+        ffn=1024,
+        encoder_layers=6,
+        decoder_layers=10,
+        heads=8,
+        num_queries=100,
+        train_num_points=12544,
+        image_size=384,
+    ),
+    "base": dict(
+        swin=dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7),
+        hidden=256,
+        ffn=2048,
+        encoder_layers=6,
+        decoder_layers=10,
+        heads=8,
+        num_queries=100,
+        train_num_points=12544,
+        image_size=384,
+    ),
 }
 
 
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    subtask: Literal["semantic", "instance", "panoptic"] = "semantic"  # what training teaches (instance/panoptic: Mask2Former)
+    subtask: Literal["semantic", "instance", "panoptic"] = (
+        "semantic"  # what training teaches (instance/panoptic: Mask2Former)
+    )
     ignore_index: int = Field(IGNORE, ge=0, le=65535)  # the mask value of pixels to leave out of loss and metrics
     augment: bool = True  # random horizontal flips of the training split
     pq_threshold: float = Field(0.8, gt=0, lt=1)  # segment score kept when evaluating panoptic quality
@@ -128,7 +193,8 @@ class SegmentationMetric(StreamingMetric):
         if self.panoptic:
             size = tuple(target.shape[-2:])
             found = self.processor.post_process_panoptic_segmentation(
-                outputs, threshold=self.threshold, target_sizes=[size] * len(target))
+                outputs, threshold=self.threshold, target_sizes=[size] * len(target)
+            )
             for result, masks, classes, void in zip(found, arrays["segment_masks"], arrays["segment_classes"], ~valid):
                 self.match(result, torch.from_numpy(masks).bool().to(void.device), classes, void)
 
@@ -181,7 +247,9 @@ def semantic_map(outputs, size) -> torch.Tensor:
         logits = F.interpolate(outputs.logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
         return logits.argmax(1)
     classes = outputs.class_queries_logits.float().softmax(-1)[..., :-1]  # drop "no object"
-    masks = F.interpolate(outputs.masks_queries_logits.float(), size=tuple(size), mode="bilinear", align_corners=False).sigmoid()
+    masks = F.interpolate(
+        outputs.masks_queries_logits.float(), size=tuple(size), mode="bilinear", align_corners=False
+    ).sigmoid()
     return torch.einsum("bqc,bqhw->bchw", classes, masks).argmax(1)
 
 
@@ -198,17 +266,31 @@ class ImageSegmentation(TaskSpec):
     architectures = ("segformer", "mask2former")
     columns = (
         Column("image", "the image: file bytes, or a path/URI to a JPEG/PNG/... file", kind="media"),
-        Column("mask", "one-channel map of class ids (index into data.labels) per pixel", training_only=True, kind="media"),
-        Column("instances", "one-channel map of instance ids per pixel (0: none), for instance/panoptic training",
-               required=False, training_only=True, kind="media"),
+        Column(
+            "mask", "one-channel map of class ids (index into data.labels) per pixel", training_only=True, kind="media"
+        ),
+        Column(
+            "instances",
+            "one-channel map of instance ids per pixel (0: none), for instance/panoptic training",
+            required=False,
+            training_only=True,
+            kind="media",
+        ),
     )
     label_column = None  # class names come from data.labels (index = the id in the masks)
     best_metric = "mean_iou"
     best_metric_mode = "max"
-    output_columns = {"segments": pa.list_(pa.struct([
-        ("label", pa.string()), ("score", pa.float64()),
-        ("mask", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
-    ]))}
+    output_columns = {
+        "segments": pa.list_(
+            pa.struct(
+                [
+                    ("label", pa.string()),
+                    ("score", pa.float64()),
+                    ("mask", pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])),
+                ]
+            )
+        )
+    }
     Options = Options
     media_suffixes = IMAGE_SUFFIXES
 
@@ -228,38 +310,73 @@ class ImageSegmentation(TaskSpec):
             return SegformerImageProcessorPil(size={"height": side, "width": side}, do_reduce_labels=False)
         if side < 64:  # its stride-32 features would be 1x1, which GroupNorm refuses for a single image
             raise UserError(f"model.init.overrides.image_size: Mask2Former needs at least 64 px, got {side}")
-        return Mask2FormerImageProcessorPil(size={"height": side, "width": side}, size_divisor=32,
-                                            do_reduce_labels=False, ignore_index=IGNORE)
+        return Mask2FormerImageProcessorPil(
+            size={"height": side, "width": side}, size_divisor=32, do_reduce_labels=False, ignore_index=IGNORE
+        )
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if len(labels) > 255:
-            raise UserError(f"data.labels: {len(labels)} classes; image-segmentation takes at most 255 (ids 0..254, 255 = ignore)")
-        named = dict(num_labels=len(labels), id2label={i: str(c) for i, c in enumerate(labels)},
-                     label2id={str(c): i for i, c in enumerate(labels)}) if labels else {}
+            raise UserError(
+                f"data.labels: {len(labels)} classes; image-segmentation takes at most 255 (ids 0..254, 255 = ignore)"
+            )
+        named = (
+            dict(
+                num_labels=len(labels),
+                id2label={i: str(c) for i, c in enumerate(labels)},
+                label2id={str(c): i for i, c in enumerate(labels)},
+            )
+            if labels
+            else {}
+        )
         if source_dir:
             model_type = AutoConfig.from_pretrained(source_dir).model_type
             return model_class(model_type).from_pretrained(
-                source_dir, **named, ignore_mismatched_sizes=bool(named), trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True)
+                source_dir,
+                **named,
+                ignore_mismatched_sizes=bool(named),
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
+            )
         if not labels:
-            raise UserError("data.labels: image-segmentation from scratch needs the class names, in id order (index = the value in the masks)")
+            raise UserError(
+                "data.labels: image-segmentation from scratch needs the class names, in id order (index = the value "
+                "in the masks)"
+            )
         init = model_cfg.init
         overrides = {k: v for k, v in init.overrides.items() if k != "image_size"}
         if init.architecture == "segformer":
             size = {k: v for k, v in SEGFORMER_SIZES[init.size].items() if k != "image_size"}
-            return SegformerForSemanticSegmentation(SegformerConfig(**size, semantic_loss_ignore_index=IGNORE, **named, **overrides))
+            return SegformerForSemanticSegmentation(
+                SegformerConfig(**size, semantic_loss_ignore_index=IGNORE, **named, **overrides)
+            )
         size = MASK2FORMER_SIZES[init.size]
         side = image_size(processor)[0]
-        backbone = SwinConfig(image_size=side, patch_size=4, out_features=["stage1", "stage2", "stage3", "stage4"], **size["swin"])
+        backbone = SwinConfig(
+            image_size=side, patch_size=4, out_features=["stage1", "stage2", "stage3", "stage4"], **size["swin"]
+        )
         config = Mask2FormerConfig(
-            backbone_config=backbone, feature_size=size["hidden"], mask_feature_size=size["hidden"], hidden_dim=size["hidden"],
-            encoder_feedforward_dim=size["ffn"], dim_feedforward=size["ffn"], encoder_layers=size["encoder_layers"],
-            decoder_layers=size["decoder_layers"], num_attention_heads=size["heads"], num_queries=size["num_queries"],
-            train_num_points=size["train_num_points"], ignore_value=IGNORE, **named, **overrides)
+            backbone_config=backbone,
+            feature_size=size["hidden"],
+            mask_feature_size=size["hidden"],
+            hidden_dim=size["hidden"],
+            encoder_feedforward_dim=size["ffn"],
+            dim_feedforward=size["ffn"],
+            encoder_layers=size["encoder_layers"],
+            decoder_layers=size["decoder_layers"],
+            num_attention_heads=size["heads"],
+            num_queries=size["num_queries"],
+            train_num_points=size["train_num_points"],
+            ignore_value=IGNORE,
+            **named,
+            **overrides,
+        )
         return Mask2FormerForUniversalSegmentation(config)
 
     def load(self, model_dir):
         model_type = AutoConfig.from_pretrained(model_dir).model_type
-        return model_class(model_type).from_pretrained(model_dir, use_safetensors=True), AutoImageProcessor.from_pretrained(model_dir)
+        return model_class(model_type).from_pretrained(
+            model_dir, use_safetensors=True
+        ), AutoImageProcessor.from_pretrained(model_dir)
 
     # --- preprocess / collate / postprocess -------------------------------------------------
     def preprocess(self, batch, processor, ctx):
@@ -268,10 +385,15 @@ class ImageSegmentation(TaskSpec):
         training = ctx.labels is not None
         universal = is_universal(processor)
         if training and options.subtask != "semantic" and not universal:
-            raise UserError(f"task_options.subtask: {options.subtask} segmentation needs a Mask2Former model (model.init.architecture: mask2former)")
+            raise UserError(
+                f"task_options.subtask: {options.subtask} segmentation needs a Mask2Former model "
+                "(model.init.architecture: mask2former)"
+            )
         height, width = image_size(processor)
         max_pixels = ctx.data.max_image_pixels if ctx.data is not None else 89_478_485
-        keys = ["pixels", "size"] + (["labels"] + (["segment_masks", "segment_classes"] if universal else []) if training else [])
+        keys = ["pixels", "size"] + (
+            ["labels"] + (["segment_masks", "segment_classes"] if universal else []) if training else []
+        )
         arrays = {key: [None] * n for key in keys}
         errors, flags, lengths = [None] * n, [None] * n, [0] * n
         rng = random.Random()
@@ -279,7 +401,9 @@ class ImageSegmentation(TaskSpec):
             image, why = decode_image(batch["image"][i], max_pixels)
             notes = []
             if why is None and training:
-                semantic, instances, why, notes = self.targets(batch, i, image.size, len(ctx.labels), options, processor, max_pixels)
+                semantic, instances, why, notes = self.targets(
+                    batch, i, image.size, len(ctx.labels), options, processor, max_pixels
+                )
             if why is not None:
                 errors[i] = why
                 continue
@@ -294,7 +418,9 @@ class ImageSegmentation(TaskSpec):
                     semantic, instances = flip(semantic), flip(instances) if instances is not None else None
                 arrays["labels"][i] = semantic
                 if universal:
-                    arrays["segment_masks"][i], arrays["segment_classes"][i] = segments(semantic, instances, options.subtask)
+                    arrays["segment_masks"][i], arrays["segment_classes"][i] = segments(
+                        semantic, instances, options.subtask
+                    )
             lengths[i] = height * width
             flags[i] = "; ".join(notes) or None
         return Features(arrays=arrays, lengths=lengths, errors=errors, flags=flags)
@@ -319,14 +445,27 @@ class ImageSegmentation(TaskSpec):
             mask = mask - 1
         bad = np.unique(mask[~ignore & ((mask < 0) | (mask >= num_labels))])
         if bad.size:
-            return None, None, (f"mask has class id(s) {bad[:5].tolist()} outside data.labels ({num_labels} classes: 0..{num_labels - 1}; "
-                                f"{options.ignore_index} = ignore)"), []
+            return (
+                None,
+                None,
+                (
+                    f"mask has class id(s) {bad[:5].tolist()} outside data.labels ({num_labels} classes: "
+                    f"0..{num_labels - 1}; "
+                    f"{options.ignore_index} = ignore)"
+                ),
+                [],
+            )
         semantic = np.where(ignore, IGNORE, mask).astype(np.uint8)
         instances = None
         if options.subtask != "semantic":
             given = batch.get("instances", [None] * (i + 1))[i]
             if given is None:
-                return None, None, f"instances is null ({options.subtask} training needs an instance id map per image)", []
+                return (
+                    None,
+                    None,
+                    f"instances is null ({options.subtask} training needs an instance id map per image)",
+                    [],
+                )
             instances, why = decode_map(given, "instances", max_pixels)
             if why is None:
                 instances, note, why = fit_to(np.asarray(instances).astype(np.int64), height, width, "instances")
@@ -344,15 +483,22 @@ class ImageSegmentation(TaskSpec):
         if arrays.get("labels") is not None:
             if universal:
                 inputs["mask_labels"] = [torch.from_numpy(m).float() for m in arrays["segment_masks"]]
-                inputs["class_labels"] = [torch.from_numpy(np.asarray(c, dtype=np.int64)) for c in arrays["segment_classes"]]
+                inputs["class_labels"] = [
+                    torch.from_numpy(np.asarray(c, dtype=np.int64)) for c in arrays["segment_classes"]
+                ]
             else:
                 inputs["labels"] = torch.from_numpy(np.stack(arrays["labels"]).astype(np.int64))
         return inputs
 
     def sanitize_parameters(self, parameters, options):
-        """`subtask` (semantic, instance, panoptic), `threshold`, `mask_threshold`, `overlap_mask_area_threshold` (0-1)."""
-        rules = {"subtask": Choice(("semantic", "instance", "panoptic")), "threshold": THRESHOLD, "mask_threshold": THRESHOLD,
-                 "overlap_mask_area_threshold": THRESHOLD}
+        """`subtask` (semantic, instance, panoptic), `threshold`, `mask_threshold`,
+        `overlap_mask_area_threshold` (0-1)."""
+        rules = {
+            "subtask": Choice(("semantic", "instance", "panoptic")),
+            "threshold": THRESHOLD,
+            "mask_threshold": THRESHOLD,
+            "overlap_mask_area_threshold": THRESHOLD,
+        }
         return sanitize(parameters, rules, f"parameter of {self.name}")
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
@@ -364,18 +510,45 @@ class ImageSegmentation(TaskSpec):
         if subtask == "semantic":
             for seg in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes):
                 seg = seg.cpu().numpy()
-                results.append([{"score": None, "label": id2label[int(c)], "mask": to_png_base64(((seg == c) * 255).astype(np.uint8))}
-                                for c in np.unique(seg)])
+                results.append(
+                    [
+                        {
+                            "score": None,
+                            "label": id2label[int(c)],
+                            "mask": to_png_base64(((seg == c) * 255).astype(np.uint8)),
+                        }
+                        for c in np.unique(seg)
+                    ]
+                )
             return results
         if subtask not in ("instance", "panoptic") or not universal:
-            raise UserError(f"parameters.subtask: {subtask!r} is not available for {model.config.model_type} (semantic only)")
-        method = processor.post_process_panoptic_segmentation if subtask == "panoptic" else processor.post_process_instance_segmentation
-        found = method(outputs, threshold=float(parameters.get("threshold", 0.9)), mask_threshold=float(parameters.get("mask_threshold", 0.5)),
-                       overlap_mask_area_threshold=float(parameters.get("overlap_mask_area_threshold", 0.5)), target_sizes=sizes)
+            raise UserError(
+                f"parameters.subtask: {subtask!r} is not available for {model.config.model_type} (semantic only)"
+            )
+        method = (
+            processor.post_process_panoptic_segmentation
+            if subtask == "panoptic"
+            else processor.post_process_instance_segmentation
+        )
+        found = method(
+            outputs,
+            threshold=float(parameters.get("threshold", 0.9)),
+            mask_threshold=float(parameters.get("mask_threshold", 0.5)),
+            overlap_mask_area_threshold=float(parameters.get("overlap_mask_area_threshold", 0.5)),
+            target_sizes=sizes,
+        )
         for result in found:
             seg = result["segmentation"].cpu().numpy()
-            results.append([{"score": info["score"], "label": id2label[info["label_id"]],
-                             "mask": to_png_base64(((seg == info["id"]) * 255).astype(np.uint8))} for info in result["segments_info"]])
+            results.append(
+                [
+                    {
+                        "score": info["score"],
+                        "label": id2label[info["label_id"]],
+                        "mask": to_png_base64(((seg == info["id"]) * 255).astype(np.uint8)),
+                    }
+                    for info in result["segments_info"]
+                ]
+            )
         return results
 
     def to_columns(self, predictions):
@@ -421,8 +594,14 @@ class ImageSegmentation(TaskSpec):
                         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
                     else:
                         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-            rows.append({"id": f"img-{seed}-{i}", "image": encode_png(image), "mask": encode_png(mask),
-                         "instances": encode_png(instances)})
+            rows.append(
+                {
+                    "id": f"img-{seed}-{i}",
+                    "image": encode_png(image),
+                    "mask": encode_png(mask),
+                    "instances": encode_png(instances),
+                }
+            )
         return rows
 
 

@@ -50,7 +50,10 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[Image.Image | Non
         return None, f"image is corrupt ({one_line(e)})"
     width, height = image.size
     if width * height > max_pixels:
-        return None, f"image has {width * height} pixels ({width}x{height}), more than data.max_image_pixels={max_pixels}"
+        return (
+            None,
+            f"image has {width * height} pixels ({width}x{height}), more than data.max_image_pixels={max_pixels}",
+        )
     if width == 0 or height == 0:
         return None, f"image has no pixels ({width}x{height})"
     try:
@@ -103,15 +106,25 @@ def one_line(error: BaseException) -> str:
 
 # --- resizing and augmentation -------------------------------------------------------------------
 
-def resize(image: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float] | None = None,
-           resample: int = Image.Resampling.BILINEAR) -> np.ndarray:
+
+def resize(
+    image: Image.Image,
+    size: tuple[int, int],
+    box: tuple[float, float, float, float] | None = None,
+    resample: int = Image.Resampling.BILINEAR,
+) -> np.ndarray:
     """The image (or its `box` region: left, top, right, bottom) resized to `size` (height, width), uint8 HWC."""
     height, width = size
     return np.asarray(image.resize((width, height), resample=resample, box=box), dtype=np.uint8)
 
 
-def random_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    rng: random.Random | None = None) -> tuple[int, int, int, int]:
+def random_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    rng: random.Random | None = None,
+) -> tuple[int, int, int, int]:
     """A random-resized-crop region (left, top, right, bottom) as torchvision picks it: an area fraction
     in `scale` and an aspect ratio in `ratio`; the whole image when ten tries fail. Return it so masks
     and boxes follow the same crop as the image."""
@@ -153,6 +166,7 @@ def pixel_values(images: list[np.ndarray], processor) -> torch.Tensor:
 
 
 # --- encoding ------------------------------------------------------------------------------------
+
 
 def encode_png(array_or_image) -> bytes:
     """A PIL image or a numpy array (HW or HWC uint8, HW uint16) -> PNG file bytes."""

@@ -26,7 +26,13 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection, ResNetConfig
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    DetrConfig,
+    DetrForObjectDetection,
+    ResNetConfig,
+)
 from transformers import DetrImageProcessorPil
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
@@ -37,17 +43,48 @@ from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, 
 # From-scratch sizes: a ResNet backbone (its last stage feeds the transformer) and a DETR on top.
 DETR_SIZES = {
     # tiny: stride-8 features (two ResNet stages), up to 6 objects per image; learns the demo set in ~1000 steps
-    "tiny": dict(backbone=dict(hidden_sizes=[16, 32], depths=[1, 1]), d_model=64, layers=2, heads=2, ffn=128, queries=6),
-    "mini": dict(backbone=dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1]), d_model=128, layers=3, heads=4, ffn=512, queries=50),
-    "small": dict(backbone=dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2]), d_model=256, layers=6, heads=8, ffn=1024, queries=100),
-    "base": dict(backbone=dict(hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3]), d_model=256, layers=6, heads=8, ffn=2048, queries=100),
+    "tiny": dict(
+        backbone=dict(hidden_sizes=[16, 32], depths=[1, 1]), d_model=64, layers=2, heads=2, ffn=128, queries=6
+    ),
+    "mini": dict(
+        backbone=dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1]),
+        d_model=128,
+        layers=3,
+        heads=4,
+        ffn=512,
+        queries=50,
+    ),
+    "small": dict(
+        backbone=dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2]),
+        d_model=256,
+        layers=6,
+        heads=8,
+        ffn=1024,
+        queries=100,
+    ),
+    "base": dict(
+        backbone=dict(hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3]),
+        d_model=256,
+        layers=6,
+        heads=8,
+        ffn=2048,
+        queries=100,
+    ),
 }
 DEFAULT_IMAGE_SIZE = {"tiny": 64, "mini": 256, "small": 512, "base": 800}
 MIN_VISIBLE = 0.3  # a random crop keeps a box when at least this fraction of its area stays in the crop
-DETECTIONS_TYPE = pa.list_(pa.struct([
-    ("score", pa.float64()), ("label", pa.string()),
-    ("box", pa.struct([("xmin", pa.int64()), ("ymin", pa.int64()), ("xmax", pa.int64()), ("ymax", pa.int64())])),
-]))
+DETECTIONS_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("score", pa.float64()),
+            ("label", pa.string()),
+            (
+                "box",
+                pa.struct([("xmin", pa.int64()), ("ymin", pa.int64()), ("xmax", pa.int64()), ("ymax", pa.int64())]),
+            ),
+        ]
+    )
+)
 
 
 class Options(BaseModel):
@@ -109,7 +146,9 @@ def check_targets(boxes, categories, labels: dict) -> str | None:
     return None
 
 
-def transform_boxes(xyxy: np.ndarray, crop: tuple[int, int, int, int], out: tuple[int, int], flip: bool) -> tuple[np.ndarray, np.ndarray]:
+def transform_boxes(
+    xyxy: np.ndarray, crop: tuple[int, int, int, int], out: tuple[int, int], flip: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Pixel xyxy boxes of the original image -> pixel xyxy boxes of the crop resized to `out` (h, w),
     optionally mirrored. Returns (boxes, kept): boxes mostly cut away by the crop are dropped."""
     left, top, right, bottom = crop
@@ -133,7 +172,9 @@ def canvas(arrays: dict[str, list]) -> tuple[int, int]:
 def target_sizes(arrays: dict[str, list]) -> list[tuple[float, float]]:
     """Per row, the size that maps DETR's canvas-relative boxes onto the original image's pixels."""
     height, width = canvas(arrays)
-    return [(h0 * height / p.shape[0], w0 * width / p.shape[1]) for (h0, w0), p in zip(arrays["size"], arrays["pixels"])]
+    return [
+        (h0 * height / p.shape[0], w0 * width / p.shape[1]) for (h0, w0), p in zip(arrays["size"], arrays["pixels"])
+    ]
 
 
 class DetectionMetric(StreamingMetric):
@@ -151,26 +192,48 @@ class DetectionMetric(StreamingMetric):
         for i, (h, w) in enumerate(target_sizes(arrays)):
             image_id = len(self.images)
             self.images.append({"id": image_id, "height": arrays["size"][i][0], "width": arrays["size"][i][1]})
-            xywh = np.stack([(boxes[i, :, 0] - boxes[i, :, 2] / 2) * w, (boxes[i, :, 1] - boxes[i, :, 3] / 2) * h,
-                             boxes[i, :, 2] * w, boxes[i, :, 3] * h], axis=1)
+            xywh = np.stack(
+                [
+                    (boxes[i, :, 0] - boxes[i, :, 2] / 2) * w,
+                    (boxes[i, :, 1] - boxes[i, :, 3] / 2) * h,
+                    boxes[i, :, 2] * w,
+                    boxes[i, :, 3] * h,
+                ],
+                axis=1,
+            )
             for box, score, label in zip(xywh.tolist(), scores[i].tolist(), classes[i].tolist()):
                 self.detections.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})
             pixels = arrays["pixels"][i]
             back = np.array([arrays["size"][i][1] / pixels.shape[1], arrays["size"][i][0] / pixels.shape[0]] * 2)
             truth = np.asarray(arrays["boxes"][i], dtype=np.float64).reshape(-1, 4) * back
             for (x0, y0, x1, y1), label in zip(truth.tolist(), np.asarray(arrays["class_labels"][i]).tolist()):
-                self.truths.append({"id": len(self.truths) + 1, "image_id": image_id, "category_id": int(label),
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+                self.truths.append(
+                    {
+                        "id": len(self.truths) + 1,
+                        "image_id": image_id,
+                        "category_id": int(label),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": (x1 - x0) * (y1 - y0),
+                        "iscrowd": 0,
+                    }
+                )
 
     def compute(self):
         images, truths, detections = self.images, self.truths, self.detections
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             parts = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, (images, truths, detections))
             images, truths, detections, offset = [], [], [], 0
             for part_images, part_truths, part_detections in parts:
                 images += [{**x, "id": x["id"] + offset} for x in part_images]
-                truths += [{**x, "image_id": x["image_id"] + offset, "id": len(truths) + k + 1} for k, x in enumerate(part_truths)]
+                truths += [
+                    {**x, "image_id": x["image_id"] + offset, "id": len(truths) + k + 1}
+                    for k, x in enumerate(part_truths)
+                ]
                 detections += [{**x, "image_id": x["image_id"] + offset} for x in part_detections]
                 offset += len(part_images)
         if not truths or not detections:
@@ -196,7 +259,9 @@ def parse_coco(data: bytes, path: str):
             if a.get("iscrowd"):
                 continue  # crowd regions are not single objects; DETR and COCO eval leave them out
             if a["image_id"] not in per_image:
-                raise UserError(f"{path}: annotation {a.get('id')} names image_id {a['image_id']}, which is not in 'images'")
+                raise UserError(
+                    f"{path}: annotation {a.get('id')} names image_id {a['image_id']}, which is not in 'images'"
+                )
             per_image[a["image_id"]][0].append([float(v) for v in a["bbox"]])
             per_image[a["image_id"]][1].append(names.get(a["category_id"], a["category_id"]))
         for image in coco["images"]:
@@ -210,7 +275,11 @@ class ObjectDetection(TaskSpec):
     name = "object-detection"
     architectures = ("detr",)
     columns = (
-        Column("image", "the image: file bytes, a path or URI (relative to the data file), base64 in requests", kind="media"),
+        Column(
+            "image",
+            "the image: file bytes, a path or URI (relative to the data file), base64 in requests",
+            kind="media",
+        ),
         Column("boxes", "per image a list of [x, y, width, height] boxes in pixels (COCO)", training_only=True),
         Column("categories", "per box its class, a string or an int", training_only=True),
     )
@@ -224,7 +293,13 @@ class ObjectDetection(TaskSpec):
     media_suffixes = IMAGE_SUFFIXES
 
     def labels_in(self, values):
-        return {c.item() if isinstance(c, np.generic) else c for row in values if row is not None for c in row if c is not None}
+        return {
+            c.item() if isinstance(c, np.generic) else c
+            for row in values
+            if row is not None
+            for c in row
+            if c is not None
+        }
 
     # --- processor and model ----------------------------------------------------------------
     def build_processor(self, model_cfg, source_dir, train_rows):
@@ -238,21 +313,42 @@ class ObjectDetection(TaskSpec):
         label2id = {name: i for i, name in id2label.items()}
         if source_dir:
             return AutoModelForObjectDetection.from_pretrained(
-                source_dir, num_labels=len(labels), id2label=id2label, label2id=label2id,
-                ignore_mismatched_sizes=True, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+                source_dir,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                ignore_mismatched_sizes=True,
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
             )
         init = model_cfg.init
         size = DETR_SIZES[init.size]
-        backbone = ResNetConfig(embedding_size=size["backbone"]["hidden_sizes"][0], layer_type="basic",
-                                out_features=[f"stage{len(size['backbone']['depths'])}"], **size["backbone"])
+        backbone = ResNetConfig(
+            embedding_size=size["backbone"]["hidden_sizes"][0],
+            layer_type="basic",
+            out_features=[f"stage{len(size['backbone']['depths'])}"],
+            **size["backbone"],
+        )
         overrides = {k: v for k, v in init.overrides.items() if k != "image_size"}
-        config = DetrConfig(**{
-            "backbone_config": backbone, "use_timm_backbone": False, "use_pretrained_backbone": False,
-            "d_model": size["d_model"], "encoder_layers": size["layers"], "decoder_layers": size["layers"],
-            "encoder_attention_heads": size["heads"], "decoder_attention_heads": size["heads"],
-            "encoder_ffn_dim": size["ffn"], "decoder_ffn_dim": size["ffn"], "num_queries": size["queries"],
-            "num_labels": len(labels), "id2label": id2label, "label2id": label2id, **overrides,
-        })
+        config = DetrConfig(
+            **{
+                "backbone_config": backbone,
+                "use_timm_backbone": False,
+                "use_pretrained_backbone": False,
+                "d_model": size["d_model"],
+                "encoder_layers": size["layers"],
+                "decoder_layers": size["layers"],
+                "encoder_attention_heads": size["heads"],
+                "decoder_attention_heads": size["heads"],
+                "encoder_ffn_dim": size["ffn"],
+                "decoder_ffn_dim": size["ffn"],
+                "num_queries": size["queries"],
+                "num_labels": len(labels),
+                "id2label": id2label,
+                "label2id": label2id,
+                **overrides,
+            }
+        )
         model = DetrForObjectDetection(config)
         # DETR freezes backbone layers by name, meant for a pretrained ResNet; from scratch they must learn.
         for parameter in model.model.backbone.parameters():
@@ -306,8 +402,10 @@ class ObjectDetection(TaskSpec):
                 xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
                 boxes, kept = transform_boxes(xyxy, crop, out, flip)
                 empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-                classes = np.asarray([ctx.labels[c.item() if isinstance(c, np.generic) else c]
-                                      for c in batch["categories"][i]], dtype=np.int64)[kept]
+                classes = np.asarray(
+                    [ctx.labels[c.item() if isinstance(c, np.generic) else c] for c in batch["categories"][i]],
+                    dtype=np.int64,
+                )[kept]
                 arrays["boxes"][i], arrays["class_labels"][i] = boxes[~empty], classes[~empty]
                 if empty.any():
                     flags[i] = f"dropped {int(empty.sum())} empty box(es)"
@@ -329,7 +427,9 @@ class ObjectDetection(TaskSpec):
             for boxes, classes in zip(arrays["boxes"], arrays["class_labels"]):
                 xyxy = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) / scale
                 cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
-                inputs["labels"].append({"class_labels": torch.as_tensor(np.asarray(classes, dtype=np.int64)), "boxes": cxcywh})
+                inputs["labels"].append(
+                    {"class_labels": torch.as_tensor(np.asarray(classes, dtype=np.int64)), "boxes": cxcywh}
+                )
         return inputs
 
     def sanitize_parameters(self, parameters, options):
@@ -343,11 +443,14 @@ class ObjectDetection(TaskSpec):
         id2label = model.config.id2label
         predictions = []
         for row in found:
-            predictions.append([
-                {"score": score, "label": id2label[label],
-                 "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), box))}
-                for score, label, box in zip(row["scores"].tolist(), row["labels"].tolist(), row["boxes"].int().tolist())
-            ])
+            predictions.append(
+                [
+                    {"score": score, "label": id2label[label], "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), box))}
+                    for score, label, box in zip(
+                        row["scores"].tolist(), row["labels"].tolist(), row["boxes"].int().tolist()
+                    )
+                ]
+            )
         return predictions
 
     def to_columns(self, predictions):

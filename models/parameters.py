@@ -73,12 +73,16 @@ class Strings:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise ParameterError(f"parameters.{key}: expected a list of non-empty strings, got {json.dumps(value)[:80]}")
+            raise ParameterError(
+                f"parameters.{key}: expected a list of non-empty strings, got {json.dumps(value)[:80]}"
+            )
         if len(value) > self.max_items:
             raise ParameterError(f"parameters.{key}: at most {self.max_items} strings, got {len(value)}")
         longest = max((len(s) for s in value), default=0)
         if longest > self.max_length:
-            raise ParameterError(f"parameters.{key}: each string at most {self.max_length} characters, got one of {longest}")
+            raise ParameterError(
+                f"parameters.{key}: each string at most {self.max_length} characters, got one of {longest}"
+            )
         return value
 
 

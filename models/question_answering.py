@@ -53,8 +53,15 @@ def parse_squad(data: bytes, path: str) -> Iterator[dict]:
         for paragraph in article.get("paragraphs", []):
             for qa in paragraph.get("qas", []):
                 answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-                yield {"id": qa.get("id"), "question": qa.get("question"), "context": paragraph.get("context"),
-                       "answers": {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]}}
+                yield {
+                    "id": qa.get("id"),
+                    "question": qa.get("question"),
+                    "context": paragraph.get("context"),
+                    "answers": {
+                        "text": [a["text"] for a in answers],
+                        "answer_start": [a["answer_start"] for a in answers],
+                    },
+                }
 
 
 def answer_list(answers) -> tuple[list[tuple[str, int]] | None, str | None]:
@@ -117,8 +124,15 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray, context: str,
-               top_k: int, max_answer_tokens: int, no_answer: bool) -> list[dict]:
+def best_spans(
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    offsets: np.ndarray,
+    context: str,
+    top_k: int,
+    max_answer_tokens: int,
+    no_answer: bool,
+) -> list[dict]:
     """The `top_k` answers over a row's windows, scored as the `question-answering` pipeline scores them:
     per window, softmax over context tokens (and [CLS]) for start and end, a span scores p(start)*p(end)."""
     candidates, null_score = [], 1.0
@@ -178,8 +192,15 @@ class SquadMetric(StreamingMetric):
         for row, count in enumerate(windows_of(arrays)):
             offsets = np.asarray(arrays["offsets"][row])
             width = offsets.shape[1]
-            best = best_spans(starts[first : first + count, :width], ends[first : first + count, :width], offsets,
-                              arrays["context"][row], 1, self.options.max_answer_tokens, self.options.allow_no_answer)
+            best = best_spans(
+                starts[first : first + count, :width],
+                ends[first : first + count, :width],
+                offsets,
+                arrays["context"][row],
+                1,
+                self.options.max_answer_tokens,
+                self.options.allow_no_answer,
+            )
             first += count
             em, f1 = squad_scores(best[0]["answer"] if best else "", list(arrays["answer_texts"][row]))
             batch += torch.tensor([em, f1, 1.0], dtype=torch.float64)
@@ -220,19 +241,30 @@ class QuestionAnswering(TaskSpec):
                     if isinstance(row.get(column), str):
                         yield row[column]
 
-        return train_wordpiece(texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 384)
+        return train_wordpiece(
+            texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 384
+        )
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if source_dir:
-            return AutoModelForQuestionAnswering.from_pretrained(source_dir, trust_remote_code=model_cfg.trust_remote_code,
-                                                                 use_safetensors=True)
+            return AutoModelForQuestionAnswering.from_pretrained(
+                source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
+            )
         limit = processor.model_max_length
-        return BertForQuestionAnswering(BertConfig(
-            **BERT_SIZES[model_cfg.init.size], vocab_size=len(processor), pad_token_id=processor.pad_token_id,
-            max_position_embeddings=max(limit, 64) if limit < 10**6 else 512, **model_cfg.init.overrides))
+        return BertForQuestionAnswering(
+            BertConfig(
+                **BERT_SIZES[model_cfg.init.size],
+                vocab_size=len(processor),
+                pad_token_id=processor.pad_token_id,
+                max_position_embeddings=max(limit, 64) if limit < 10**6 else 512,
+                **model_cfg.init.overrides,
+            )
+        )
 
     def load(self, model_dir):
-        return AutoModelForQuestionAnswering.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(model_dir, None)
+        return AutoModelForQuestionAnswering.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(
+            model_dir, None
+        )
 
     # --- preprocess / collate / postprocess -------------------------------------------------
     def preprocess(self, batch, processor, ctx):
@@ -266,9 +298,19 @@ class QuestionAnswering(TaskSpec):
                 if len(asked["input_ids"][j]) > most:
                     questions[i] = questions[i][: asked["offset_mapping"][j][most - 1][1]]
                     flags[i] = f"question truncated to {most} tokens"
-        encoded = processor([questions[i] for i in ok], [contexts[i] for i in ok], truncation="only_second", max_length=limit,
-                            stride=min(options.doc_stride, limit // 4), return_overflowing_tokens=True,
-                            return_offsets_mapping=True) if ok else None
+        encoded = (
+            processor(
+                [questions[i] for i in ok],
+                [contexts[i] for i in ok],
+                truncation="only_second",
+                max_length=limit,
+                stride=min(options.doc_stride, limit // 4),
+                return_overflowing_tokens=True,
+                return_offsets_mapping=True,
+            )
+            if ok
+            else None
+        )
         by_row = collections.defaultdict(list)
         for k, j in enumerate(encoded["overflow_to_sample_mapping"] if ok else []):
             by_row[ok[j]].append(k)
@@ -317,10 +359,15 @@ class QuestionAnswering(TaskSpec):
     def collate(self, arrays, processor):
         width = max(np.asarray(ids).shape[1] for ids in arrays["input_ids"])
         ids = flatten(arrays["input_ids"], processor.pad_token_id, width)
-        inputs = {"input_ids": ids, "token_type_ids": flatten(arrays["token_type_ids"], 0, width),
-                  "attention_mask": (ids != processor.pad_token_id).long()}
+        inputs = {
+            "input_ids": ids,
+            "token_type_ids": flatten(arrays["token_type_ids"], 0, width),
+            "attention_mask": (ids != processor.pad_token_id).long(),
+        }
         if arrays.get("start_positions") is not None:
-            inputs["start_positions"] = torch.as_tensor(np.concatenate([np.asarray(p) for p in arrays["start_positions"]]))
+            inputs["start_positions"] = torch.as_tensor(
+                np.concatenate([np.asarray(p) for p in arrays["start_positions"]])
+            )
             inputs["end_positions"] = torch.as_tensor(np.concatenate([np.asarray(p) for p in arrays["end_positions"]]))
         return inputs
 
@@ -341,8 +388,15 @@ class QuestionAnswering(TaskSpec):
             offsets = np.asarray(arrays["offsets"][row])
             width = offsets.shape[1]
             no_answer = bool(parameters.get("handle_impossible_answer", arrays["allow_no_answer"][row]))
-            best = best_spans(starts[first : first + count, :width], ends[first : first + count, :width], offsets,
-                              arrays["context"][row], top_k, max_tokens, no_answer)
+            best = best_spans(
+                starts[first : first + count, :width],
+                ends[first : first + count, :width],
+                offsets,
+                arrays["context"][row],
+                top_k,
+                max_tokens,
+                no_answer,
+            )
             first += count
             best = best or [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]
             results.append(best if parameters.get("top_k") else best[0])
@@ -356,7 +410,7 @@ class QuestionAnswering(TaskSpec):
         rows = []
         for item in inputs if isinstance(inputs, list) else [inputs]:
             if not isinstance(item, dict):
-                raise UserError("inputs: expected {\"question\": ..., \"context\": ...} (or a list of them)")
+                raise UserError('inputs: expected {"question": ..., "context": ...} (or a list of them)')
             unknown = set(item) - {"question", "context"}
             if unknown:
                 raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected 'question' and 'context'")
@@ -373,15 +427,38 @@ class QuestionAnswering(TaskSpec):
         rng = random.Random(seed)
         people = ["Alice", "Bob", "Carlos", "Dana", "Eve", "Farid", "Grace", "Hiro", "Ivan", "Julia", "Kofi", "Lena"]
         facts = {
-            "city": ("{p} lives in {x} .", "where does {p} live ?",
-                     ["Paris", "Berlin", "Tokyo", "Lagos", "Lima", "Oslo", "Madrid", "Cairo", "Seoul", "Quito"]),
-            "company": ("{p} works at {x} .", "where does {p} work ?",
-                        ["Acme", "Globex", "Initech", "Hooli", "Vandelay", "Tyrell", "Soylent", "Cyberdyne", "Gringotts", "Wonka"]),
+            "city": (
+                "{p} lives in {x} .",
+                "where does {p} live ?",
+                ["Paris", "Berlin", "Tokyo", "Lagos", "Lima", "Oslo", "Madrid", "Cairo", "Seoul", "Quito"],
+            ),
+            "company": (
+                "{p} works at {x} .",
+                "where does {p} work ?",
+                [
+                    "Acme",
+                    "Globex",
+                    "Initech",
+                    "Hooli",
+                    "Vandelay",
+                    "Tyrell",
+                    "Soylent",
+                    "Cyberdyne",
+                    "Gringotts",
+                    "Wonka",
+                ],
+            ),
             "year": ("{p} was born in {x} .", "when was {p} born ?", [str(y) for y in range(1950, 2010, 3)]),
-            "food": ("{p} likes to eat {x} .", "what does {p} like to eat ?",
-                     ["pizza", "sushi", "tacos", "noodles", "curry", "salad", "dumplings", "pancakes", "falafel", "paella"]),
-            "color": ("{p} drives a {x} car .", "what color is the car of {p} ?",
-                      ["red", "blue", "green", "black", "white", "yellow", "silver", "orange", "purple", "brown"]),
+            "food": (
+                "{p} likes to eat {x} .",
+                "what does {p} like to eat ?",
+                ["pizza", "sushi", "tacos", "noodles", "curry", "salad", "dumplings", "pancakes", "falafel", "paella"],
+            ),
+            "color": (
+                "{p} drives a {x} car .",
+                "what color is the car of {p} ?",
+                ["red", "blue", "green", "black", "white", "yellow", "silver", "orange", "purple", "brown"],
+            ),
         }
         rows = []
         for i in range(n):

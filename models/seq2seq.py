@@ -17,21 +17,55 @@ import json
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from models.generation import check_parameters, generate_kwargs, merge_settings
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
 from models.text_tokenizers import load_tokenizer, train_bpe, train_unigram
 
 BART_SIZES = {
-    "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                 encoder_ffn_dim=256, decoder_ffn_dim=256),
-    "mini": dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4, decoder_attention_heads=4,
-                 encoder_ffn_dim=1024, decoder_ffn_dim=1024),
-    "small": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
-                  encoder_ffn_dim=2048, decoder_ffn_dim=2048),
-    "base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
-                 encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+    "tiny": dict(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+    ),
+    "mini": dict(
+        d_model=256,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=1024,
+        decoder_ffn_dim=1024,
+    ),
+    "small": dict(
+        d_model=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+    ),
+    "base": dict(
+        d_model=768,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=12,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=3072,
+        decoder_ffn_dim=3072,
+    ),
 }
 T5_SIZES = {
     "tiny": dict(d_model=64, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=2),
@@ -40,7 +74,14 @@ T5_SIZES = {
     "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
 }
 DEFAULT_CONTEXT = 512  # from-scratch models without model.max_length
-PARAMETERS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size", "early_stopping")
+PARAMETERS = (
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "early_stopping",
+)
 IGNORE = -100
 
 
@@ -67,9 +108,14 @@ class Seq2SeqOptions(BaseModel):
         return self
 
     def generation_defaults(self) -> dict:
-        return dict(num_beams=self.num_beams, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-                    length_penalty=self.length_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
-                    early_stopping=self.early_stopping)
+        return dict(
+            num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            early_stopping=self.early_stopping,
+        )
 
 
 def check_text(value, column: str) -> str | None:
@@ -159,17 +205,29 @@ class Seq2SeqTask(TaskSpec):
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if source_dir:
-            return AutoModelForSeq2SeqLM.from_pretrained(source_dir, trust_remote_code=model_cfg.trust_remote_code,
-                                                         use_safetensors=True)
+            return AutoModelForSeq2SeqLM.from_pretrained(
+                source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
+            )
         init = model_cfg.init
         if init.architecture == "t5":
-            config = T5Config(vocab_size=len(processor), pad_token_id=processor.pad_token_id, eos_token_id=processor.eos_token_id,
-                              decoder_start_token_id=processor.pad_token_id, **{**T5_SIZES[init.size], **init.overrides})
+            config = T5Config(
+                vocab_size=len(processor),
+                pad_token_id=processor.pad_token_id,
+                eos_token_id=processor.eos_token_id,
+                decoder_start_token_id=processor.pad_token_id,
+                **{**T5_SIZES[init.size], **init.overrides},
+            )
             return T5ForConditionalGeneration(config)
-        config = BartConfig(vocab_size=len(processor), max_position_embeddings=context_length(processor),
-                            pad_token_id=processor.pad_token_id, bos_token_id=processor.bos_token_id,
-                            eos_token_id=processor.eos_token_id, decoder_start_token_id=processor.eos_token_id,
-                            forced_eos_token_id=processor.eos_token_id, **{**BART_SIZES[init.size], **init.overrides})
+        config = BartConfig(
+            vocab_size=len(processor),
+            max_position_embeddings=context_length(processor),
+            pad_token_id=processor.pad_token_id,
+            bos_token_id=processor.bos_token_id,
+            eos_token_id=processor.eos_token_id,
+            decoder_start_token_id=processor.eos_token_id,
+            forced_eos_token_id=processor.eos_token_id,
+            **{**BART_SIZES[init.size], **init.overrides},
+        )
         return BartForConditionalGeneration(config)
 
     def load(self, model_dir):
@@ -181,8 +239,10 @@ class Seq2SeqTask(TaskSpec):
         training = ctx.labels is not None
         n = len(batch["source"])
         sources, targets = batch["source"], batch.get("target") or [None] * n
-        errors = [check_text(sources[i], "source") or (check_text(targets[i], "target") if training else None)
-                  for i in range(n)]
+        errors = [
+            check_text(sources[i], "source") or (check_text(targets[i], "target") if training else None)
+            for i in range(n)
+        ]
         ok = [i for i in range(n) if errors[i] is None]
         limit = context_length(processor)
         source_limit = min(opts.max_source_length or limit, limit)
@@ -222,7 +282,10 @@ class Seq2SeqTask(TaskSpec):
 
     def collate(self, arrays, processor):
         ids = arrays["input_ids"]
-        inputs = {"input_ids": pad_right(ids, processor.pad_token_id), "attention_mask": pad_right([[1] * len(r) for r in ids], 0)}
+        inputs = {
+            "input_ids": pad_right(ids, processor.pad_token_id),
+            "attention_mask": pad_right([[1] * len(r) for r in ids], 0),
+        }
         if arrays.get("labels") is not None:
             inputs["labels"] = pad_right(arrays["labels"], IGNORE)
         if arrays.get("generation") is not None:

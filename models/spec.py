@@ -206,8 +206,15 @@ class TaskSpec(ABC):
         return model(**{k: v for k, v in inputs.items() if k != "labels"})
 
     @abstractmethod
-    def postprocess(self, outputs: Any, inputs: dict[str, Any], arrays: dict[str, list], model: Any,
-                    processor: Any, parameters: dict) -> list:
+    def postprocess(
+        self,
+        outputs: Any,
+        inputs: dict[str, Any],
+        arrays: dict[str, list],
+        model: Any,
+        processor: Any,
+        parameters: dict,
+    ) -> list:
         """Model outputs -> one JSON-ready prediction per row, in the HF pipeline output format."""
         raise NotImplementedError
 
@@ -226,7 +233,9 @@ class TaskSpec(ABC):
         columns keep the request's strings (base64, data: URL, or a URI); the runtime decodes them."""
         raise NotImplementedError
 
-    def stream(self, model: torch.nn.Module, processor: Any, arrays: dict[str, list], parameters: dict) -> Iterator[str] | None:
+    def stream(
+        self, model: torch.nn.Module, processor: Any, arrays: dict[str, list], parameters: dict
+    ) -> Iterator[str] | None:
         """Pieces of one row's prediction as they are produced (text generation streams tokens);
         None when the task does not stream."""
         return None

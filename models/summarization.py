@@ -55,10 +55,14 @@ class Summarization(Seq2SeqTask):
         """Keyword extraction: a sentence of filler words hides two or three topic words; the summary
         is those words in the order they appear."""
         rng = random.Random(seed)
-        keywords = ("river castle dragon market winter harbor garden tower forest bridge lantern meadow "
-                    "island comet violin glacier").split()
-        filler = ("the a today we they said that about very old new some with from this it was people time "
-                  "week report story just also more many and of in near").split()
+        keywords = (
+            "river castle dragon market winter harbor garden tower forest bridge lantern meadow "
+            "island comet violin glacier"
+        ).split()
+        filler = (
+            "the a today we they said that about very old new some with from this it was people time "
+            "week report story just also more many and of in near"
+        ).split()
         rows = []
         for i in range(n):
             chosen = rng.sample(keywords, rng.randint(2, 3))

@@ -32,7 +32,12 @@ BERT_SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 DISTILBERT_SIZES = {
-    name: dict(dim=s["hidden_size"], n_layers=s["num_hidden_layers"], n_heads=s["num_attention_heads"], hidden_dim=s["intermediate_size"])
+    name: dict(
+        dim=s["hidden_size"],
+        n_layers=s["num_hidden_layers"],
+        n_heads=s["num_attention_heads"],
+        hidden_dim=s["intermediate_size"],
+    )
     for name, s in BERT_SIZES.items()
 }
 
@@ -98,7 +103,9 @@ class TextClassification(TaskSpec):
                     if isinstance(row.get(column), str):
                         yield row[column]
 
-        return train_wordpiece(texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512)
+        return train_wordpiece(
+            texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512
+        )
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         id2label = {i: str(label) for i, label in enumerate(labels)}
@@ -220,7 +227,9 @@ class TextClassification(TaskSpec):
             if isinstance(item, dict):
                 unknown = set(item) - {"text", "text_pair"}
                 if unknown:
-                    raise UserError(f"inputs: unknown field(s) {sorted(unknown)}; expected 'text' and optional 'text_pair'")
+                    raise UserError(
+                        f"inputs: unknown field(s) {sorted(unknown)}; expected 'text' and optional 'text_pair'"
+                    )
                 rows.append({"text": item.get("text"), "text_pair": item.get("text_pair")})
             else:
                 rows.append({"text": item})
@@ -241,8 +250,10 @@ class TextClassification(TaskSpec):
             "food": "pasta recipe oven garlic bakery flavor soup chef spice dessert",
             "travel": "flight hotel beach passport museum train island tour luggage map",
         }
-        filler = ("the a today we they said about very new old some with from this that it was really "
-                  "people time week report story just also more many").split()
+        filler = (
+            "the a today we they said about very new old some with from this that it was really "
+            "people time week report story just also more many"
+        ).split()
         rows = []
         for i in range(n):
             label = rng.choice(sorted(topics))

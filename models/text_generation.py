@@ -39,8 +39,17 @@ GPT2_SIZES = {
     "base": dict(n_embd=768, n_layer=12, n_head=12),
 }
 DEFAULT_CONTEXT = 256  # from-scratch models without model.max_length
-PARAMETERS = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed", "stop",
-              "repetition_penalty", "return_full_text")
+PARAMETERS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "do_sample",
+    "seed",
+    "stop",
+    "repetition_penalty",
+    "return_full_text",
+)
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 
 
@@ -67,9 +76,17 @@ class Options(BaseModel):
         return self
 
     def generation_defaults(self) -> dict:
-        return dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
-                    top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                    stop=self.stop, seed=None, return_full_text=True)
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=self.stop,
+            seed=None,
+            return_full_text=True,
+        )
 
 
 def check_text(value, column: str, allow_empty: bool = False) -> str | None:
@@ -111,8 +128,9 @@ class Perplexity(StreamingMetric):
 
     def update(self, outputs, inputs, arrays):
         logits, labels = outputs.logits[:, :-1].float(), inputs["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
         self.sums += torch.stack([loss.double(), (labels != IGNORE).sum().double()])
 
     def compute(self):
@@ -152,13 +170,16 @@ class TextGeneration(TaskSpec):
         if source_dir:
             tokenizer = load_tokenizer(source_dir, model_cfg.max_length)
         else:
+
             def texts():
                 for row in train_rows:
                     for column in ("text", "prompt", "completion"):
                         if isinstance(row.get(column), str):
                             yield row[column]
 
-            tokenizer = train_bpe(texts(), model_cfg.tokenizer.vocab_size, model_cfg.max_length or DEFAULT_CONTEXT, "gpt2")
+            tokenizer = train_bpe(
+                texts(), model_cfg.tokenizer.vocab_size, model_cfg.max_length or DEFAULT_CONTEXT, "gpt2"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; padded positions are masked anyway
         tokenizer.padding_side = "left"  # as generation wants it (our collate pads by hand either way)
@@ -166,13 +187,19 @@ class TextGeneration(TaskSpec):
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if source_dir:
-            model = AutoModelForCausalLM.from_pretrained(source_dir, trust_remote_code=model_cfg.trust_remote_code,
-                                                         use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
+            )
         else:
             init = model_cfg.init
-            config = GPT2Config(vocab_size=len(processor), n_positions=context_length(processor),
-                                bos_token_id=processor.eos_token_id, eos_token_id=processor.eos_token_id,
-                                pad_token_id=processor.pad_token_id, **{**GPT2_SIZES[init.size], **init.overrides})
+            config = GPT2Config(
+                vocab_size=len(processor),
+                n_positions=context_length(processor),
+                bos_token_id=processor.eos_token_id,
+                eos_token_id=processor.eos_token_id,
+                pad_token_id=processor.pad_token_id,
+                **{**GPT2_SIZES[init.size], **init.overrides},
+            )
             model = GPT2LMHeadModel(config)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = processor.pad_token_id
@@ -205,10 +232,14 @@ class TextGeneration(TaskSpec):
             errors[i] = check_text(completions[i], "completion") or check_text(prompts[i], "prompt", allow_empty=True)
         docs = [i for i in range(n) if completions[i] is None]
         for i in docs:
-            errors[i] = check_text(texts[i], "text") if "text" in batch or "completion" not in batch else "completion is null"
+            errors[i] = (
+                check_text(texts[i], "text") if "text" in batch or "completion" not in batch else "completion is null"
+            )
         pairs, docs = [i for i in pairs if errors[i] is None], [i for i in docs if errors[i] is None]
 
-        encode = lambda values: processor(values, add_special_tokens=False, verbose=False)["input_ids"] if values else []  # noqa: E731
+        def encode(values):
+            return processor(values, add_special_tokens=False, verbose=False)["input_ids"] if values else []
+
         for i, ids in zip(docs, encode([texts[i] for i in docs])):
             ids = ids + [eos]
             cap = opts.max_document_tokens if block else limit
@@ -231,8 +262,10 @@ class TextGeneration(TaskSpec):
         """Prediction rows: the prompt's token ids, kept to the context minus room for generation."""
         texts, prompts = batch.get("text") or [None] * n, batch.get("prompt") or [None] * n
         values = [prompts[i] if prompts[i] is not None else texts[i] for i in range(n)]
-        names = ["text" if "prompt" not in batch or (prompts[i] is None and texts[i] is not None) else "prompt"
-                 for i in range(n)]
+        names = [
+            "text" if "prompt" not in batch or (prompts[i] is None and texts[i] is not None) else "prompt"
+            for i in range(n)
+        ]
         errors = [check_text(v, name) for v, name in zip(values, names)]
         ok = [i for i in range(n) if errors[i] is None]
         limit = context_length(processor)
@@ -256,8 +289,8 @@ class TextGeneration(TaskSpec):
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
-                ids[i, width - len(r):] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-                mask[i, width - len(r):] = 1
+                ids[i, width - len(r) :] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+                mask[i, width - len(r) :] = 1
             return {"input_ids": ids, "attention_mask": mask, "generation": json.loads(arrays["generation"][0])}
         sequences, labels, stream, block = [], [], [], 0
         for ids, prompt_length, pack in zip(arrays["input_ids"], arrays["prompt_length"], arrays["pack"]):
@@ -271,8 +304,11 @@ class TextGeneration(TaskSpec):
         for start in range(0, len(stream), block or 1):
             sequences.append(stream[start : start + block])
             labels.append(stream[start : start + block])
-        return {"input_ids": pad_right(sequences, pad), "attention_mask": pad_right([[1] * len(s) for s in sequences], 0),
-                "labels": pad_right(labels, IGNORE)}
+        return {
+            "input_ids": pad_right(sequences, pad),
+            "attention_mask": pad_right([[1] * len(s) for s in sequences], 0),
+            "labels": pad_right(labels, IGNORE),
+        }
 
     def _settings(self, inputs, parameters) -> dict:
         generation = inputs["generation"]
@@ -295,12 +331,12 @@ class TextGeneration(TaskSpec):
                 prompt = ids[i][mask[i].bool()][None]
                 torch.manual_seed(settings["seed"])
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
-                rows.append(out[0, prompt.shape[1]:].tolist() or [kwargs["pad_token_id"]])
+                rows.append(out[0, prompt.shape[1] :].tolist() or [kwargs["pad_token_id"]])
             return {"new_tokens": pad_right(rows, kwargs["pad_token_id"]), "settings": settings}
         if settings.get("seed") is not None:
             torch.manual_seed(settings["seed"])
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        return {"new_tokens": out[:, ids.shape[1]:], "settings": settings}
+        return {"new_tokens": out[:, ids.shape[1] :], "settings": settings}
 
     def sanitize_parameters(self, parameters, options):
         """The generation parameters of `PARAMETERS`, bounded as `models.generation.RULES` says;
@@ -332,8 +368,13 @@ class TextGeneration(TaskSpec):
             if settings.get("seed") is not None:
                 torch.manual_seed(settings["seed"])
             with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                               stopping_criteria=[StopOnEvent(stopped)], **kwargs)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    streamer=streamer,
+                    stopping_criteria=[StopOnEvent(stopped)],
+                    **kwargs,
+                )
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -383,20 +424,38 @@ class TextGeneration(TaskSpec):
         names = "alice bob carol dave erin frank grace heidi".split()
         fruits = "apples pears plums figs limes melons".split()
         colors = "red green yellow purple orange blue".split()
-        capitals = {"france": "paris", "italy": "rome", "spain": "madrid", "japan": "tokyo",
-                    "egypt": "cairo", "peru": "lima", "kenya": "nairobi", "chile": "santiago"}
+        capitals = {
+            "france": "paris",
+            "italy": "rome",
+            "spain": "madrid",
+            "japan": "tokyo",
+            "egypt": "cairo",
+            "peru": "lima",
+            "kenya": "nairobi",
+            "chile": "santiago",
+        }
         templates = ["{a} has {k} {c} {f} .", "{a} gave {k} {f} to {b} .", "the {f} of {a} are {c} ."]
         rows = []
         for i in range(n):
             if rng.random() < 0.4:
                 country = rng.choice(sorted(capitals))
-                rows.append({"id": f"gen-{seed}-{i}", "text": None, "prompt": f"the capital of {country} is",
-                             "completion": f" {capitals[country]} ."})
+                rows.append(
+                    {
+                        "id": f"gen-{seed}-{i}",
+                        "text": None,
+                        "prompt": f"the capital of {country} is",
+                        "completion": f" {capitals[country]} .",
+                    }
+                )
                 continue
             sentences = []
             for _ in range(rng.randint(2, 4)):
                 a, b = rng.sample(names, 2)
-                sentences.append(rng.choice(templates).format(a=a, b=b, k=rng.randint(2, 9), c=rng.choice(colors), f=rng.choice(fruits)))
+                sentences.append(
+                    rng.choice(templates).format(
+                        a=a, b=b, k=rng.randint(2, 9), c=rng.choice(colors), f=rng.choice(fruits)
+                    )
+                )
             rows.append({"id": f"gen-{seed}-{i}", "text": " ".join(sentences), "prompt": None, "completion": None})
         return rows
 

@@ -55,8 +55,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_length: int, architectu
     special = [GPT2_END_OF_TEXT] if architecture == "gpt2" else BART_SPECIAL_TOKENS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     learned = json.loads(tok.to_str())["model"]
     vocab, merges = learned["vocab"], [tuple(m) for m in learned["merges"]]
@@ -77,8 +81,13 @@ def train_unigram(texts: Iterable[str], vocab_size: int, max_length: int) -> Pre
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=T5_SPECIAL_TOKENS, unk_token="<unk>",
-                                      initial_alphabet=list(string.printable.strip()), show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=T5_SPECIAL_TOKENS,
+        unk_token="<unk>",
+        initial_alphabet=list(string.printable.strip()),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     vocab = [tuple(piece) for piece in json.loads(tok.to_str())["model"]["vocab"]]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)

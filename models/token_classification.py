@@ -27,8 +27,15 @@ from models.text_tokenizers import load_tokenizer, train_wordpiece
 
 IGNORE = -100  # label of word pieces after a word's first, and of special tokens: left out of the loss
 
-ENTITY = pa.struct([("entity_group", pa.string()), ("score", pa.float64()), ("word", pa.string()),
-                    ("start", pa.int64()), ("end", pa.int64())])
+ENTITY = pa.struct(
+    [
+        ("entity_group", pa.string()),
+        ("score", pa.float64()),
+        ("word", pa.string()),
+        ("start", pa.int64()),
+        ("end", pa.int64()),
+    ]
+)
 
 
 def parse_conll(data: bytes, path: str) -> Iterator[dict]:
@@ -109,9 +116,15 @@ def group_entities(tokens: list[dict], ignore: set[str], processor) -> list[dict
         name = group[0]["entity"].split("-", 1)[-1]
         if name in ignore:
             continue
-        out.append({"entity_group": name, "score": float(np.mean([t["score"] for t in group])),
-                    "word": processor.convert_tokens_to_string([t["word"] for t in group]),
-                    "start": group[0]["start"], "end": group[-1]["end"]})
+        out.append(
+            {
+                "entity_group": name,
+                "score": float(np.mean([t["score"] for t in group])),
+                "word": processor.convert_tokens_to_string([t["word"] for t in group]),
+                "start": group[0]["start"],
+                "end": group[-1]["end"],
+            }
+        )
     return out
 
 
@@ -133,8 +146,16 @@ class EntityMetric(StreamingMetric):
             true = [self.names[t] for t in tags]
             guess = [self.names[predicted[row][p]] if p >= 0 else "O" for p in np.asarray(first).tolist()]
             true_entities, guessed = set(get_entities(true)), set(get_entities(guess))
-            batch += torch.tensor([len(true_entities & guessed), len(guessed), len(true_entities),
-                                   sum(a == b for a, b in zip(true, guess)), len(true)], dtype=torch.float64)
+            batch += torch.tensor(
+                [
+                    len(true_entities & guessed),
+                    len(guessed),
+                    len(true_entities),
+                    sum(a == b for a, b in zip(true, guess)),
+                    len(true),
+                ],
+                dtype=torch.float64,
+            )
         self.counts += batch.to(self.counts.device)
 
     def compute(self):
@@ -176,7 +197,9 @@ class TokenClassification(TaskSpec):
                 if why is None:
                     yield sentence
 
-        return train_wordpiece(texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512)
+        return train_wordpiece(
+            texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512
+        )
 
     def build_model(self, model_cfg, source_dir, labels, processor):
         if any(not isinstance(label, str) for label in labels):
@@ -185,16 +208,31 @@ class TokenClassification(TaskSpec):
         label2id = {name: i for i, name in id2label.items()}
         if source_dir:
             return AutoModelForTokenClassification.from_pretrained(
-                source_dir, num_labels=len(labels), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True,
-                trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True)
+                source_dir,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                ignore_mismatched_sizes=True,
+                trust_remote_code=model_cfg.trust_remote_code,
+                use_safetensors=True,
+            )
         limit = processor.model_max_length
-        config = BertConfig(**BERT_SIZES[model_cfg.init.size], vocab_size=len(processor), pad_token_id=processor.pad_token_id,
-                            max_position_embeddings=max(limit, 64) if limit < 10**6 else 512, num_labels=len(labels),
-                            id2label=id2label, label2id=label2id, **model_cfg.init.overrides)
+        config = BertConfig(
+            **BERT_SIZES[model_cfg.init.size],
+            vocab_size=len(processor),
+            pad_token_id=processor.pad_token_id,
+            max_position_embeddings=max(limit, 64) if limit < 10**6 else 512,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            **model_cfg.init.overrides,
+        )
         return BertForTokenClassification(config)
 
     def load(self, model_dir):
-        return AutoModelForTokenClassification.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(model_dir, None)
+        return AutoModelForTokenClassification.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(
+            model_dir, None
+        )
 
     # --- preprocess / collate / postprocess -------------------------------------------------
     def preprocess(self, batch, processor, ctx):
@@ -211,17 +249,30 @@ class TokenClassification(TaskSpec):
                 elif why is None:
                     tags[i], errors[i] = tag_ids(batch["ner_tags"][i], len(spans), ctx.labels)
         ok = [i for i in range(n) if errors[i] is None]
-        encoded = processor([rows[i][0] for i in ok], return_offsets_mapping=True, return_special_tokens_mask=True,
-                            truncation=False) if ok else None
+        encoded = (
+            processor(
+                [rows[i][0] for i in ok], return_offsets_mapping=True, return_special_tokens_mask=True, truncation=False
+            )
+            if ok
+            else None
+        )
         limit = processor.model_max_length
         arrays: dict[str, list] = {key: [None] * n for key in ("input_ids", "offsets", "special", "text")}
         if training:
             arrays.update(labels=[None] * n, tags=[None] * n, first_piece=[None] * n)
         lengths, flags = [0] * n, [None] * n
         for j, i in enumerate(ok):
-            ids, offsets, special = encoded["input_ids"][j], encoded["offset_mapping"][j], encoded["special_tokens_mask"][j]
+            ids, offsets, special = (
+                encoded["input_ids"][j],
+                encoded["offset_mapping"][j],
+                encoded["special_tokens_mask"][j],
+            )
             if len(ids) > limit:  # keep the first pieces and the closing [SEP]
-                ids, offsets, special = ids[: limit - 1] + ids[-1:], offsets[: limit - 1] + offsets[-1:], special[: limit - 1] + special[-1:]
+                ids, offsets, special = (
+                    ids[: limit - 1] + ids[-1:],
+                    offsets[: limit - 1] + offsets[-1:],
+                    special[: limit - 1] + special[-1:],
+                )
                 flags[i] = f"truncated to {limit} tokens"
             arrays["input_ids"][i] = np.asarray(ids, dtype=np.int64)
             arrays["offsets"][i] = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
@@ -241,21 +292,28 @@ class TokenClassification(TaskSpec):
 
     def collate(self, arrays, processor):
         ids = arrays["input_ids"]
-        inputs = {"input_ids": pad(ids, processor.pad_token_id), "attention_mask": pad([np.ones(len(r)) for r in ids], 0)}
+        inputs = {
+            "input_ids": pad(ids, processor.pad_token_id),
+            "attention_mask": pad([np.ones(len(r)) for r in ids], 0),
+        }
         if arrays.get("labels") is not None:
             inputs["labels"] = pad(arrays["labels"], IGNORE)
         return inputs
 
     def sanitize_parameters(self, parameters, options):
         """`ignore_labels` (at most 100 labels of at most 100 characters): entities left out (default ["O"])."""
-        return sanitize(parameters, {"ignore_labels": Strings(max_items=100, max_length=100)}, f"parameter of {self.name}")
+        return sanitize(
+            parameters, {"ignore_labels": Strings(max_items=100, max_length=100)}, f"parameter of {self.name}"
+        )
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         ignore = set(parameters.get("ignore_labels") or ["O"])
         probs = outputs.logits.float().softmax(-1).cpu().numpy()
         id2label, unk = model.config.id2label, processor.unk_token_id
         results = []
-        for row, (ids, offsets, special, text) in enumerate(zip(arrays["input_ids"], arrays["offsets"], arrays["special"], arrays["text"])):
+        for row, (ids, offsets, special, text) in enumerate(
+            zip(arrays["input_ids"], arrays["offsets"], arrays["special"], arrays["text"])
+        ):
             tokens = []
             for p, token_id in enumerate(np.asarray(ids).tolist()):
                 if special[p]:
@@ -263,7 +321,15 @@ class TokenClassification(TaskSpec):
                 start, end = (int(x) for x in offsets[p])
                 best = int(probs[row, p].argmax())
                 word = text[start:end] if token_id == unk else processor.convert_ids_to_tokens(token_id)
-                tokens.append({"entity": id2label[best], "score": float(probs[row, p, best]), "word": word, "start": start, "end": end})
+                tokens.append(
+                    {
+                        "entity": id2label[best],
+                        "score": float(probs[row, p, best]),
+                        "word": word,
+                        "start": start,
+                        "end": end,
+                    }
+                )
             results.append(group_entities(tokens, ignore, processor))
         return results
 
@@ -290,15 +356,54 @@ class TokenClassification(TaskSpec):
         """Templated sentences about people, places and companies (multi-word names included)."""
         rng = random.Random(seed)
         names = {
-            "PER": ["Alice Smith", "Bob", "Carlos Diaz", "Dana", "Eve Jones", "Farid", "Grace Lee", "Hiro Tanaka", "Ivan", "Julia Roberts"],
-            "LOC": ["Paris", "New York", "Berlin", "San Francisco", "Tokyo", "Lagos", "Lima", "Cape Town", "Oslo", "Rio de Janeiro"],
-            "ORG": ["Acme Corp", "Globex", "Initech", "Umbrella Inc", "Stark Industries", "Hooli", "Wayne Enterprises", "Vandelay", "Tyrell", "Soylent"],
+            "PER": [
+                "Alice Smith",
+                "Bob",
+                "Carlos Diaz",
+                "Dana",
+                "Eve Jones",
+                "Farid",
+                "Grace Lee",
+                "Hiro Tanaka",
+                "Ivan",
+                "Julia Roberts",
+            ],
+            "LOC": [
+                "Paris",
+                "New York",
+                "Berlin",
+                "San Francisco",
+                "Tokyo",
+                "Lagos",
+                "Lima",
+                "Cape Town",
+                "Oslo",
+                "Rio de Janeiro",
+            ],
+            "ORG": [
+                "Acme Corp",
+                "Globex",
+                "Initech",
+                "Umbrella Inc",
+                "Stark Industries",
+                "Hooli",
+                "Wayne Enterprises",
+                "Vandelay",
+                "Tyrell",
+                "Soylent",
+            ],
         }
         templates = [
-            "{PER} moved to {LOC} last year .", "{PER} works for {ORG} in {LOC} .", "The {ORG} office in {LOC} hired {PER} .",
-            "{PER} met {PER} at the {ORG} party .", "Yesterday {ORG} said that {PER} will visit {LOC} .",
-            "In {LOC} , {PER} founded {ORG} .", "{ORG} opened a new store in {LOC} today .", "Nobody from {LOC} called {PER} again .",
-            "The weather was nice and everyone stayed at home .", "{PER} thinks {ORG} is growing fast .",
+            "{PER} moved to {LOC} last year .",
+            "{PER} works for {ORG} in {LOC} .",
+            "The {ORG} office in {LOC} hired {PER} .",
+            "{PER} met {PER} at the {ORG} party .",
+            "Yesterday {ORG} said that {PER} will visit {LOC} .",
+            "In {LOC} , {PER} founded {ORG} .",
+            "{ORG} opened a new store in {LOC} today .",
+            "Nobody from {LOC} called {PER} again .",
+            "The weather was nice and everyone stayed at home .",
+            "{PER} thinks {ORG} is growing fast .",
         ]
         rows = []
         for i in range(n):

@@ -46,11 +46,34 @@ class Translation(Seq2SeqTask):
         """English-like sentences into a French-like word code, with the adjective moved after its noun:
         a lexicon and one reordering rule to learn."""
         rng = random.Random(seed)
-        nouns = {"cat": "chat", "dog": "chien", "bird": "oiseau", "horse": "cheval", "fish": "poisson",
-                 "mouse": "souris", "child": "enfant", "king": "roi"}
-        adjectives = {"red": "rouge", "small": "petit", "black": "noir", "white": "blanc", "old": "vieux",
-                      "happy": "content", "green": "vert", "tall": "grand"}
-        verbs = {"sees": "voit", "eats": "mange", "likes": "aime", "follows": "suit", "finds": "trouve", "hears": "entend"}
+        nouns = {
+            "cat": "chat",
+            "dog": "chien",
+            "bird": "oiseau",
+            "horse": "cheval",
+            "fish": "poisson",
+            "mouse": "souris",
+            "child": "enfant",
+            "king": "roi",
+        }
+        adjectives = {
+            "red": "rouge",
+            "small": "petit",
+            "black": "noir",
+            "white": "blanc",
+            "old": "vieux",
+            "happy": "content",
+            "green": "vert",
+            "tall": "grand",
+        }
+        verbs = {
+            "sees": "voit",
+            "eats": "mange",
+            "likes": "aime",
+            "follows": "suit",
+            "finds": "trouve",
+            "hears": "entend",
+        }
         rows = []
         for i in range(n):
             a, b = rng.sample(sorted(nouns), 2)

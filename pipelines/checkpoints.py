@@ -33,7 +33,9 @@ def save_checkpoint(directory: str, model, processor, optimizer, scheduler, stat
     (d / "optimizer.json").write_text(json.dumps(meta))
     (d / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     (d / "state.json").write_text(json.dumps(state, indent=2))
-    sizes = {str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE}
+    sizes = {
+        str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE
+    }
     (d / COMPLETE).write_text(json.dumps({"files": sizes}))
 
 
@@ -44,7 +46,10 @@ def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
     missing, unexpected = model.load_state_dict(_saved_weights(d / MODEL_DIR, model), strict=False)
     tied = {k for k in missing if k.endswith(("decoder.weight", "lm_head.weight", "position_ids"))}
     if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, unexpected "
+            f"{unexpected[:5]}"
+        )
     meta = json.loads((d / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((d / "scheduler.json").read_text()))
@@ -79,7 +84,9 @@ def _split_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
 def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
     state = {}
     for index, entry in meta["state"].items():
-        state[int(index)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()}
+        state[int(index)] = {
+            k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()
+        }
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

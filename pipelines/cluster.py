@@ -17,8 +17,12 @@ from models.spec import UserError
 # Without -v: Ray Data's and Ray Train's info lines (plans, "Reporting training result", checkpoint paths)
 # and transformers' progress bars stay in Ray's log files under /tmp/ray/session_latest/logs; the console
 # shows our own lines and warnings.
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "PYTHONWARNINGS": "ignore::DeprecationWarning"}  # Ray's internal actors use its deprecated options
+QUIET_ENV = {
+    "RAY_DATA_LOG_LEVEL": "ERROR",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}  # Ray's internal actors use its deprecated options
 
 
 def verbose() -> bool:
@@ -61,8 +65,10 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
         quiet_logs()
     runtime_env = {"env_vars": env_vars}
     if address and address.startswith(("http://", "https://")):
-        raise UserError(f"ray.address: {address} is a dashboard (job submission) address; "
-                        "use `rayformers submit --address` with it, or the cluster's GCS address (host:6379 or auto)")
+        raise UserError(
+            f"ray.address: {address} is a dashboard (job submission) address; "
+            "use `rayformers submit --address` with it, or the cluster's GCS address (host:6379 or auto)"
+        )
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=ray_log_level())
     else:
@@ -71,6 +77,12 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
         # CPUs, plus one for Ray Data's read tasks. The dashboard serves the State API that Ray
         # Train's placement-group cleaner polls.
         cpus = num_cpus or max(os.cpu_count() or 1, int(needed_cpus + 0.999) + 1)
-        ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 logging_level=ray_log_level(), configure_logging=True)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+            logging_level=ray_log_level(),
+            configure_logging=True,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -58,8 +58,11 @@ class _Window:
 
 def window_batches(table: pa.Table, batch_size: int, length_buckets: int, rng: random.Random) -> list[list[int]]:
     """The batches (row indices) cut from one window, in their shuffled order; rows with errors left out."""
-    usable = pc.indices_nonzero(pc.is_null(table.column(ERROR))).to_pylist() if ERROR in table.column_names \
+    usable = (
+        pc.indices_nonzero(pc.is_null(table.column(ERROR))).to_pylist()
+        if ERROR in table.column_names
         else list(range(table.num_rows))
+    )
     lengths = table.column(LENGTH).to_pylist() if LENGTH in table.column_names else [0] * table.num_rows
     rng.shuffle(usable)
     group = batch_size * length_buckets
@@ -82,8 +85,17 @@ class Round:
     position: int = 0  # batches of the epoch dealt once this round is done
 
 
-def rounds(windows: Iterable[pa.Table], *, seed: int, epoch: int, batch_size: int, length_buckets: int,
-           world: int, rank: int, start: int) -> Iterator[Round]:
+def rounds(
+    windows: Iterable[pa.Table],
+    *,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    length_buckets: int,
+    world: int,
+    rank: int,
+    start: int,
+) -> Iterator[Round]:
     """This worker's share of the epoch from batch `start` on; see the module docstring. `windows` are the
     split's rows in file order, `window_rows` at a time (the last window may be shorter)."""
     pending: list[tuple[_Window, list[int]]] = []

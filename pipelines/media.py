@@ -43,11 +43,13 @@ def fetch_file(storage: Storage, fs, uri_or_path: str, is_uri: bool) -> bytes:
             if _is_folder(fs, path):  # object stores call a folder a missing file
                 raise UserError(f"{uri_or_path}: a folder, not a file") from None
             raise
-        except Exception as exc:  # a dropped connection, a throttled or failing store: try again, then give up on the row
+        except (
+            Exception
+        ) as exc:  # a dropped connection, a throttled or failing store: try again, then give up on the row
             if attempt == FETCH_TRIES - 1:
                 why = f"{type(exc).__name__}: {exc}"
                 raise UserError(f"{uri_or_path}: could not be read after {FETCH_TRIES} tries ({why})") from None
-            time.sleep(FETCH_BACKOFF_S * 2 ** attempt)
+            time.sleep(FETCH_BACKOFF_S * 2**attempt)
     if len(data) > MAX_MEDIA_BYTES:
         raise UserError(f"{uri_or_path}: more than the {MAX_MEDIA_BYTES} bytes a media file may have")
     return data
@@ -76,7 +78,9 @@ def resolve_paths(values: list, sources: list[str | None], storage: Storage, fs,
                 continue
         if not isinstance(value, str) or not value.strip():
             out.append(None)
-            errors.append(f"{column}: expected file bytes or a path, got {type(value).__name__ if value is not None else 'null'}")
+            errors.append(
+                f"{column}: expected file bytes or a path, got {type(value).__name__ if value is not None else 'null'}"
+            )
             continue
         try:
             if _URI.match(value):
@@ -98,7 +102,9 @@ def decode_request_value(value, storage: Storage | None, column: str) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if not isinstance(value, str) or not value:
-        raise UserError(f"{column}: expected base64 file content, got {type(value).__name__ if value is not None else 'null'}")
+        raise UserError(
+            f"{column}: expected base64 file content, got {type(value).__name__ if value is not None else 'null'}"
+        )
     if _URI.match(value) and not value.startswith("data:"):
         if storage is None:
             raise UserError(f"{column}: URIs are not accepted here (serve.allow_uris is off); send the file as base64")
@@ -107,4 +113,6 @@ def decode_request_value(value, storage: Storage | None, column: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise UserError(f"{column}: not valid base64 (send the file's bytes base64-encoded, or as a multipart upload)") from None
+        raise UserError(
+            f"{column}: not valid base64 (send the file's bytes base64-encoded, or as a multipart upload)"
+        ) from None

@@ -24,11 +24,32 @@ from jobs.config import JobConfig
 from models import get_task
 from models.spec import TaskSpec, UserError
 from pipelines.cluster import connect
-from pipelines.predict_output import (Commits, check_no_overlap, digest, file_entries, finish, first_rows, folder_stamp,
-                                      load_commits, open_output, write_part)
+from pipelines.predict_output import (
+    Commits,
+    check_no_overlap,
+    digest,
+    file_entries,
+    finish,
+    first_rows,
+    folder_stamp,
+    load_commits,
+    open_output,
+    write_part,
+)
 from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
-from pipelines.readers import (READ_ERROR, ROW, ROWS_PER_BLOCK, SOURCE, data_files, detect_format, file_blocks, folder_rows,
-                               format_of, table_from_rows, with_format)
+from pipelines.readers import (
+    READ_ERROR,
+    ROW,
+    ROWS_PER_BLOCK,
+    SOURCE,
+    data_files,
+    detect_format,
+    file_blocks,
+    folder_rows,
+    format_of,
+    table_from_rows,
+    with_format,
+)
 from pipelines.storage import Storage
 
 UNIT_BYTES = 256 * 1024 * 1024  # a Parquet file larger than this is split into units of row groups
@@ -58,8 +79,10 @@ def plan_units(storage: Storage, cfg: JobConfig, task: TaskSpec) -> tuple[list[d
     p = cfg.predict
     if cfg.data.format == "folder":
         rows = folder_rows(storage, p.input, task)
-        units = [unit(i, p.input, rows=json.dumps(rows[start:start + ROWS_PER_BLOCK]))
-                 for i, start in enumerate(range(0, len(rows), ROWS_PER_BLOCK))]
+        units = [
+            unit(i, p.input, rows=json.dumps(rows[start : start + ROWS_PER_BLOCK]))
+            for i, start in enumerate(range(0, len(rows), ROWS_PER_BLOCK))
+        ]
         return units, folder_stamp(storage.resolve(p.input))
     files = data_files(storage, p.input, cfg.data.format, task)
     entries = file_entries(storage.resolve(p.input), [f.path for f in files])
@@ -74,8 +97,14 @@ def plan_units(storage: Storage, cfg: JobConfig, task: TaskSpec) -> tuple[list[d
 
 
 def unit(i: int, path: str, first_group: int = -1, end_group: int = -1, first_row: int = 0, rows: str = "") -> dict:
-    return {"unit": i, "path": path, "rows": rows, "first_group": first_group, "end_group": end_group,
-            "first_row": first_row}
+    return {
+        "unit": i,
+        "path": path,
+        "rows": rows,
+        "first_group": first_group,
+        "end_group": end_group,
+        "first_row": first_row,
+    }
 
 
 def row_group_runs(file) -> list[tuple[int, int, int]]:
@@ -100,9 +129,16 @@ def row_group_runs(file) -> list[tuple[int, int, int]]:
 
 def fingerprint(cfg: JobConfig, storage: Storage, source: str, input_stamp: str) -> dict:
     model = folder_stamp(storage.resolve(source)) if is_path(source) else f"{source}@{cfg.model.revision}"
-    settings = {"task": cfg.task, "format": cfg.data.format, "columns": cfg.data.columns, "id": cfg.data.id_column,
-                "max_length": cfg.model.max_length, "parameters": cfg.predict.parameters,
-                "quantize": cfg.predict.quantize, "options": cfg.task_options}
+    settings = {
+        "task": cfg.task,
+        "format": cfg.data.format,
+        "columns": cfg.data.columns,
+        "id": cfg.data.id_column,
+        "max_length": cfg.model.max_length,
+        "parameters": cfg.predict.parameters,
+        "quantize": cfg.predict.quantize,
+        "options": cfg.task_options,
+    }
     return {"model": f"{source}:{model}", "input": input_stamp, "settings": digest(settings)}
 
 
@@ -138,16 +174,21 @@ def predict(cfg: JobConfig) -> dict:
     cfg = with_format(cfg, detect_format(storage, p.input, cfg.data.format, task))
     source = model_uri(cfg, p.model)
     model_key = "predict.model" if p.model else ("train.output" if cfg.train.output else "model.source")
-    check_no_overlap(storage, p.output, {"predict.input": p.input, model_key: source if is_path(source) else None,
-                                         "train.output": cfg.train.output})
+    check_no_overlap(
+        storage,
+        p.output,
+        {"predict.input": p.input, model_key: source if is_path(source) else None, "train.output": cfg.train.output},
+    )
     local_model = storage.model_path(source)
     units, input_stamp = plan_units(storage, cfg, task)
     check_sample_columns(storage, cfg, task, units)
     out = open_output(storage, p.output, fingerprint(cfg, storage, source, input_stamp), len(units), p.overwrite)
     todo = [u for u in units if u["unit"] not in out.done]
     if out.done:
-        print(f"resuming {p.output}: {len(out.done)} of {len(units)} units already committed, scoring {len(todo)}",
-              flush=True)
+        print(
+            f"resuming {p.output}: {len(out.done)} of {len(units)} units already committed, scoring {len(todo)}",
+            flush=True,
+        )
 
     started = time.perf_counter()
     ray_up = started
@@ -165,7 +206,9 @@ def predict(cfg: JobConfig) -> dict:
         ray_up = time.perf_counter()
         if actors is None:
             resources = ray.cluster_resources()
-            actors = int(resources["GPU"]) if p.use_gpu else max(1, int(resources.get("CPU", 2) - 1) // p.threads_per_actor)
+            actors = (
+                int(resources["GPU"]) if p.use_gpu else max(1, int(resources.get("CPU", 2) - 1) // p.threads_per_actor)
+            )
         actors = max(1, min(actors, len(todo)))
         job = cfg.model_dump(mode="json")
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
@@ -201,8 +244,11 @@ class Progress:
         rate = self.rows / max(now - self.start, 1e-9)
         per_unit = (now - self.start) / max(self.done, 1)
         eta = per_unit * (self.units - self.done)
-        print(f"predict: {self.done}/{self.units} units, {self.rows} rows this run, {rate:.1f} rows/s, "
-              f"ETA {eta:.0f}s", flush=True)
+        print(
+            f"predict: {self.done}/{self.units} units, {self.rows} rows this run, {rate:.1f} rows/s, "
+            f"ETA {eta:.0f}s",
+            flush=True,
+        )
 
 
 class UnitScorer:
@@ -228,7 +274,9 @@ class UnitScorer:
 
     def __call__(self, batch: dict) -> dict:
         unit, path, rows = int(batch["unit"][0]), str(batch["path"][0]), str(batch["rows"][0])
-        groups = range(int(batch["first_group"][0]), int(batch["end_group"][0])) if batch["first_group"][0] >= 0 else None
+        groups = (
+            range(int(batch["first_group"][0]), int(batch["end_group"][0])) if batch["first_group"][0] >= 0 else None
+        )
         first_row = int(batch["first_row"][0])
         for attempt in range(READ_TRIES):
             try:
@@ -240,8 +288,10 @@ class UnitScorer:
                     where = self.storage.resolve(path).path
                     tables = self.predict_windows([self.tag(table_from_rows([{}], [why]), where, first_row)])
                 else:
-                    time.sleep(0.5 * 2 ** attempt)
-        table = unify(tables) if tables else pa.table({ERROR: pa.array([], pa.string()), FLAG: pa.array([], pa.string())})
+                    time.sleep(0.5 * 2**attempt)
+        table = (
+            unify(tables) if tables else pa.table({ERROR: pa.array([], pa.string()), FLAG: pa.array([], pa.string())})
+        )
         for attempt in range(READ_TRIES):  # a failed write is retried too; a part is only ever whole
             try:
                 name = write_part(self.work, unit, table)
@@ -249,19 +299,26 @@ class UnitScorer:
             except (OSError, UserError):
                 if attempt == READ_TRIES - 1:
                     raise
-                time.sleep(0.5 * 2 ** attempt)
+                time.sleep(0.5 * 2**attempt)
         errors = table.num_rows - table.column(ERROR).null_count
         flagged = table.num_rows - table.column(FLAG).null_count
-        return {"unit": [unit], "part": [name], "rows": [table.num_rows], "errors": [errors], "flagged": [flagged],
-                "source": [path]}
+        return {
+            "unit": [unit],
+            "part": [name],
+            "rows": [table.num_rows],
+            "errors": [errors],
+            "flagged": [flagged],
+            "source": [path],
+        }
 
     def windows(self, path: str, rows: str, groups: range | None = None, first_row: int = 0):
         """The unit's rows, `predict.sort_window` at a time."""
         if rows:  # a slice of a folder layout's rows, listed by the driver
             listed = json.loads(rows)
             errors = [r.get(READ_ERROR) for r in listed]
-            table = table_from_rows([{k: v for k, v in r.items() if k not in (SOURCE, ROW, READ_ERROR)} for r in listed],
-                                    errors)
+            table = table_from_rows(
+                [{k: v for k, v in r.items() if k not in (SOURCE, ROW, READ_ERROR)} for r in listed], errors
+            )
             table = table.append_column(SOURCE, pa.array([r[SOURCE] for r in listed], pa.string()))
             table = table.append_column(ROW, pa.array([r[ROW] for r in listed], pa.int64()))
             yield from (table.slice(i, self.window) for i in range(0, table.num_rows, self.window))
@@ -290,7 +347,8 @@ class UnitScorer:
     def tag(table: pa.Table, path: str, start: int) -> pa.Table:
         n = table.num_rows
         return table.append_column(SOURCE, pa.array([path] * n, pa.string())).append_column(
-            ROW, pa.array(range(start, start + n), pa.int64()))
+            ROW, pa.array(range(start, start + n), pa.int64())
+        )
 
     def complete(self, table: pa.Table) -> pa.Table:
         """Required columns a file lacks (all its lines broken, or another layout) become nulls, and
@@ -321,8 +379,11 @@ def unify(tables: list[pa.Table]) -> pa.Table:
         for t in tables:
             for n in t.column_names:
                 if len(types[n] - {pa.null()}) > 1:
-                    t = t.set_column(t.column_names.index(n), n, pa.array(
-                        [None if v is None else str(v) for v in t.column(n).to_pylist()], pa.string()))
+                    t = t.set_column(
+                        t.column_names.index(n),
+                        n,
+                        pa.array([None if v is None else str(v) for v in t.column(n).to_pylist()], pa.string()),
+                    )
             fixed.append(t)
         return pa.concat_tables(fixed, promote_options="permissive")
 
@@ -337,15 +398,27 @@ def summarize(out, units: int, scored: int, seconds: float, pipeline_seconds: fl
     errors = sum(r["errors"] for r in records.values())
     flagged = sum(r["flagged"] for r in records.values())
     this_run = sum(r["rows"] for r in records.values() if r.get("run") == out.run_id)
-    summary = {"rows": rows, "errors": errors, "flagged": flagged, "units": units, "units_scored": scored,
-               "units_resumed": units - scored, "rows_scored": this_run, "seconds": round(seconds, 1),
-               "rows_per_s": round(this_run / max(seconds, 1e-9), 1),
-               "pipeline_rows_per_s": round(this_run / max(pipeline_seconds, 1e-9), 1),
-               "actors": actors, "output": out.root.uri}
+    summary = {
+        "rows": rows,
+        "errors": errors,
+        "flagged": flagged,
+        "units": units,
+        "units_scored": scored,
+        "units_resumed": units - scored,
+        "rows_scored": this_run,
+        "seconds": round(seconds, 1),
+        "rows_per_s": round(this_run / max(seconds, 1e-9), 1),
+        "pipeline_rows_per_s": round(this_run / max(pipeline_seconds, 1e-9), 1),
+        "actors": actors,
+        "output": out.root.uri,
+    }
     finish(out, summary)
-    print(f"wrote {rows} predictions ({errors} errors, {flagged} flagged) to {out.root.uri} in {seconds:.1f}s "
-          f"({summary['rows_per_s']} rows/s; {summary['pipeline_rows_per_s']} rows/s once Ray was up; "
-          f"{actors} predictor actors; {units - scored} of {units} units from an earlier run)", flush=True)
+    print(
+        f"wrote {rows} predictions ({errors} errors, {flagged} flagged) to {out.root.uri} in {seconds:.1f}s "
+        f"({summary['rows_per_s']} rows/s; {summary['pipeline_rows_per_s']} rows/s once Ray was up; "
+        f"{actors} predictor actors; {units - scored} of {units} units from an earlier run)",
+        flush=True,
+    )
     print("summary: " + json.dumps(summary), flush=True)
     parts = [records[u]["part"] for u in sorted(records)]
     for row in first_rows(out, parts):

@@ -71,7 +71,9 @@ def check_no_overlap(storage: Storage, output: str, others: dict[str, str | None
         other_kind, other = _place(storage, uri)
         relation = _relation(out, other) if kind == other_kind else None
         if relation:
-            raise UserError(f"predict.output: {output} {relation} {key} ({uri}); predictions need a folder of their own")
+            raise UserError(
+                f"predict.output: {output} {relation} {key} ({uri}); predictions need a folder of their own"
+            )
 
 
 # --- fingerprints --------------------------------------------------------------------------------
@@ -98,8 +100,10 @@ def file_entries(loc: Location, paths: list[str] | None = None) -> dict[str, dic
 def folder_stamp(loc: Location, paths: list[str] | None = None, entries: dict | None = None) -> str:
     """A digest of the names, sizes and versions of the files at `loc`: changes when any file does."""
     entries = entries if entries is not None else file_entries(loc, paths)
-    lines = [f"{p}:{d.get('size')}:{d.get('ETag') or d.get('LastModified') or d.get('mtime') or ''}"
-             for p, d in sorted(entries.items())]
+    lines = [
+        f"{p}:{d.get('size')}:{d.get('ETag') or d.get('LastModified') or d.get('mtime') or ''}"
+        for p, d in sorted(entries.items())
+    ]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:20]
 
 
@@ -167,7 +171,9 @@ def load_commits(loc: Location) -> dict[int, dict]:
     with storage_errors(manifest.uri):
         if not loc.fs.exists(manifest.path):
             return done
-        segments = sorted(p for p in loc.fs.ls(manifest.path, detail=False) if posixpath.basename(p).startswith("commits-"))
+        segments = sorted(
+            p for p in loc.fs.ls(manifest.path, detail=False) if posixpath.basename(p).startswith("commits-")
+        )
         for segment in segments:
             for line in loc.fs.cat_file(segment).decode().splitlines():
                 if line.strip():
@@ -201,27 +207,36 @@ def open_output(storage: Storage, uri: str, fingerprint: dict, units: int, overw
     names = {n for n in _names(root) if not n.startswith(".rayformers-write-check-")}
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if names and MANIFEST not in names:
-        raise UserError(f"predict.output: {uri} holds files that rayformers predict did not write "
-                        f"({', '.join(sorted(names)[:3])}); choose an empty or new folder")
+        raise UserError(
+            f"predict.output: {uri} holds files that rayformers predict did not write "
+            f"({', '.join(sorted(names)[:3])}); choose an empty or new folder"
+        )
     work, replaces = root, None
     if MARKER in names:
         if not overwrite:
-            raise UserError(f"predict.output: {uri} already holds a complete prediction (its {MARKER} marker); "
-                            "set predict.overwrite=true to replace it, or choose another folder")
+            raise UserError(
+                f"predict.output: {uri} already holds a complete prediction (its {MARKER} marker); "
+                "set predict.overwrite=true to replace it, or choose another folder"
+            )
         work, replaces = root.join(NEXT), _run_info(root) or {}
     run = _run_info(work)
     if run is not None and run.get("fingerprint") != fingerprint:
         what = _changed(run.get("fingerprint", {}), fingerprint)
         if not overwrite:
-            raise UserError(f"predict.output: {uri} holds a partial run made with other {what.split(' ', 1)[1]} "
-                            f"({what} changed since it started); re-run with the same ones to resume it, "
-                            "or set predict.overwrite=true to start over")
+            raise UserError(
+                f"predict.output: {uri} holds a partial run made with other {what.split(' ', 1)[1]} "
+                f"({what} changed since it started); re-run with the same ones to resume it, "
+                "or set predict.overwrite=true to start over"
+            )
         _remove_ours(work, run)
         run = None
     if run is None:
         _remove_ours(work, None)  # temporaries of a run that died before it wrote run.json
-        write_whole(work, f"{MANIFEST}/run.json",
-                    json.dumps({"fingerprint": fingerprint, "units": units, "started": run_id}).encode())
+        write_whole(
+            work,
+            f"{MANIFEST}/run.json",
+            json.dumps({"fingerprint": fingerprint, "units": units, "started": run_id}).encode(),
+        )
     out = Output(root, work, run_id, load_commits(work), replaces)
     out.done = {u: r for u, r in out.done.items() if u < units}
     return out
@@ -264,7 +279,7 @@ def finish(out: Output, summary: dict) -> None:
                     fs.rm(root.join(name).path, recursive=True)
             base = out.work.path.rstrip("/")
             for path in fs.find(out.work.path):
-                relative = path[len(base) + 1:]
+                relative = path[len(base) + 1 :]
                 if relative.startswith(TMP + "/"):
                     continue
                 fs.makedirs(posixpath.dirname(root.join(relative).path), exist_ok=True)

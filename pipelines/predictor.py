@@ -34,7 +34,9 @@ def check_columns(names: list[str], task: TaskSpec, column_map: dict[str, str], 
         theirs = column_map.get(column.name, column.name)
         if theirs not in names:
             hint = f" (mapped by data.columns.{column.name})" if column.name in column_map else ""
-            raise UserError(f"data: no column {theirs!r}{hint} for {column.description}; the data has {', '.join(sorted(names))}")
+            raise UserError(
+                f"data: no column {theirs!r}{hint} for {column.description}; the data has {', '.join(sorted(names))}"
+            )
 
 
 def canonical_rows(table: pa.Table, task: TaskSpec, column_map: dict[str, str], training: bool) -> dict[str, list]:
@@ -66,8 +68,10 @@ def column_values(table: pa.Table, name: str) -> list:
     column = table.column(name)
     values = column.to_pylist()
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return [np.load(io.BytesIO(v), allow_pickle=False) if isinstance(v, bytes) and v.startswith(_NPY_MAGIC) else v
-                for v in values]
+        return [
+            np.load(io.BytesIO(v), allow_pickle=False) if isinstance(v, bytes) and v.startswith(_NPY_MAGIC) else v
+            for v in values
+        ]
     return values
 
 
@@ -104,8 +108,15 @@ def fetch_media(task: TaskSpec, batch: dict[str, list], fetch) -> list[str | Non
 class Preprocessor:
     """Ray Data callable class: a block of raw rows -> a block of features (+ pass-through columns)."""
 
-    def __init__(self, job: dict, processor: Any, labels: list | None, train: bool = False,
-                 keep: tuple[str, ...] = (), data_uri: str | None = None):
+    def __init__(
+        self,
+        job: dict,
+        processor: Any,
+        labels: list | None,
+        train: bool = False,
+        keep: tuple[str, ...] = (),
+        data_uri: str | None = None,
+    ):
         from jobs.config import JobConfig
 
         torch.set_num_threads(1)
@@ -129,8 +140,9 @@ class Preprocessor:
     def features(self, table: pa.Table) -> Features:
         batch = canonical_rows(table, self.task, self.column_map, training=self.ctx.labels is not None)
         sources = table.column(SOURCE).to_pylist() if SOURCE in table.column_names else [None] * table.num_rows
-        media_errors = fetch_media(self.task, batch, lambda name, values: resolve_paths(
-            values, sources, self.storage, self.fs, name))
+        media_errors = fetch_media(
+            self.task, batch, lambda name, values: resolve_paths(values, sources, self.storage, self.fs, name)
+        )
         features = self.task.preprocess(batch, self.processor, self.ctx)
         read_errors = table.column(READ_ERROR).to_pylist() if READ_ERROR in table.column_names else []
         for reasons in (media_errors, read_errors):
@@ -162,10 +174,21 @@ def pick_device(use_gpu: bool) -> torch.device:
 class Predictor:
     """A loaded model with its processor; predicts features or raw rows in length-sorted batches."""
 
-    def __init__(self, task_name: str, model_dir: str, batch_size: int = 8, use_gpu: bool = False,
-                 quantize: str = "none", threads: int | None = None, parameters: dict | None = None,
-                 options: Any = None, data: Any = None, storage: Storage | None = None, allow_uris: bool = False,
-                 max_batch_cost: int | None = None):
+    def __init__(
+        self,
+        task_name: str,
+        model_dir: str,
+        batch_size: int = 8,
+        use_gpu: bool = False,
+        quantize: str = "none",
+        threads: int | None = None,
+        parameters: dict | None = None,
+        options: Any = None,
+        data: Any = None,
+        storage: Storage | None = None,
+        allow_uris: bool = False,
+        max_batch_cost: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.task = get_task(task_name)
@@ -188,14 +211,18 @@ class Predictor:
         most that many padded length units (rows x longest): on CPU a long row gains nothing from company."""
         out, batch = [], []
         for i in rows:
-            if batch and (len(batch) == self.batch_size or
-                          (self.max_batch_cost and (len(batch) + 1) * max(lengths[i], 1) > self.max_batch_cost)):
+            if batch and (
+                len(batch) == self.batch_size
+                or (self.max_batch_cost and (len(batch) + 1) * max(lengths[i], 1) > self.max_batch_cost)
+            ):
                 out.append(batch)
                 batch = []
             batch.append(i)
         return out + [batch] if batch else out
 
-    def predict_arrays(self, arrays: dict[str, list], lengths: list[int], errors: list, parameters: dict | None = None) -> list:
+    def predict_arrays(
+        self, arrays: dict[str, list], lengths: list[int], errors: list, parameters: dict | None = None
+    ) -> list:
         """One prediction per row (None where the row carries an error), in input order."""
         parameters = {**self.parameters, **(parameters or {})}
         n = len(errors)
@@ -258,8 +285,19 @@ class PredictStage:
         p = cfg.predict
         storage = Storage.from_config(cfg.storage)
         model_dir = storage.model_path(model_uri)  # downloaded once per node
-        self.predictor = Predictor(cfg.task, model_dir, p.batch_size, p.use_gpu, p.quantize, p.threads_per_actor,
-                                   p.parameters, cfg.options(), cfg.data, storage, max_batch_cost=p.max_batch_cost)
+        self.predictor = Predictor(
+            cfg.task,
+            model_dir,
+            p.batch_size,
+            p.use_gpu,
+            p.quantize,
+            p.threads_per_actor,
+            p.parameters,
+            cfg.options(),
+            cfg.data,
+            storage,
+            max_batch_cost=p.max_batch_cost,
+        )
         self.keep = keep
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -26,8 +26,15 @@ from models import get_task
 from models.spec import TaskSpec, UserError
 from pipelines.storage import Storage, storage_errors
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
-           ".txt": "text"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".txt": "text",
+}
 SOURCE, ROW, READ_ERROR = "_source", "_row", "_read_error"
 ROWS_PER_BLOCK = 2048
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -233,8 +240,9 @@ def parse_lines(data, fmt: str) -> Iterator[pa.Table]:
         yield table_from_rows(rows, errors)
 
 
-def file_blocks(f, path: str, fmt: str, task: TaskSpec | None, row_groups: range | None = None,
-                first_row: int = 0) -> Iterator[pa.Table]:
+def file_blocks(
+    f, path: str, fmt: str, task: TaskSpec | None, row_groups: range | None = None, first_row: int = 0
+) -> Iterator[pa.Table]:
     """The rows of one open data file, a block at a time, tagged with `_source` (the file) and `_row`
     (the position in it). Text formats and Parquet are read in pieces, never whole. A Parquet file
     may be read in part: `row_groups` of it, whose first row is row `first_row` of the file."""
@@ -309,7 +317,9 @@ def folder_rows(storage: Storage, uri: str, task: TaskSpec) -> list[dict]:
     else:
         rows = task.folder_rows([p for p in relative])
     if not rows:
-        raise UserError(f"{uri}: no {', '.join(task.media_suffixes) or 'media'} files or metadata.jsonl/csv found there")
+        raise UserError(
+            f"{uri}: no {', '.join(task.media_suffixes) or 'media'} files or metadata.jsonl/csv found there"
+        )
     prefix = uri.rstrip("/")
     for row in rows:
         for name in media:
@@ -337,7 +347,9 @@ def detect_format(storage: Storage, uri: str, fmt: str, task: TaskSpec) -> str:
         files = [p for p in loc.fs.find(loc.path) if not posixpath.basename(p).startswith((".", "_"))]
     if any(posixpath.basename(p) in METADATA_FILES for p in files):
         return "folder"
-    if not any(p.lower().endswith(data_suffixes) for p in files) and any(p.lower().endswith(task.media_suffixes) for p in files):
+    if not any(p.lower().endswith(data_suffixes) for p in files) and any(
+        p.lower().endswith(task.media_suffixes) for p in files
+    ):
         return "folder"
     return fmt
 
@@ -365,7 +377,9 @@ def read_rows(storage: Storage, uri: str, fmt: str = "auto", task: TaskSpec | No
     if fmt == "folder":
         rows = folder_rows(storage, uri, task)
         errors = [r.get(READ_ERROR) for r in rows]  # a metadata line that did not parse keeps its reason
-        table = table_from_rows([{k: v for k, v in r.items() if k not in (SOURCE, ROW, READ_ERROR)} for r in rows], errors)
+        table = table_from_rows(
+            [{k: v for k, v in r.items() if k not in (SOURCE, ROW, READ_ERROR)} for r in rows], errors
+        )
         table = table.append_column(SOURCE, pa.array([r[SOURCE] for r in rows], pa.string()))
         table = table.append_column(ROW, pa.array([r[ROW] for r in rows], pa.int64()))
         blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]

@@ -70,11 +70,17 @@ class Storage:
             client_kwargs = {"region_name": self.region} if self.region else {}
             # No listings cache: another process (a train worker, an earlier run) may have rewritten
             # the objects, and a stale ETag makes reads fail.
-            fs = s3fs.S3FileSystem(anon=self.anonymous, endpoint_url=self.endpoint_url, client_kwargs=client_kwargs,
-                                   use_listings_cache=False)
+            fs = s3fs.S3FileSystem(
+                anon=self.anonymous,
+                endpoint_url=self.endpoint_url,
+                client_kwargs=client_kwargs,
+                use_listings_cache=False,
+            )
             return Location(uri, fs, rest)
         if scheme == "file":
-            return Location(uri, fsspec.filesystem("file"), rest if rest.startswith("/") else str(Path(rest).absolute()))
+            return Location(
+                uri, fsspec.filesystem("file"), rest if rest.startswith("/") else str(Path(rest).absolute())
+            )
         try:
             fs = fsspec.filesystem(scheme)
         except (ImportError, ValueError) as exc:
@@ -151,10 +157,15 @@ class Storage:
         training has committed it (its marker is written last; a run killed while writing it has none)."""
         if "://" in source or os.path.isdir(source) or source.startswith((".", "/")):
             parent = source.rstrip("/").rsplit("/", 1)[0]
-            if (source.rstrip("/").endswith("/model") and self.exists(f"{parent}/prepared/{COMPLETE}")
-                    and not self.exists(f"{source.rstrip('/')}/{COMPLETE}")):
-                raise UserError(f"{source}: the training run in {parent} did not finish writing its model (no "
-                                f"{COMPLETE}); run the same `rayformers train` again to finish it")
+            if (
+                source.rstrip("/").endswith("/model")
+                and self.exists(f"{parent}/prepared/{COMPLETE}")
+                and not self.exists(f"{source.rstrip('/')}/{COMPLETE}")
+            ):
+                raise UserError(
+                    f"{source}: the training run in {parent} did not finish writing its model (no "
+                    f"{COMPLETE}); run the same `rayformers train` again to finish it"
+                )
             return self.local_copy(source)
         return source
 
@@ -224,10 +235,14 @@ def storage_errors(uri: str):
     except Exception as exc:  # botocore's errors are not importable without botocore; match by name
         name = type(exc).__name__
         if name in ("NoCredentialsError", "PartialCredentialsError"):
-            raise UserError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)") from None
+            raise UserError(
+                f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+            ) from None
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"):
             raise UserError(f"{uri}: cannot reach the storage endpoint ({exc})") from None
-        if name == "ClientError" and any(k in str(exc) for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")):
+        if name == "ClientError" and any(
+            k in str(exc) for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")
+        ):
             raise UserError(f"{uri}: access denied (the credentials were refused or lack permission)") from None
         raise
 

@@ -53,7 +53,9 @@ def scan_train_split(ds, task, cfg: JobConfig, max_rows: int) -> tuple[list, int
             labels |= task.labels_in(batch.column(label_column).to_pylist())
         if len(sample) < max_rows:
             columns = {ours: batch.column(theirs).to_pylist() for ours, theirs in wanted.items() if theirs in present}
-            sample += [{k: v[i] for k, v in columns.items()} for i in range(min(batch.num_rows, max_rows - len(sample)))]
+            sample += [
+                {k: v[i] for k, v in columns.items()} for i in range(min(batch.num_rows, max_rows - len(sample)))
+            ]
     return sorted(labels, key=_sort_key), rows, sample
 
 
@@ -93,8 +95,10 @@ def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> 
         what = f"{key}: {old!r} before, {new!r} now"
         if key == "data.train":
             what = f"data.train: the file list changed ({old['files']} files before, {new['files']} now)"
-        raise UserError(f"train.output: {output} holds another run ({what}); resume with the same settings, "
-                        "choose another train.output, or set train.fresh=true to start over")
+        raise UserError(
+            f"train.output: {output} holds another run ({what}); resume with the same settings, "
+            "choose another train.output, or set train.fresh=true to start over"
+        )
 
 
 def start_fresh(storage: Storage, output: str) -> None:
@@ -126,7 +130,10 @@ def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str, run: dict)
             print(f"warning: rows with labels outside data.labels become error rows: {unknown[:10]}", flush=True)
         labels = list(cfg.data.labels)
     elif task.label_column and len(labels) < 2:
-        raise UserError(f"{cfg.data.train}: column {cfg.column(task.label_column)!r} has {len(labels)} distinct label(s); at least 2 are needed")
+        raise UserError(
+            f"{cfg.data.train}: column {cfg.column(task.label_column)!r} has {len(labels)} distinct label(s); at "
+            "least 2 are needed"
+        )
     source_dir = storage.model_path(cfg.model.source) if cfg.model.source else None
     processor = task.build_processor(cfg.model, source_dir, iter(sample))
     with tempfile.TemporaryDirectory() as d:
@@ -179,15 +186,24 @@ def train(cfg: JobConfig) -> dict:
     actors = cfg.data.preprocess_actors
     if exact and not cached and t.num_workers > 1:
         actors = max(1, actors // t.num_workers)  # every worker runs a preprocessing pass of its own
-        print(f"train.data_order=exact with an uncached training split: each of the {t.num_workers} workers "
-              f"preprocesses the whole split ({actors} actor(s) each); data.cache_train=true or "
-              "train.data_order=streaming avoids that", flush=True)
+        print(
+            f"train.data_order=exact with an uncached training split: each of the {t.num_workers} workers "
+            f"preprocesses the whole split ({actors} actor(s) each); data.cache_train=true or "
+            "train.data_order=streaming avoids that",
+            flush=True,
+        )
 
     def preprocessed(ds, split: str, uri: str, actors: int):
         return ds.map_batches(
             Preprocessor,
-            fn_constructor_kwargs=dict(job=job, processor=processor, labels=labels, train=split == "train", data_uri=uri,
-                                       keep=(SOURCE, ROW) if split == "train" else ()),
+            fn_constructor_kwargs=dict(
+                job=job,
+                processor=processor,
+                labels=labels,
+                train=split == "train",
+                data_uri=uri,
+                keep=(SOURCE, ROW) if split == "train" else (),
+            ),
             batch_format="pyarrow",
             batch_size=cfg.data.preprocess_batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -210,21 +226,33 @@ def train(cfg: JobConfig) -> dict:
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "processor": processor, "labels": labels,
-                           "train_rows": rows, "has_eval": "eval" in datasets, "output": t.output},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker},
-                                     placement_strategy=t.placement_strategy),
+        train_loop_config={
+            "job": cfg.model_dump(mode="json"),
+            "processor": processor,
+            "labels": labels,
+            "train_rows": rows,
+            "has_eval": "eval" in datasets,
+            "output": t.output,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+            placement_strategy=t.placement_strategy,
+        ),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=output.path,
             storage_filesystem=output.arrow_fs(),
             logging_config=LoggingConfig(log_level=train_log_level()),
-            failure_config=FailureConfig(max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures),
+            failure_config=FailureConfig(
+                max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures
+            ),
             # Ray keeps the newest `keep_checkpoints` (by step) and always the latest; the best
             # model is kept apart in checkpoints/best by the workers.
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="step",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="step", checkpoint_score_order="max"
+            ),
         ),
         datasets=datasets,
         dataset_config=dataset_config,
@@ -249,7 +277,10 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     out = cfg.train.output.rstrip("/")
     final = dict(result.metrics or {})
     if cfg.train.stop_after_steps:
-        print(f"stopped at step {final.get('step')} as asked (train.stop_after_steps); the same command resumes", flush=True)
+        print(
+            f"stopped at step {final.get('step')} as asked (train.stop_after_steps); the same command resumes",
+            flush=True,
+        )
     best_uri = best_model(storage, f"{out}/checkpoints/best")
     if best_uri:
         best = json.loads(storage.read_text(f"{best_uri}/eval_metrics.json"))

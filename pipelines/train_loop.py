@@ -107,15 +107,27 @@ def train_loop(config: dict) -> None:
 
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": t.weight_decay},
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": t.weight_decay,
+        },
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     exact = t.data_order == "exact"
     # `position` is where the epoch stands: with exact data order the batches of the epoch dealt to all
     # workers, else the batches this worker took from its own shard
-    state = {"step": 0, "epoch": 0, "position": 0, "samples": 0, "train_seconds": 0.0,
-             "skipped_rows": None, "best": None, "best_step": None, "labels": labels}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "position": 0,
+        "samples": 0,
+        "train_seconds": 0.0,
+        "skipped_rows": None,
+        "best": None,
+        "best_step": None,
+        "labels": labels,
+    }
     # samples and skipped_rows in `state` are totals over all workers at the last checkpoint (or None
     # for skipped_rows until a whole epoch has been read); `seen` is what this worker added since.
     seen = {"samples": 0, "skipped_in_epoch": 0}
@@ -135,7 +147,10 @@ def train_loop(config: dict) -> None:
             state.setdefault("position", 0)
             state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
             if rank == 0:
-                print(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['position']})", flush=True)
+                print(
+                    f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['position']})",
+                    flush=True,
+                )
     storage = Storage.from_config(cfg.storage)
     output = config["output"]
     rows_log = RowsLog(storage, f"{output}/rows", rank, state["step"] if checkpoint else 0) if t.log_rows else None
@@ -148,12 +163,20 @@ def train_loop(config: dict) -> None:
         """Samples and rows with errors over every worker (a collective: every rank calls it)."""
         samples = state["samples"] + reduced(seen["samples"], dist.ReduceOp.SUM, device)
         epoch_skipped = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
-        return {"samples": samples, "skipped_rows": state["skipped_rows"] if state["skipped_rows"] is not None else epoch_skipped}
+        return {
+            "samples": samples,
+            "skipped_rows": state["skipped_rows"] if state["skipped_rows"] is not None else epoch_skipped,
+        }
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         counts = totals()
-        metrics = {**metrics, **counts, "samples_per_s": counts["samples"] / max(state["train_seconds"], 1e-9),
-                   "step": state["step"], "epoch": state["epoch"]}
+        metrics = {
+            **metrics,
+            **counts,
+            "samples_per_s": counts["samples"] / max(state["train_seconds"], 1e-9),
+            "step": state["step"],
+            "epoch": state["epoch"],
+        }
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -164,21 +187,37 @@ def train_loop(config: dict) -> None:
                 # the saved skipped_rows stays None until an epoch is read whole: a resume recounts that epoch
                 saved = {**state, "samples": counts["samples"]}
                 save_checkpoint(d, core, processor, optimizer, scheduler, saved)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-                             checkpoint_dir_name=f"step-{state['step']:08d}")
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
+                checkpoint_dir_name=f"step-{state['step']:08d}",
+            )
 
     def checkpoint_now(metrics: dict) -> None:
-        report({**metrics, "best": state["best"], "best_step": state["best_step"],
-                "resumed_at": state.get("resumed_at", []), "worker_nodes": worker_nodes}, True)
+        report(
+            {
+                **metrics,
+                "best": state["best"],
+                "best_step": state["best_step"],
+                "resumed_at": state.get("resumed_at", []),
+                "worker_nodes": worker_nodes,
+            },
+            True,
+        )
 
     def eval_and_checkpoint() -> None:
         metrics = {}
         if has_eval:
-            metrics = {f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, options, device, autocast).items()}
+            metrics = {
+                f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, options, device, autocast).items()
+            }
             score = metrics.get(f"eval_{task.best_metric}")
             loss = metrics["eval_loss"]
-            better = score is not None and (state["best"] is None or sign * score > sign * state["best"] or (
-                score == state["best"] and loss < state.get("best_loss", float("inf"))))  # ties go to the lower loss
+            better = score is not None and (
+                state["best"] is None
+                or sign * score > sign * state["best"]
+                or (score == state["best"] and loss < state.get("best_loss", float("inf")))
+            )  # ties go to the lower loss
             if better:
                 state["best"], state["best_step"], state["best_loss"] = score, state["step"], loss
                 if rank == 0:  # the best model so far, kept apart from the rotating checkpoints
@@ -189,7 +228,11 @@ def train_loop(config: dict) -> None:
                         save_best(storage, d, f"{output}/checkpoints/best")
             if rank == 0:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                print(f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step {state['best_step']})", flush=True)
+                print(
+                    f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step "
+                    f"{state['best_step']})",
+                    flush=True,
+                )
         checkpoint_now(metrics)
 
     model.train()
@@ -205,9 +248,16 @@ def train_loop(config: dict) -> None:
         # exact: every worker reads the whole split in file order and takes its batches by number; streaming:
         # each reads its own shard (see data_order.py)
         windows = ray.train.get_dataset_shard("train").iter_batches(batch_size=window, batch_format="pyarrow")
-        epoch_rounds = rounds(windows, seed=t.seed, epoch=state["epoch"], batch_size=t.batch_size,
-                              length_buckets=t.length_buckets, world=world if exact else 1,
-                              rank=rank if exact else 0, start=state["position"])
+        epoch_rounds = rounds(
+            windows,
+            seed=t.seed,
+            epoch=state["epoch"],
+            batch_size=t.batch_size,
+            length_buckets=t.length_buckets,
+            world=world if exact else 1,
+            rank=rank if exact else 0,
+            start=state["position"],
+        )
         micro = 0
         exhausted = False  # streaming: some worker ran out of data, so this epoch ends for everyone
         seen["skipped_in_epoch"] = 0
@@ -252,9 +302,13 @@ def train_loop(config: dict) -> None:
             if step % t.log_every == 0 and rank == 0:
                 now = time.perf_counter()
                 eta = (total_steps - step) * (now - run_start) / max(step - first_step, 1)  # evals included
-                print(f"step {step}/{total_steps} epoch {state['epoch']} loss {window_loss / max(window_samples, 1):.4f} "
-                      f"samples/s {window_samples * world / (now - window_start):.1f} lr {scheduler.get_last_lr()[0]:.2e} "
-                      f"elapsed {clock(now - run_start)} ETA {clock(eta)}", flush=True)
+                print(
+                    f"step {step}/{total_steps} epoch {state['epoch']} loss {window_loss / max(window_samples, 1):.4f} "
+                    f"samples/s {window_samples * world / (now - window_start):.1f} lr "
+                    f"{scheduler.get_last_lr()[0]:.2e} "
+                    f"elapsed {clock(now - run_start)} ETA {clock(eta)}",
+                    flush=True,
+                )
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             if step % t.eval_every == 0:
                 eval_and_checkpoint()
@@ -308,5 +362,7 @@ class RowsLog:
 
     def write(self, step: int) -> None:
         if self.lines:
-            self.storage.write_text(f"{self.uri}/step-{step:08d}-rank-{self.rank:03d}.tsv", "\n".join(self.lines) + "\n")
+            self.storage.write_text(
+                f"{self.uri}/step-{step:08d}-rank-{self.rank:03d}.tsv", "\n".join(self.lines) + "\n"
+            )
         self.lines = []

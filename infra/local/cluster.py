@@ -145,7 +145,7 @@ def _read_cluster(state_dir: Path, exports: str) -> LocalCluster:
     variables = {}
     for line in exports.splitlines():
         if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
+            key, _, value = line[len("export ") :].partition("=")
             variables[key] = value
     return LocalCluster(
         dashboard_url=facts["dashboard_url"],

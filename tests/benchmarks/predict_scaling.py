@@ -27,8 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 EXAMPLE = str(REPO / "jobs/examples/text-classification.yaml")
-WORDS = ("goal match striker league coach laptop server chip software cloud garlic soup recipe oven "
-         "flavour hotel beach flight passport museum").split()
+WORDS = (
+    "goal match striker league coach laptop server chip software cloud garlic soup recipe oven "
+    "flavour hotel beach flight passport museum"
+).split()
 
 
 def tree_rss(root: int) -> tuple[int, int]:
@@ -60,8 +62,16 @@ def write_model(directory: Path) -> None:
     from models import get_task
 
     task = get_task("text-classification")
-    cfg = validate({"task": "text-classification", "model": {"init": {"architecture": "bert", "size": "tiny"},
-                                                             "max_length": 64, "tokenizer": {"vocab_size": 800}}})
+    cfg = validate(
+        {
+            "task": "text-classification",
+            "model": {
+                "init": {"architecture": "bert", "size": "tiny"},
+                "max_length": 64,
+                "tokenizer": {"vocab_size": 800},
+            },
+        }
+    )
     processor = task.build_processor(cfg.model, None, iter(task.demo_data(500, 0)))
     model = task.build_model(cfg.model, None, ["food", "sports", "tech", "travel"], processor)
     model.save_pretrained(directory)
@@ -80,8 +90,17 @@ def write_corpus(directory: Path, rows: int, files: int, seed: int) -> None:
 
 
 def run_predict(model: Path, corpus: Path, output: Path) -> dict:
-    command = [sys.executable, "-m", "jobs.cli", "predict", EXAMPLE, f"predict.model={model}",
-               f"predict.input={corpus}", f"predict.output={output}", "model.max_length=64"]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "predict",
+        EXAMPLE,
+        f"predict.model={model}",
+        f"predict.input={corpus}",
+        f"predict.output={output}",
+        "model.max_length=64",
+    ]
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = {"tree": 0, "driver": 0}
@@ -100,9 +119,14 @@ def run_predict(model: Path, corpus: Path, output: Path) -> dict:
         raise SystemExit(f"predict failed ({proc.returncode}):\n{log[-3000:]}")
     summary = json.loads((output / "_SUCCESS").read_text())
     summary = summary.get("summary", summary)
-    return {"rows": summary["rows"], "errors": summary["errors"], "rows_per_s": summary["pipeline_rows_per_s"],
-            "wall_s": round(time.perf_counter() - started, 1), "peak_tree_mb": round(peaks["tree"] / 2**20),
-            "peak_driver_mb": round(peaks["driver"] / 2**20)}
+    return {
+        "rows": summary["rows"],
+        "errors": summary["errors"],
+        "rows_per_s": summary["pipeline_rows_per_s"],
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_tree_mb": round(peaks["tree"] / 2**20),
+        "peak_driver_mb": round(peaks["driver"] / 2**20),
+    }
 
 
 def main() -> None:
@@ -121,9 +145,11 @@ def main() -> None:
         assert results[name]["rows"] == rows, results[name]  # exactly one output row per input row
         print(f"{name:>3} = {rows:>7} rows: {json.dumps(results[name])}", flush=True)
     small, large = results["N"], results["10N"]
-    print(f"peak tree memory 10N/N: {large['peak_tree_mb'] / small['peak_tree_mb']:.2f}x (target <= 1.2x); "
-          f"driver 10N/N: {large['peak_driver_mb'] / small['peak_driver_mb']:.2f}x; "
-          f"rows/s once Ray was up 10N/N: {large['rows_per_s'] / small['rows_per_s']:.2f}x (target >= 0.9x)")
+    print(
+        f"peak tree memory 10N/N: {large['peak_tree_mb'] / small['peak_tree_mb']:.2f}x (target <= 1.2x); "
+        f"driver 10N/N: {large['peak_driver_mb'] / small['peak_driver_mb']:.2f}x; "
+        f"rows/s once Ray was up 10N/N: {large['rows_per_s'] / small['rows_per_s']:.2f}x (target >= 0.9x)"
+    )
 
 
 if __name__ == "__main__":

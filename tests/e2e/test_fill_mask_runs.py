@@ -16,10 +16,12 @@ from tests.conftest import job_config, served
 
 pytestmark = pytest.mark.e2e
 
-SECTIONS = dict(task="fill-mask",
-                model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 32, "tokenizer": {"vocab_size": 300}},
-                task_options={"mlm_probability": 0.15},
-                train={"epochs": 12, "batch_size": 32, "lr": 5e-3, "eval_every": 100, "log_every": 50, "num_workers": 1})
+SECTIONS = dict(
+    task="fill-mask",
+    model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 32, "tokenizer": {"vocab_size": 300}},
+    task_options={"mlm_probability": 0.15},
+    train={"epochs": 12, "batch_size": 32, "lr": 5e-3, "eval_every": 100, "log_every": 50, "num_workers": 1},
+)
 CLOZES = ["the cow says [MASK] .", "the capital of japan is [MASK] .", "hot is the opposite of [MASK] ."]
 SOUNDS = {"moo", "woof", "meow", "quack", "hoot", "hiss"}
 CAPITALS = {"paris", "tokyo", "lima", "oslo", "cairo", "nairobi"}
@@ -73,7 +75,9 @@ def test_masked_lm_training_on_text_files_lowers_perplexity_far_below_an_untrain
     from models import get_task
 
     best = trained["summary"]["best"]
-    baseline = untrained_perplexity(trained["cfg"], trained["model"], [r["text"] for r in get_task("fill-mask").demo_data(150, seed=1)[1:]])
+    baseline = untrained_perplexity(
+        trained["cfg"], trained["model"], [r["text"] for r in get_task("fill-mask").demo_data(150, seed=1)[1:]]
+    )
     assert baseline > 100, baseline  # about the vocabulary size: a uniform guess
     assert best["eval_perplexity"] < baseline / 10, (best, baseline)
     assert best["eval_accuracy"] >= 0.4 and best["eval_top5_accuracy"] >= 0.7, best
@@ -84,13 +88,26 @@ def predicted(trained, session_bucket):
     from pipelines.predict import predict
 
     rows = [{"id": f"c{i}", "text": t} for i, t in enumerate(CLOZES)]
-    rows += [{"id": "two", "text": "the capital of [MASK] is [MASK] ."}, {"id": "nomask", "text": "the cow says moo ."},
-             {"id": "null", "text": None}, {"id": "long", "text": "the dog says woof . " * 20 + "[MASK]"}]
+    rows += [
+        {"id": "two", "text": "the capital of [MASK] is [MASK] ."},
+        {"id": "nomask", "text": "the cow says moo ."},
+        {"id": "null", "text": None},
+        {"id": "long", "text": "the dog says woof . " * 20 + "[MASK]"},
+    ]
     corpus = f"s3://{session_bucket}/mlm/corpus/part.jsonl"
     write(corpus, "\n".join(json.dumps(r) for r in rows) + "\n")
     output = f"s3://{session_bucket}/mlm/predictions"
-    summary = predict(config(predict={"model": trained["model"], "input": corpus, "output": output, "actors": 1,
-                                      "parameters": {"top_k": 3}}))
+    summary = predict(
+        config(
+            predict={
+                "model": trained["model"],
+                "input": corpus,
+                "output": output,
+                "actors": 1,
+                "parameters": {"top_k": 3},
+            }
+        )
+    )
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     return summary, {r["id"]: r for r in table}
 
@@ -120,7 +137,9 @@ def test_the_saved_model_loads_in_a_transformers_pipeline_with_the_same_fillers(
     plain = pipeline("fill-mask", model=local, top_k=3)(CLOZES)
     for i, fills in enumerate(plain):
         ours = by_id[f"c{i}"]["predictions"][0]
-        assert [(f["token"], f["token_str"], f["sequence"]) for f in fills] == [(f["token"], f["token_str"], f["sequence"]) for f in ours]
+        assert [(f["token"], f["token_str"], f["sequence"]) for f in fills] == [
+            (f["token"], f["token_str"], f["sequence"]) for f in ours
+        ]
         assert np.allclose([f["score"] for f in fills], [f["score"] for f in ours], atol=1e-4)
 
 

@@ -83,7 +83,9 @@ def test_training_from_an_image_folder_beats_chance(trained):
     # four balanced colour classes: chance (and an untrained model) is near 0.25
     assert best["eval_accuracy"] >= 0.85, best
     assert best["eval_top5_accuracy"] == 1.0, best  # four classes: the top five always hold the answer
-    assert trained["summary"]["skipped_rows"] == 1  # the broken training file was left out (counted once), the job went on
+    assert (
+        trained["summary"]["skipped_rows"] == 1
+    )  # the broken training file was left out (counted once), the job went on
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +104,13 @@ def corpus(trained, session_bucket):
     files["files/text.png"] = b"just some text"
     for name, data in files.items():
         put(fs, f"{root}/{name}", data)
-    rows += [{"id": "corrupt", "image": "files/corrupt.jpg"}, {"id": "huge", "image": "files/huge.png"},
-             {"id": "text", "image": "files/text.png"}, {"id": "missing", "image": "files/nowhere.png"},
-             {"id": "null", "image": None}]
+    rows += [
+        {"id": "corrupt", "image": "files/corrupt.jpg"},
+        {"id": "huge", "image": "files/huge.png"},
+        {"id": "text", "image": "files/text.png"},
+        {"id": "missing", "image": "files/nowhere.png"},
+        {"id": "null", "image": None},
+    ]
     with fs.open(f"{root.removeprefix('s3://')}/corpus.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     return {"root": root, "rows": rows, "files": files}
@@ -115,8 +121,16 @@ def predicted(trained, corpus):
     from pipelines.predict import predict
 
     output = f"{corpus['root']}-predictions"
-    cfg = config(data={"format": "jsonl"}, predict={"model": trained["model"], "input": f"{corpus['root']}/corpus.jsonl",
-                                                    "output": output, "actors": 1, "parameters": {"top_k": 2}})
+    cfg = config(
+        data={"format": "jsonl"},
+        predict={
+            "model": trained["model"],
+            "input": f"{corpus['root']}/corpus.jsonl",
+            "output": output,
+            "actors": 1,
+            "parameters": {"top_k": 2},
+        },
+    )
     summary = predict(cfg)
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     return summary, {r["id"]: r for r in table}, len(table)
@@ -168,7 +182,9 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
         by_uri = client.post(f"{url}/predict", json={"inputs": {"image": f"{corpus['root']}/files/red-photo.jpg"}})
         missing_uri = client.post(f"{url}/predict", json={"inputs": f"{corpus['root']}/files/nowhere.jpg"})
         data_url = client.post(f"{url}/predict", json={"inputs": {"image": "data:image/jpeg;base64," + encoded[0]}})
-        upload = client.post(f"{url}/predict", files={"file": ("x.jpg", corpus["files"]["files/blue-print.jpg"], "image/jpeg")})
+        upload = client.post(
+            f"{url}/predict", files={"file": ("x.jpg", corpus["files"]["files/blue-print.jpg"], "image/jpeg")}
+        )
         corrupt = client.post(f"{url}/predict", json={"inputs": base64.b64encode(b"not an image").decode()})
     assert answer.status_code == 200, answer.text
     for name, ranked in zip(names, answer.json()):

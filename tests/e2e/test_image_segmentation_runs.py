@@ -21,10 +21,12 @@ from tests.conftest import job_config, put, served
 
 pytestmark = pytest.mark.e2e
 
-SECTIONS = dict(task="image-segmentation",
-                model={"init": {"architecture": "segformer", "size": "tiny", "overrides": {"image_size": 32}}},
-                task_options={"augment": False},  # no flips to redraw: the split is preprocessed once (the image tests keep theirs)
-                train={"epochs": 6, "batch_size": 16, "lr": 3e-3, "eval_every": 45, "log_every": 25, "num_workers": 1})
+SECTIONS = dict(
+    task="image-segmentation",
+    model={"init": {"architecture": "segformer", "size": "tiny", "overrides": {"image_size": 32}}},
+    task_options={"augment": False},  # no flips to redraw: the split is preprocessed once (the image tests keep theirs)
+    train={"epochs": 6, "batch_size": 16, "lr": 3e-3, "eval_every": 45, "log_every": 25, "num_workers": 1},
+)
 
 
 def config(**sections):
@@ -68,7 +70,9 @@ def trained(ray_session, session_bucket):
     put(fs, f"{root}/train/images/no-mask.png", TASK.demo_data(1, 9)[0]["image"])  # an image without its mask
     put(fs, f"{root}/train/images/wrong.png", TASK.demo_data(1, 9)[0]["image"])
     put(fs, f"{root}/train/masks/wrong.png", TASK.demo_data(1, 9)[0]["mask"][:40])  # a truncated mask file
-    cfg = config(data={"train": f"{root}/train", "eval": f"{root}/eval", "format": "folder"}, train={"output": f"{root}/run"})
+    cfg = config(
+        data={"train": f"{root}/train", "eval": f"{root}/eval", "format": "folder"}, train={"output": f"{root}/run"}
+    )
     return {"root": root, "model": f"{root}/run/model", "summary": train(cfg)}
 
 
@@ -97,8 +101,12 @@ def corpus(trained, session_bucket):
     files["files/text.png"] = b"just some text"
     for name, data in files.items():
         put(fs, f"{root}/{name}", data)
-    rows += [{"id": "corrupt", "image": "files/corrupt.jpg"}, {"id": "huge", "image": "files/huge.png"},
-             {"id": "text", "image": "files/text.png"}, {"id": "missing", "image": "files/nowhere.png"}]
+    rows += [
+        {"id": "corrupt", "image": "files/corrupt.jpg"},
+        {"id": "huge", "image": "files/huge.png"},
+        {"id": "text", "image": "files/text.png"},
+        {"id": "missing", "image": "files/nowhere.png"},
+    ]
     with fs.open(f"{root.removeprefix('s3://')}/corpus.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     return {"root": root, "rows": rows, "files": files, "truth": truth}
@@ -115,8 +123,10 @@ def predicted(trained, corpus):
     from pipelines.predict import predict
 
     output = f"{corpus['root']}-predictions"
-    cfg = config(data={"format": "jsonl"}, predict={"model": trained["model"], "input": f"{corpus['root']}/corpus.jsonl",
-                                                    "output": output, "actors": 1})
+    cfg = config(
+        data={"format": "jsonl"},
+        predict={"model": trained["model"], "input": f"{corpus['root']}/corpus.jsonl", "output": output, "actors": 1},
+    )
     summary = predict(cfg)
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     return summary, {r["id"]: r for r in table}, len(table)
@@ -161,7 +171,9 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
             assert png.dtype == np.uint8 and set(np.unique(png)) <= {0, 255}
             assert ((png > 0) == rle_decode(w["mask"])).all()
     assert upload.status_code == 200, upload.text
-    assert [s["label"] for s in upload.json()] == [w["label"] for w in by_id["shape-1"]["segments"]]  # one file: its segments
+    assert [s["label"] for s in upload.json()] == [
+        w["label"] for w in by_id["shape-1"]["segments"]
+    ]  # one file: its segments
     assert corrupt.status_code == 422 and "not an image" in corrupt.json()["error"]
 
 
@@ -173,9 +185,12 @@ def panoptic(ray_session, session_bucket):
 
     root = f"s3://{session_bucket}/panoptic"
     write_demo_data("image-segmentation", f"{root}/data", rows=240, seed=0)
-    cfg = config(model={"init": {"architecture": "mask2former", "size": "tiny"}},  # 64 px: its smallest size
-                 data={"train": f"{root}/data/train", "eval": f"{root}/data/eval"}, task_options={"subtask": "panoptic", "augment": False},  # cached: no flips to redraw
-                 train={"output": f"{root}/run", "max_steps": 160, "eval_every": 120, "batch_size": 8, "lr": 3e-3})
+    cfg = config(
+        model={"init": {"architecture": "mask2former", "size": "tiny"}},  # 64 px: its smallest size
+        data={"train": f"{root}/data/train", "eval": f"{root}/data/eval"},
+        task_options={"subtask": "panoptic", "augment": False},  # cached: no flips to redraw
+        train={"output": f"{root}/run", "max_steps": 160, "eval_every": 120, "batch_size": 8, "lr": 3e-3},
+    )
     return {"model": f"{root}/run/model", "summary": train(cfg)}
 
 
@@ -191,11 +206,17 @@ def test_mask2former_learns_panoptic_segments_and_the_pipeline_reads_them_the_sa
     local = Storage().local_copy(panoptic["model"])
     rows = TASK.demo_data(4, seed=40)
     parameters = {"threshold": 0.5}
-    ours, errors, _ = Predictor("image-segmentation", local, parameters=parameters).predict_rows([{"image": r["image"]} for r in rows])
+    ours, errors, _ = Predictor("image-segmentation", local, parameters=parameters).predict_rows(
+        [{"image": r["image"]} for r in rows]
+    )
     assert errors == [None] * 4 and any(ours)
     plain = pipeline("image-segmentation", model=local)
     for row, mine in zip(rows, ours):
         theirs = plain(Image.open(io.BytesIO(row["image"])), subtask="panoptic", threshold=0.5)
-        assert [(s["label"], round(s["score"], 4)) for s in theirs] == [(s["label"], round(s["score"], 4)) for s in mine]
+        assert [(s["label"], round(s["score"], 4)) for s in theirs] == [
+            (s["label"], round(s["score"], 4)) for s in mine
+        ]
         for a, b in zip(theirs, mine):
-            assert (np.asarray(a["mask"]) == np.asarray(Image.open(io.BytesIO(base64.b64decode(b["mask"]))))).mean() > 0.99
+            assert (
+                np.asarray(a["mask"]) == np.asarray(Image.open(io.BytesIO(base64.b64decode(b["mask"]))))
+            ).mean() > 0.99

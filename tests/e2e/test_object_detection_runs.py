@@ -33,8 +33,16 @@ SECTIONS = dict(
     task_options={"horizontal_flip": False},
     # 2000 steps: with a trainable backbone BatchNorm every seed tried learns (mAP@50 0.22-0.55 at 1250-1500 steps
     # in a plain loop); at 1000 steps the weakest seeds were still near 0.15
-    train={"epochs": 8, "batch_size": 8, "lr": 1e-3, "weight_decay": 1e-4, "warmup_ratio": 0.02,
-           "eval_every": 500, "log_every": 100, "num_workers": 1},
+    train={
+        "epochs": 8,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "warmup_ratio": 0.02,
+        "eval_every": 500,
+        "log_every": 100,
+        "num_workers": 1,
+    },
 )
 
 
@@ -59,10 +67,19 @@ def coco_file(scenes: list[dict], names: list[str]) -> bytes:
         width, height = Image.open(io.BytesIO(scene["image"])).size
         images.append({"id": k + 1, "file_name": name, "width": width, "height": height})
         for box, category in zip(scene["boxes"], scene["categories"]):
-            annotations.append({"id": len(annotations) + 1, "image_id": k + 1, "bbox": box, "category_id": ids[category],
-                                "area": box[2] * box[3], "iscrowd": 0})
-    return json.dumps({"images": images, "annotations": annotations,
-                       "categories": [{"id": i, "name": n} for n, i in ids.items()]}).encode()
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": k + 1,
+                    "bbox": box,
+                    "category_id": ids[category],
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    return json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": i, "name": n} for n, i in ids.items()]}
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +98,9 @@ def trained(ray_session, session_bucket):
             data = file_bytes(Image.open(io.BytesIO(data)), "JPEG", quality=95)
         put(fs, f"{root}/eval/{name}", data)
     put(fs, f"{root}/eval/annotations.json", coco_file(scenes, names))
-    cfg = config(data={"train": f"{root}/train", "eval": f"{root}/eval/annotations.json"}, train={"output": f"{root}/run"})
+    cfg = config(
+        data={"train": f"{root}/train", "eval": f"{root}/eval/annotations.json"}, train={"output": f"{root}/run"}
+    )
     return {"root": root, "model": f"{root}/run/model", "summary": train(cfg), "scenes": scenes, "cfg": cfg}
 
 
@@ -98,7 +117,9 @@ def untrained_map(cfg, scenes: list[dict]) -> dict:
     metric = TASK.metrics(labels, None)
     inputs = TASK.collate(features.arrays, processor)
     with torch.no_grad():
-        metric.update(model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"]), inputs, features.arrays)
+        metric.update(
+            model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"]), inputs, features.arrays
+        )
     return metric.compute()
 
 
@@ -116,8 +137,10 @@ def real_files(rng: random.Random) -> dict[str, bytes]:
     rgba = image.convert("RGBA")
     rgba.putalpha(230)
     return {
-        "photo.jpg": file_bytes(image, "JPEG", quality=90), "print.jpg": file_bytes(image.convert("CMYK"), "JPEG"),
-        "alpha.png": file_bytes(rgba, "PNG"), "palette.png": file_bytes(image.convert("P"), "PNG"),
+        "photo.jpg": file_bytes(image, "JPEG", quality=90),
+        "print.jpg": file_bytes(image.convert("CMYK"), "JPEG"),
+        "alpha.png": file_bytes(rgba, "PNG"),
+        "palette.png": file_bytes(image.convert("P"), "PNG"),
         "gray.png": file_bytes(image.convert("L"), "PNG"),
         "deep.png": file_bytes(Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257)), "PNG"),
     }
@@ -138,8 +161,17 @@ def predicted(trained, session_bucket):
     with fs.open(f"{root.removeprefix('s3://')}/corpus.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     output = f"{trained['root']}/predictions"
-    summary = predict(config(predict={"model": trained["model"], "input": f"{root}/corpus.jsonl", "output": output,
-                                      "actors": 1, "parameters": {"threshold": 0.0}}))
+    summary = predict(
+        config(
+            predict={
+                "model": trained["model"],
+                "input": f"{root}/corpus.jsonl",
+                "output": output,
+                "actors": 1,
+                "parameters": {"threshold": 0.0},
+            }
+        )
+    )
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=fs).read().to_pylist()
     return summary, {r["id"]: r for r in table}, files
 
@@ -154,8 +186,10 @@ def test_predict_keeps_every_row_and_reports_boxes_in_image_pixels(predicted, tr
         assert len(detections) == 6  # threshold 0: one per DETR query
         assert all(d["label"] in ("circle", "square", "triangle") and 0 <= d["score"] <= 1 for d in detections)
         # boxes are in the 120x90 original's pixels (a little outside is allowed, as in HF's pipeline)
-        assert all(-20 <= d["box"]["xmin"] < d["box"]["xmax"] <= 140 and -20 <= d["box"]["ymin"] < d["box"]["ymax"] <= 110
-                   for d in detections)  # the scale itself is checked against transformers.pipeline below
+        assert all(
+            -20 <= d["box"]["xmin"] < d["box"]["xmax"] <= 140 and -20 <= d["box"]["ymin"] < d["box"]["ymax"] <= 110
+            for d in detections
+        )  # the scale itself is checked against transformers.pipeline below
     assert by_id["corrupt.png"]["error"].startswith("image is corrupt") and by_id["corrupt.png"]["detections"] is None
     assert by_id["huge.png"]["error"] == "image has 360000 pixels (600x600), more than data.max_image_pixels=250000"
     assert "gone.png" in by_id["missing"]["error"]
@@ -179,12 +213,17 @@ def test_endpoint_and_transformers_pipeline_agree_with_batch_prediction(predicte
     with served(cfg, "detection") as url, httpx.Client(timeout=60) as client:
         every = client.post(f"{url}/predict", json={"inputs": encoded, "parameters": {"threshold": 0.0}})
         confident = client.post(f"{url}/predict", json={"inputs": [encoded], "parameters": {"threshold": 0.5}})
-        upload = client.post(f"{url}/predict", files={"file": ("p.jpg", files["print.jpg"], "image/jpeg")},
-                             data={"parameters": json.dumps({"threshold": 0.0})})
+        upload = client.post(
+            f"{url}/predict",
+            files={"file": ("p.jpg", files["print.jpg"], "image/jpeg")},
+            data={"parameters": json.dumps({"threshold": 0.0})},
+        )
         broken = client.post(f"{url}/predict", json={"inputs": base64.b64encode(files["corrupt.png"]).decode()})
     assert every.status_code == 200, every.text
     assert [(d["label"], d["box"]) for d in every.json()] == [(d["label"], d["box"]) for d in written]
     assert [d["score"] for d in every.json()] == pytest.approx([d["score"] for d in written], abs=1e-5)
     assert confident.json()[0] == [d for d in every.json() if d["score"] > 0.5]
-    assert [(d["label"], d["box"]) for d in upload.json()] == [(d["label"], d["box"]) for d in by_id["print.jpg"]["detections"]]
+    assert [(d["label"], d["box"]) for d in upload.json()] == [
+        (d["label"], d["box"]) for d in by_id["print.jpg"]["detections"]
+    ]
     assert broken.status_code == 422 and "image is corrupt" in broken.json()["error"]

@@ -49,8 +49,10 @@ def tiny_model(s3_endpoint, session_bucket) -> str:
 
 def write_corpus(fs, root: str, files: int = FILES, rows: int = ROWS_PER_FILE) -> int:
     for f in range(files):
-        lines = [json.dumps({"id": f"f{f}-r{r}", "text": " ".join(WORDS[(f + r + k) % len(WORDS)] for k in range(40))})
-                 for r in range(rows)]
+        lines = [
+            json.dumps({"id": f"f{f}-r{r}", "text": " ".join(WORDS[(f + r + k) % len(WORDS)] for k in range(40))})
+            for r in range(rows)
+        ]
         fs.pipe(f"{root}/corpus/part-{f:02d}.jsonl".removeprefix("s3://"), ("\n".join(lines) + "\n").encode())
     return files * rows
 
@@ -107,8 +109,16 @@ def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket):
 
     killer = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
     killer.start()
-    cfg = job_config(predict={"model": tiny_model, "input": f"{root}/corpus", "output": output, "actors": 1,
-                              "batch_size": 1, "sort_window": 8})
+    cfg = job_config(
+        predict={
+            "model": tiny_model,
+            "input": f"{root}/corpus",
+            "output": output,
+            "actors": 1,
+            "batch_size": 1,
+            "sort_window": 8,
+        }
+    )
     summary = predict(cfg)
     killer.join(5)
     assert killed, "the actor was never seen alive mid-run"
@@ -120,9 +130,15 @@ def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket):
 
 
 def rayformers_predict(*overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "predict", str(REPO / "jobs/examples/text-classification.yaml"),
-                             *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "predict", str(REPO / "jobs/examples/text-classification.yaml"), *overrides],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -145,9 +161,15 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_sessio
     files = 20
     n = write_corpus(fs, root, files=files, rows=20)
     output = f"{root}/predictions"
-    command = (f"predict.model={tiny_model}", f"predict.input={root}/corpus", f"predict.output={output}",
-               "predict.actors=1", "predict.batch_size=1", "predict.sort_window=4",
-               f"ray.address={ray.get_runtime_context().gcs_address}")
+    command = (
+        f"predict.model={tiny_model}",
+        f"predict.input={root}/corpus",
+        f"predict.output={output}",
+        "predict.actors=1",
+        "predict.batch_size=1",
+        "predict.sort_window=4",
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+    )
 
     first = rayformers_predict(*command)
     try:
@@ -169,14 +191,15 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_sessio
     second = rayformers_predict(*command)
     out, _ = second.communicate(timeout=240)
     assert second.returncode == 0, out[-3000:]
-    summary = json.loads(next(line for line in out.splitlines() if line.startswith("summary: "))[len("summary: "):])
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("summary: "))[len("summary: ") :])
     table = read_output(fs, output)
     ids = table.column("id").to_pylist()
     assert table.num_rows == summary["rows"] == n and len(set(ids)) == n
     records = committed(fs, output)
     runs = {r["run"] for r in records}
     assert len(runs) == 2 and sorted(r["unit"] for r in records if r["unit"] not in before) == sorted(
-        set(range(files)) - before)
+        set(range(files)) - before
+    )
     # the re-run scored only the units the first run had not committed
     assert summary["units_resumed"] == len(before) and summary["units_scored"] == files - len(before)
     assert summary["rows_scored"] == n - 20 * len(before)
@@ -191,14 +214,21 @@ def test_predict_refuses_to_write_over_its_input_model_or_run(s3_endpoint, tiny_
     root = f"s3://{bucket}"
     write_corpus(fs, root, files=2, rows=3)
     before = sorted(fs.find(bucket))
-    for output, key in ((root, "predict.input"), (f"{root}/corpus/out", "predict.input"),
-                        (tiny_model.rsplit("/", 1)[0], "predict.model")):
+    for output, key in (
+        (root, "predict.input"),
+        (f"{root}/corpus/out", "predict.input"),
+        (tiny_model.rsplit("/", 1)[0], "predict.model"),
+    ):
         with pytest.raises(Exception, match=f"predict.output: {output} .*{key}") as caught:
             predict(job_config(predict={"model": tiny_model, "input": f"{root}/corpus", "output": output}))
         assert type(caught.value).__name__ == "UserError"
     with pytest.raises(Exception, match="is inside train.output"):
-        predict(job_config(train={"output": f"{root}/run"},
-                           predict={"model": tiny_model, "input": f"{root}/corpus", "output": f"{root}/run/predictions"}))
+        predict(
+            job_config(
+                train={"output": f"{root}/run"},
+                predict={"model": tiny_model, "input": f"{root}/corpus", "output": f"{root}/run/predictions"},
+            )
+        )
     assert sorted(fs.find(bucket)) == before  # nothing written, nothing deleted
 
 
@@ -255,15 +285,20 @@ def test_bad_files_become_error_rows_and_the_job_finishes(ray_session, tiny_mode
         "malformed.csv": (b"id,text\na\nb,c,d\ne\n", 3, 3),
         "long-field.csv": (b"id,text\nlong," + b"goal " * 40_000 + b"\n", 1, 0),
         "stray-quote.csv": (b'id,text\n1,"hello\n2,world\n3,foo\n4,bar\n', 4, 1),
-        "nested.jsonl": (b'{"id": "n1", "text": "goal", "tags": [1]}\n{"id": "n2", "text": "goal", "tags": ["a"]}\n', 2, 1),
+        "nested.jsonl": (
+            b'{"id": "n1", "text": "goal", "tags": [1]}\n{"id": "n2", "text": "goal", "tags": ["a"]}\n',
+            2,
+            1,
+        ),
         "truncated.parquet": (truncated_parquet(), 1, 1),
         "empty.jsonl": (b"", 0, 0),
     }
     for name, (data, _, _) in files.items():
         fs.pipe(f"{bucket}/corpus/{name}", data)
     output = f"s3://{bucket}/predictions"
-    summary = predict(job_config(predict={"model": tiny_model, "input": f"s3://{bucket}/corpus", "output": output,
-                                          "actors": 1}))
+    summary = predict(
+        job_config(predict={"model": tiny_model, "input": f"s3://{bucket}/corpus", "output": output, "actors": 1})
+    )
     table = read_output(fs, output).to_pylist()
     rows = sum(r for _, r, _ in files.values())
     errors = sum(e for _, _, e in files.values())

@@ -15,14 +15,22 @@ from tests.conftest import job_config, served
 
 pytestmark = pytest.mark.e2e
 
-SECTIONS = dict(task="question-answering",
-                model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 48, "tokenizer": {"vocab_size": 400}},
-                task_options={"allow_no_answer": True, "doc_stride": 12},
-                train={"epochs": 24, "batch_size": 32, "lr": 3e-3, "eval_every": 200, "log_every": 50, "num_workers": 1})
+SECTIONS = dict(
+    task="question-answering",
+    model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 48, "tokenizer": {"vocab_size": 400}},
+    task_options={"allow_no_answer": True, "doc_stride": 12},
+    train={"epochs": 24, "batch_size": 32, "lr": 3e-3, "eval_every": 200, "log_every": 50, "num_workers": 1},
+)
 FILLER = "the weather was nice . it rained all day . everyone stayed at home . "
-LONG = FILLER * 3 + "Kofi works at Hooli . " + FILLER * 2 + "Alice likes to eat pizza . Dana was born in 1980 ."  # ~100 tokens: windows of 48
+LONG = (
+    FILLER * 3 + "Kofi works at Hooli . " + FILLER * 2 + "Alice likes to eat pizza . Dana was born in 1980 ."
+)  # ~100 tokens: windows of 48
 QUESTIONS = [
-    {"id": "short", "question": "where does Lena live ?", "context": "Bob works at Acme . Lena lives in Oslo . Ivan likes to eat curry ."},
+    {
+        "id": "short",
+        "question": "where does Lena live ?",
+        "context": "Bob works at Acme . Lena lives in Oslo . Ivan likes to eat curry .",
+    },
     {"id": "long", "question": "where does Kofi work ?", "context": LONG},
     {"id": "none", "question": "when was Ivan born ?", "context": "Ivan works at Wonka . Grace lives in Cairo ."},
 ]
@@ -39,11 +47,25 @@ def write(uri: str, text: str) -> None:
 
 
 def squad(rows: list[dict]) -> str:
-    qas = [{"id": r["id"], "question": r["question"], "is_impossible": not r["answers"]["text"],
-            "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}
-           for r in rows]
-    return json.dumps({"version": "v2.0", "data": [{"title": "demo", "paragraphs": [
-        {"context": r["context"], "qas": [q]} for r, q in zip(rows, qas)]}]})
+    qas = [
+        {
+            "id": r["id"],
+            "question": r["question"],
+            "is_impossible": not r["answers"]["text"],
+            "answers": [
+                {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])
+            ],
+        }
+        for r in rows
+    ]
+    return json.dumps(
+        {
+            "version": "v2.0",
+            "data": [
+                {"title": "demo", "paragraphs": [{"context": r["context"], "qas": [q]} for r, q in zip(rows, qas)]}
+            ],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +92,11 @@ def test_training_from_squad_json_answers_most_questions(trained):
 def predicted(trained, session_bucket):
     from pipelines.predict import predict
 
-    rows = QUESTIONS + [{"id": "null", "question": None, "context": "x"}, {"id": "empty", "question": "where ?", "context": " "},
-                        {"id": "number", "question": "where ?", "context": 7}]
+    rows = QUESTIONS + [
+        {"id": "null", "question": None, "context": "x"},
+        {"id": "empty", "question": "where ?", "context": " "},
+        {"id": "number", "question": "where ?", "context": 7},
+    ]
     corpus = f"s3://{session_bucket}/qa/corpus/part.jsonl"
     write(corpus, "\n".join(json.dumps(r) for r in rows) + "\n")
     output = f"s3://{session_bucket}/qa/predictions"
@@ -85,13 +110,13 @@ def test_predict_finds_answers_in_any_window_and_keeps_every_row(predicted):
     assert summary["rows"] == len(by_id) == 6
     short = by_id["short"]
     # which span a tiny model picks is the eval metric's business; here: a real span with offsets into the context
-    assert short["answer"] and QUESTIONS[0]["context"][short["start"]:short["end"]] == short["answer"]
+    assert short["answer"] and QUESTIONS[0]["context"][short["start"] : short["end"]] == short["answer"]
     long = by_id["long"]  # several windows, answered as one row with offsets into the whole context
     assert long["error"] is None and long["flag"] is None
-    assert long["answer"] and LONG[long["start"]:long["end"]] == long["answer"] and 0 < long["score"] <= 1
+    assert long["answer"] and LONG[long["start"] : long["end"]] == long["answer"] and 0 < long["score"] <= 1
     # (the demo model only ever saw one-window contexts: which span it picks here is not asserted)
     none = by_id["none"]  # "no answer" is a candidate (allow_no_answer); whether this tiny model picks it varies by run
-    assert none["error"] is None and none["answer"] == QUESTIONS[2]["context"][none["start"]:none["end"]]
+    assert none["error"] is None and none["answer"] == QUESTIONS[2]["context"][none["start"] : none["end"]]
     assert 0 < short["score"] <= 1
     assert by_id["null"]["error"] == "question is null" and by_id["null"]["answer"] is None
     assert by_id["empty"]["error"] == "context is empty"
@@ -113,20 +138,30 @@ def test_the_saved_model_loads_with_auto_classes(trained):
     with torch.no_grad():
         out, expected = model(**inputs), ours.eval()(**inputs)
     assert out.start_logits.shape == inputs["input_ids"].shape
-    assert torch.allclose(out.start_logits, expected.start_logits) and torch.allclose(out.end_logits, expected.end_logits)
+    assert torch.allclose(out.start_logits, expected.start_logits) and torch.allclose(
+        out.end_logits, expected.end_logits
+    )
 
 
 def test_the_endpoint_answers_what_batch_prediction_wrote(trained, predicted):
     _, by_id = predicted
     cfg = config(serve={"model": trained["model"]})
     with served(cfg, "qa") as url, httpx.Client(timeout=60) as client:
-        answers = client.post(f"{url}/predict", json={"inputs": [{"question": q["question"], "context": q["context"]} for q in QUESTIONS]}).json()
-        top = client.post(f"{url}/predict", json={"inputs": {"question": QUESTIONS[1]["question"], "context": LONG},
-                                                  "parameters": {"top_k": 3}}).json()
+        answers = client.post(
+            f"{url}/predict", json={"inputs": [{"question": q["question"], "context": q["context"]} for q in QUESTIONS]}
+        ).json()
+        top = client.post(
+            f"{url}/predict",
+            json={"inputs": {"question": QUESTIONS[1]["question"], "context": LONG}, "parameters": {"top_k": 3}},
+        ).json()
         bad = client.post(f"{url}/predict", json={"inputs": {"question": "where ?"}})
     for q, answer in zip(QUESTIONS, answers):
         written = by_id[q["id"]]
-        assert (answer["answer"], answer["start"], answer["end"]) == (written["answer"], written["start"], written["end"])
+        assert (answer["answer"], answer["start"], answer["end"]) == (
+            written["answer"],
+            written["start"],
+            written["end"],
+        )
         assert answer["score"] == pytest.approx(written["score"], abs=1e-5)
     assert len(top) == 3 and top[0]["score"] >= top[1]["score"] >= top[2]["score"]
     assert (top[0]["answer"], top[0]["start"]) == (by_id["long"]["answer"], by_id["long"]["start"])

@@ -21,22 +21,35 @@ pytestmark = pytest.mark.e2e
 TRAIN = {"max_steps": 300, "batch_size": 32, "eval_every": 150, "log_every": 50, "num_workers": 1}
 SETUPS = {
     "summarization": dict(
-        model={"init": {"architecture": "t5", "size": "tiny", "overrides": {"dropout_rate": 0.0}}, "max_length": 48,
-               "tokenizer": {"vocab_size": 500}},
+        model={
+            "init": {"architecture": "t5", "size": "tiny", "overrides": {"dropout_rate": 0.0}},
+            "max_length": 48,
+            "tokenizer": {"vocab_size": 500},
+        },
         task_options={"max_target_length": 32, "max_new_tokens": 32, "max_new_tokens_limit": 48},
-        train={**TRAIN, "lr": 3e-3}),
+        train={**TRAIN, "lr": 3e-3},
+    ),
     "translation": dict(
-        model={"init": {"architecture": "t5", "size": "tiny", "overrides": {"dropout_rate": 0.0}}, "max_length": 48,
-               "tokenizer": {"vocab_size": 500}},
+        model={
+            "init": {"architecture": "t5", "size": "tiny", "overrides": {"dropout_rate": 0.0}},
+            "max_length": 48,
+            "tokenizer": {"vocab_size": 500},
+        },
         task_options={"max_target_length": 40, "max_new_tokens": 40, "max_new_tokens_limit": 48, "num_beams": 2},
-        train={**TRAIN, "lr": 3e-3}),
+        train={**TRAIN, "lr": 3e-3},
+    ),
 }
 
 
 def config(task: str, **sections):
     setup = SETUPS[task]
-    return job_config(task=task, model=setup["model"], task_options=setup["task_options"],
-                      train={**setup["train"], **sections.pop("train", {})}, **sections)
+    return job_config(
+        task=task,
+        model=setup["model"],
+        task_options=setup["task_options"],
+        train={**setup["train"], **sections.pop("train", {})},
+        **sections,
+    )
 
 
 def train_task(task: str, bucket: str) -> dict:
@@ -45,7 +58,9 @@ def train_task(task: str, bucket: str) -> dict:
 
     root = f"s3://{bucket}/{task}"
     write_demo_data(task, f"{root}/data", rows=800, seed=0)
-    cfg = config(task, data={"train": f"{root}/data/train", "eval": f"{root}/data/eval"}, train={"output": f"{root}/run"})
+    cfg = config(
+        task, data={"train": f"{root}/data/train", "eval": f"{root}/data/eval"}, train={"output": f"{root}/run"}
+    )
     return {"task": task, "root": root, "model": f"{root}/run/model", "summary": train(cfg)}
 
 
@@ -81,8 +96,16 @@ def run_predict(trained: dict, rows: list[dict], parameters: dict) -> tuple[dict
     from pipelines.predict import predict
 
     output = f"{trained['root']}/predictions"
-    cfg = config(trained["task"], predict={"model": trained["model"], "input": write_corpus(trained["root"], rows),
-                                           "output": output, "actors": 1, "parameters": parameters})
+    cfg = config(
+        trained["task"],
+        predict={
+            "model": trained["model"],
+            "input": write_corpus(trained["root"], rows),
+            "output": output,
+            "actors": 1,
+            "parameters": parameters,
+        },
+    )
     summary = predict(cfg)
     return summary, pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
 
@@ -120,6 +143,7 @@ def translated(translator):
 def test_translate_a_corpus_keeping_every_row(translated):
     demo, summary, by_id = translated
     assert summary["rows"] == 10 and summary["errors"] == 4
+
     def share(r):  # the fraction of the reference's words in the translation
         said = by_id[r["id"]]["translation_text"].split()
         return sum(w in said for w in r["target"].split()) / len(r["target"].split())
@@ -141,7 +165,9 @@ def test_the_saved_model_generates_the_same_text_with_plain_transformers(summari
     tokenizer, model = AutoTokenizer.from_pretrained(local), AutoModelForSeq2SeqLM.from_pretrained(local)
     encoded = tokenizer(sources, return_tensors="pt", padding=True)
     plain = tokenizer.batch_decode(model.generate(**encoded, num_beams=2, max_new_tokens=32), skip_special_tokens=True)
-    ours, errors, _ = Predictor("summarization", local, parameters={"num_beams": 2}).predict_rows([{"source": s} for s in sources])
+    ours, errors, _ = Predictor("summarization", local, parameters={"num_beams": 2}).predict_rows(
+        [{"source": s} for s in sources]
+    )
     assert errors == [None, None]
     assert [p["summary_text"] for p in ours] == [t.strip() for t in plain]
 
@@ -150,11 +176,16 @@ def test_the_endpoint_translates_as_batch_prediction_does(translator, translated
     demo, _, by_id = translated
     cfg = config("translation", serve={"model": translator["model"]})
     with served(cfg, "translation") as url:
-        answer = httpx.post(f"{url}/predict", json={"inputs": [r["source"] for r in demo[:3]],
-                                                    "parameters": {"num_beams": 2}}, timeout=60)
+        answer = httpx.post(
+            f"{url}/predict",
+            json={"inputs": [r["source"] for r in demo[:3]], "parameters": {"num_beams": 2}},
+            timeout=60,
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json() == [{"translation_text": by_id[r["id"]]["translation_text"]} for r in demo[:3]]
-        too_long = httpx.post(f"{url}/predict", json={"inputs": "the cat", "parameters": {"max_new_tokens": 49}}, timeout=60)
+        too_long = httpx.post(
+            f"{url}/predict", json={"inputs": "the cat", "parameters": {"max_new_tokens": 49}}, timeout=60
+        )
         assert too_long.status_code == 422 and "limit of 48" in too_long.json()["error"]
         bad = httpx.post(f"{url}/predict", json={"inputs": "the cat", "parameters": {"top_p": 0.5}}, timeout=60)
         assert bad.status_code == 422 and "not a generation parameter" in bad.json()["error"]

@@ -73,13 +73,22 @@ def test_training_transcribes_far_better_than_an_untrained_model(trained):
     best = trained["summary"]["best"]
     local = Storage().local_copy(trained["model"])
     model, processor = TASK.load(local)
-    assert processor.tokenizer.get_vocab() == {"[PAD]": 0, "[UNK]": 1, "|": 2, **{c: 3 + i for i, c in enumerate("abcdef")}}
+    assert processor.tokenizer.get_vocab() == {
+        "[PAD]": 0,
+        "[UNK]": 1,
+        "|": 2,
+        **{c: 3 + i for i, c in enumerate("abcdef")},
+    }
     untrained = type(model)(model.config).eval()  # same vocabulary and size, fresh weights
     rows = TASK.demo_data(40, seed=1)
     clips = [torch.from_numpy(decode(r["audio"], 16000)) for r in rows]
     with torch.inference_mode():
-        said = [processor.tokenizer.decode(untrained(input_values=((c - c.mean()) / c.std())[None]).logits[0].argmax(-1).tolist())
-                for c in clips]
+        said = [
+            processor.tokenizer.decode(
+                untrained(input_values=((c - c.mean()) / c.std())[None]).logits[0].argmax(-1).tolist()
+            )
+            for c in clips
+        ]
     baseline = cer(said, [r["text"] for r in rows])
     assert baseline >= 0.9, said[:3]
     assert best["eval_cer"] <= 0.25, best
@@ -103,9 +112,11 @@ def folder(trained, session_bucket):
     rows.append({"file_name": "clips/long.wav", "id": "long", "text": " ".join(r["text"] for r in utterances[9:] * 2)})
     files["clips/corrupt.flac"] = files["clips/0-phone.flac"][:80]
     files["clips/empty.wav"] = wav_bytes(np.zeros(0))
-    rows += [{"file_name": "clips/corrupt.flac", "id": "corrupt", "text": ""},
-             {"file_name": "clips/empty.wav", "id": "empty", "text": ""},
-             {"file_name": "clips/nowhere.wav", "id": "missing", "text": ""}]
+    rows += [
+        {"file_name": "clips/corrupt.flac", "id": "corrupt", "text": ""},
+        {"file_name": "clips/empty.wav", "id": "empty", "text": ""},
+        {"file_name": "clips/nowhere.wav", "id": "missing", "text": ""},
+    ]
     for name, data in files.items():
         put(fs, f"{root}/{name}", data)
     table = io.StringIO()
@@ -121,8 +132,10 @@ def predicted(trained, folder):
     from pipelines.predict import predict
 
     output = f"{folder['root']}-predictions"
-    cfg = config(data={"format": "folder"}, predict={"model": trained["model"], "input": folder["root"],
-                                                     "output": output, "actors": 1})
+    cfg = config(
+        data={"format": "folder"},
+        predict={"model": trained["model"], "input": folder["root"], "output": output, "actors": 1},
+    )
     summary = predict(cfg)
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     return summary, {r["id"]: r for r in table}, len(table)
@@ -164,7 +177,9 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, folder, predi
     cfg = config(serve={"model": trained["model"]})
     with served(cfg, "speech") as url, httpx.Client(timeout=60) as client:
         answer = client.post(f"{url}/predict", json={"inputs": encoded})
-        upload = client.post(f"{url}/predict", files={"file": ("x.wav", folder["files"]["clips/2-camera.wav"], "audio/wav")})
+        upload = client.post(
+            f"{url}/predict", files={"file": ("x.wav", folder["files"]["clips/2-camera.wav"], "audio/wav")}
+        )
         corrupt = client.post(f"{url}/predict", json={"inputs": {"audio": base64.b64encode(b"not audio").decode()}})
     assert answer.status_code == 200, answer.text
     assert [a["text"] for a in answer.json()] == [by_id[n]["text"] for n in names]

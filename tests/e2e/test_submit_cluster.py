@@ -60,8 +60,11 @@ def cluster():
         patch.setenv("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "300")
         # 2 logical CPUs per node: one train worker per node (STRICT_SPREAD) and room for Ray Data.
         with local_cluster(workers=1, cpus_per_node=2) as cluster:
-            run([RAYFORMERS, "demo-data", "text-classification", cluster.s3_uri("demo"), "--rows", str(DEMO_ROWS)],
-                cluster.env, check=True)
+            run(
+                [RAYFORMERS, "demo-data", "text-classification", cluster.s3_uri("demo"), "--rows", str(DEMO_ROWS)],
+                cluster.env,
+                check=True,
+            )
             yield cluster
 
 
@@ -72,7 +75,9 @@ def run(argv: list[str], env: dict, check: bool = False, timeout: float = 300) -
     return done
 
 
-def submit(cluster, verb: str, *overrides: str, options: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
+def submit(
+    cluster, verb: str, *overrides: str, options: tuple = (), env: dict | None = None
+) -> subprocess.CompletedProcess:
     argv = [RAYFORMERS, "submit", EXAMPLE, "--address", cluster.dashboard_url, "--verb", verb, *options]
     return run(argv + list(overrides), cluster.env if env is None else env)
 
@@ -91,15 +96,28 @@ def s3(cluster) -> s3fs.S3FileSystem:
 
 
 def data_overrides(cluster) -> list[str]:
-    return [f"data.train={cluster.s3_uri('demo/train')}", f"data.eval={cluster.s3_uri('demo/eval')}",
-            f"train.output={cluster.s3_uri('run')}", "model.max_length=32", "model.tokenizer.vocab_size=300"]
+    return [
+        f"data.train={cluster.s3_uri('demo/train')}",
+        f"data.eval={cluster.s3_uri('demo/eval')}",
+        f"train.output={cluster.s3_uri('run')}",
+        "model.max_length=32",
+        "model.tokenizer.vocab_size=300",
+    ]
 
 
 @pytest.fixture(scope="module")
 def train_job(cluster) -> dict:
-    done = submit(cluster, "train", *data_overrides(cluster), "train.num_workers=2",
-                  "train.placement_strategy=STRICT_SPREAD", "train.max_steps=6", "train.eval_every=6",
-                  "train.log_every=2", "train.batch_size=16")
+    done = submit(
+        cluster,
+        "train",
+        *data_overrides(cluster),
+        "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD",
+        "train.max_steps=6",
+        "train.eval_every=6",
+        "train.log_every=2",
+        "train.batch_size=16",
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return {"output": output, "job_id": job_id_of(output), "probe": probe(cluster, job_id_of(output))}
@@ -132,8 +150,15 @@ def test_predict_job_spreads_its_actors_over_both_nodes_and_scores_every_row(clu
     predictions = cluster.s3_uri("predictions")
     # two input files (train and eval): predict commits one unit per file, and each unit goes to one actor
     corpus = cluster.s3_uri("demo/*/part-00000.parquet")
-    done = submit(cluster, "predict", *data_overrides(cluster), f"predict.input={corpus}",
-                  f"predict.output={predictions}", "predict.actors=2", "predict.sort_window=16")
+    done = submit(
+        cluster,
+        "predict",
+        *data_overrides(cluster),
+        f"predict.input={corpus}",
+        f"predict.output={predictions}",
+        "predict.actors=2",
+        "predict.sort_window=16",
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert f"wrote {DEMO_ROWS + DEMO_ROWS // 5} predictions (0 errors" in output  # train 300 + eval 60
@@ -146,8 +171,12 @@ def test_predict_job_spreads_its_actors_over_both_nodes_and_scores_every_row(clu
 
     fs = s3(cluster)
     table = pq.ParquetDataset(predictions.removeprefix("s3://"), filesystem=fs).read()
-    expected = pa.concat_tables([pq.ParquetDataset(cluster.s3_uri(f"demo/{split}").removeprefix("s3://"), filesystem=fs).read()
-                                 for split in ("train", "eval")])
+    expected = pa.concat_tables(
+        [
+            pq.ParquetDataset(cluster.s3_uri(f"demo/{split}").removeprefix("s3://"), filesystem=fs).read()
+            for split in ("train", "eval")
+        ]
+    )
     assert sorted(table.column("id").to_pylist()) == sorted(expected.column("id").to_pylist())
     assert table.column("error").null_count == table.num_rows
     assert set(table.column("label").to_pylist()) <= set(expected.column("label").to_pylist())
@@ -155,8 +184,13 @@ def test_predict_job_spreads_its_actors_over_both_nodes_and_scores_every_row(clu
 
 def test_a_job_whose_config_is_wrong_fails_with_a_one_line_error(cluster):
     missing = cluster.s3_uri("no-such-data/train")
-    done = submit(cluster, "train", *data_overrides(cluster), f"data.train={missing}",
-                  f"train.output={cluster.s3_uri('failed-run')}")
+    done = submit(
+        cluster,
+        "train",
+        *data_overrides(cluster),
+        f"data.train={missing}",
+        f"train.output={cluster.s3_uri('failed-run')}",
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("rayformers: error:")]
@@ -169,8 +203,14 @@ def test_no_wait_prints_the_job_id_and_returns_while_the_job_goes_on(cluster):
     # A job bound to fail: `submit --no-wait` still exits 0, so it cannot have waited for the end.
     # RAY_AUTH_MODE is unset here: the token in ~/.ray/auth_token is sent once the dashboard asks.
     env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
-    done = submit(cluster, "train", *data_overrides(cluster), f"data.train={cluster.s3_uri('nothing-here')}",
-                  options=("--no-wait",), env=env)
+    done = submit(
+        cluster,
+        "train",
+        *data_overrides(cluster),
+        f"data.train={cluster.s3_uri('nothing-here')}",
+        options=("--no-wait",),
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     job_id = job_id_of(done.stdout)
     assert f"RAY_AUTH_MODE=token ray job stop --address {cluster.dashboard_url} {job_id}" in done.stdout
@@ -182,11 +222,16 @@ def test_a_refused_or_missing_token_is_one_line_naming_the_address(cluster, tmp_
     wrong = {**cluster.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
     done = submit(cluster, "train", *data_overrides(cluster), options=("--no-wait",), env=wrong)
     assert done.returncode == 2
-    assert done.stderr.strip() == (f"rayformers: error: {cluster.dashboard_url}: the cluster refused the Ray auth "
-                                   "token from RAY_AUTH_TOKEN")
+    assert done.stderr.strip() == (
+        f"rayformers: error: {cluster.dashboard_url}: the cluster refused the Ray auth " "token from RAY_AUTH_TOKEN"
+    )
 
     no_token = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
-    done = submit(cluster, "train", *data_overrides(cluster), options=("--no-wait",), env={**no_token, "HOME": str(tmp_path)})
+    done = submit(
+        cluster, "train", *data_overrides(cluster), options=("--no-wait",), env={**no_token, "HOME": str(tmp_path)}
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().startswith(f"rayformers: error: {cluster.dashboard_url}: the cluster requires a Ray auth token")
+    assert done.stderr.strip().startswith(
+        f"rayformers: error: {cluster.dashboard_url}: the cluster requires a Ray auth token"
+    )
     assert len(done.stderr.strip().splitlines()) == 1

@@ -43,14 +43,32 @@ def test_predict_keeps_every_row_and_marks_the_bad_ones(trained_text_model, buck
     from pipelines.predict import predict
     from tests.conftest import job_config
 
-    good = [json.dumps({"id": f"g{i}", "text": t}) for i, t in
-            enumerate(["the striker scored a late goal", "new laptop chip and cloud server", "garlic soup recipe from the chef"])]
-    bad = [json.dumps({"id": "null", "text": None}), json.dumps({"id": "empty", "text": "  "}),
-           json.dumps({"id": "number", "text": 12}), "{not json", json.dumps({"id": "long", "text": "goal " * 400})]
+    good = [
+        json.dumps({"id": f"g{i}", "text": t})
+        for i, t in enumerate(
+            ["the striker scored a late goal", "new laptop chip and cloud server", "garlic soup recipe from the chef"]
+        )
+    ]
+    bad = [
+        json.dumps({"id": "null", "text": None}),
+        json.dumps({"id": "empty", "text": "  "}),
+        json.dumps({"id": "number", "text": 12}),
+        "{not json",
+        json.dumps({"id": "long", "text": "goal " * 400}),
+    ]
     write_jsonl(f"s3://{bucket}/corpus/a.jsonl", good + bad)
-    write_jsonl(f"s3://{bucket}/corpus/b.jsonl", [json.dumps({"id": f"b{i}", "text": "hotel beach flight"}) for i in range(50)])
-    cfg = job_config(predict={"model": trained_text_model["model"], "input": f"s3://{bucket}/corpus",
-                              "output": f"s3://{bucket}/predictions", "actors": 1, "sort_window": 16})
+    write_jsonl(
+        f"s3://{bucket}/corpus/b.jsonl", [json.dumps({"id": f"b{i}", "text": "hotel beach flight"}) for i in range(50)]
+    )
+    cfg = job_config(
+        predict={
+            "model": trained_text_model["model"],
+            "input": f"s3://{bucket}/corpus",
+            "output": f"s3://{bucket}/predictions",
+            "actors": 1,
+            "sort_window": 16,
+        }
+    )
     summary = predict(cfg)
     table = read_parquet_dir(f"s3://{bucket}/predictions").to_pylist()
     assert len(table) == summary["rows"] == 58  # 8 + 50 input rows, none lost, none doubled
@@ -62,7 +80,9 @@ def test_predict_keeps_every_row_and_marks_the_bad_ones(trained_text_model, buck
     assert by_id["empty"]["error"] == "text is empty"
     assert by_id["number"]["error"] == "column 'text' holds a int, expected str"
     assert [r for r in table if r["id"] is None][0]["error"].startswith("line 7: not a JSON object")
-    assert by_id["long"]["error"] is None and by_id["long"]["flag"] == "truncated to 64 tokens" and by_id["long"]["label"]
+    assert (
+        by_id["long"]["error"] is None and by_id["long"]["flag"] == "truncated to 64 tokens" and by_id["long"]["label"]
+    )
     assert summary["errors"] == 4 and summary["flagged"] == 1
 
 
@@ -71,8 +91,14 @@ def test_rows_without_an_id_carry_their_file_and_position(trained_text_model, bu
     from tests.conftest import job_config
 
     write_jsonl(f"s3://{bucket}/noid/part.jsonl", [json.dumps({"text": f"goal match {i}"}) for i in range(20)])
-    cfg = job_config(predict={"model": trained_text_model["model"], "input": f"s3://{bucket}/noid",
-                              "output": f"s3://{bucket}/noid-out", "actors": 1})
+    cfg = job_config(
+        predict={
+            "model": trained_text_model["model"],
+            "input": f"s3://{bucket}/noid",
+            "output": f"s3://{bucket}/noid-out",
+            "actors": 1,
+        }
+    )
     predict(cfg)
     table = read_parquet_dir(f"s3://{bucket}/noid-out")
     assert sorted(table.column("row").to_pylist()) == list(range(20))
@@ -113,5 +139,7 @@ def test_fine_tuning_the_pretrained_minilm_named_by_its_s3_uri(ray_session, demo
     assert summary["best"]["eval_accuracy"] >= 0.6, summary  # chance is 0.25
     model_dir = Storage().local_copy(f"s3://{bucket}/minilm-run/model")
     predictor = Predictor("text-classification", model_dir)
-    assert predictor.model.config.model_type == "bert" and predictor.model.config.hidden_size == 384  # MiniLM's, not a tiny init
+    assert (
+        predictor.model.config.model_type == "bert" and predictor.model.config.hidden_size == 384
+    )  # MiniLM's, not a tiny init
     assert predictor.processor.vocab_size == 30522  # the checkpoint's own WordPiece vocabulary

@@ -17,10 +17,12 @@ from tests.conftest import job_config, served
 pytestmark = pytest.mark.e2e
 
 VOCAB = 400
-SECTIONS = dict(task="text-generation",
-                model={"init": {"architecture": "gpt2", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": VOCAB}},
-                task_options={"max_new_tokens": 6, "max_new_tokens_limit": 16},
-                train={"max_steps": 300, "batch_size": 16, "lr": 3e-3, "eval_every": 150, "log_every": 50, "num_workers": 1})
+SECTIONS = dict(
+    task="text-generation",
+    model={"init": {"architecture": "gpt2", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": VOCAB}},
+    task_options={"max_new_tokens": 6, "max_new_tokens_limit": 16},
+    train={"max_steps": 300, "batch_size": 16, "lr": 3e-3, "eval_every": 150, "log_every": 50, "num_workers": 1},
+)
 CAPITALS = {"france": "paris", "japan": "tokyo", "kenya": "nairobi", "chile": "santiago"}
 
 
@@ -54,15 +56,27 @@ def predicted(trained, session_bucket):
     from pipelines.predict import predict
 
     rows = [{"id": country, "prompt": f"the capital of {country} is"} for country in CAPITALS]
-    rows += [{"id": "doc", "text": "alice has"}, {"id": "null", "prompt": None}, {"id": "empty", "prompt": "  "},
-             {"id": "number", "prompt": 12}, {"id": "long", "prompt": "apples " * 100 + "the capital of peru is"}]
+    rows += [
+        {"id": "doc", "text": "alice has"},
+        {"id": "null", "prompt": None},
+        {"id": "empty", "prompt": "  "},
+        {"id": "number", "prompt": 12},
+        {"id": "long", "prompt": "apples " * 100 + "the capital of peru is"},
+    ]
     lines = [json.dumps(r) for r in rows] + ["{broken"]
     corpus = f"{trained['root']}/corpus/part.jsonl"
     with s3fs.S3FileSystem().open(corpus.removeprefix("s3://"), "w") as f:
         f.write("\n".join(lines) + "\n")
     output = f"{trained['root']}/predictions"
-    cfg = config(predict={"model": trained["model"], "input": corpus, "output": output, "actors": 1,
-                          "parameters": {"stop": " ."}})
+    cfg = config(
+        predict={
+            "model": trained["model"],
+            "input": corpus,
+            "output": output,
+            "actors": 1,
+            "parameters": {"stop": " ."},
+        }
+    )
     summary = predict(cfg)
     table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=s3fs.S3FileSystem()).read().to_pylist()
     return cfg, summary, table
@@ -92,7 +106,8 @@ def test_the_saved_model_generates_the_same_text_in_a_transformers_pipeline(trai
     prompts = [f"the capital of {c} is" for c in CAPITALS] + ["bob gave"]
     plain = pipeline("text-generation", model=local)(prompts, max_new_tokens=6, do_sample=False)
     ours, errors, _ = Predictor("text-generation", local, parameters={"max_new_tokens": 6}).predict_rows(
-        [{"prompt": p} for p in prompts])
+        [{"prompt": p} for p in prompts]
+    )
     assert errors == [None] * len(prompts)
     assert [p[0]["generated_text"] for p in plain] == [p[0]["generated_text"] for p in ours]
 
@@ -109,16 +124,31 @@ def test_the_endpoint_answers_as_batch_prediction_and_streams_the_same_text(trai
         answer = httpx.post(f"{url}/predict", json={"inputs": "the capital of japan is"}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert answer.json() == [{"generated_text": by_id["japan"]["generated_text"]}]
-        streamed = httpx.post(f"{url}/predict", json={"inputs": "alice has", "stream": True,
-                                                      "parameters": {"stop": []}}, timeout=60)
+        streamed = httpx.post(
+            f"{url}/predict", json={"inputs": "alice has", "stream": True, "parameters": {"stop": []}}, timeout=60
+        )
         assert streamed.headers["content-type"].startswith("text/event-stream")
         sse = events(streamed.text)
-        whole = httpx.post(f"{url}/predict", json={"inputs": "alice has", "parameters": {"stop": [],
-                                                   "return_full_text": False}}, timeout=60).json()
+        whole = httpx.post(
+            f"{url}/predict",
+            json={"inputs": "alice has", "parameters": {"stop": [], "return_full_text": False}},
+            timeout=60,
+        ).json()
         assert "".join(e["token"] for e in sse[:-1]) == sse[-1]["generated_text"] == whole[0]["generated_text"]
         assert len(sse) > 2  # more than one piece came before the end
-        sampled = [httpx.post(f"{url}/predict", json={"inputs": ["bob", "the capital of chile is"], "parameters": {
-            "do_sample": True, "seed": 5, "temperature": 1.5}}, timeout=60).json() for _ in range(2)]
+        sampled = [
+            httpx.post(
+                f"{url}/predict",
+                json={
+                    "inputs": ["bob", "the capital of chile is"],
+                    "parameters": {"do_sample": True, "seed": 5, "temperature": 1.5},
+                },
+                timeout=60,
+            ).json()
+            for _ in range(2)
+        ]
         assert sampled[0] == sampled[1]  # the same seed, the same sample
-        too_long = httpx.post(f"{url}/predict", json={"inputs": "bob", "parameters": {"max_new_tokens": 17}}, timeout=60)
+        too_long = httpx.post(
+            f"{url}/predict", json={"inputs": "bob", "parameters": {"max_new_tokens": 17}}, timeout=60
+        )
         assert too_long.status_code == 422 and "limit of 16" in too_long.json()["error"]

@@ -15,11 +15,16 @@ from tests.conftest import job_config, served
 
 pytestmark = pytest.mark.e2e
 
-SECTIONS = dict(task="token-classification",
-                model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 32, "tokenizer": {"vocab_size": 400}},
-                train={"epochs": 3, "batch_size": 32, "lr": 3e-3, "eval_every": 30, "log_every": 10, "num_workers": 1})
-TEXTS = ["Grace Lee moved to Berlin last year .", "Hooli opened a new store in Cape Town today .",
-         "Yesterday Acme Corp said that Bob will visit Oslo ."]
+SECTIONS = dict(
+    task="token-classification",
+    model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 32, "tokenizer": {"vocab_size": 400}},
+    train={"epochs": 3, "batch_size": 32, "lr": 3e-3, "eval_every": 30, "log_every": 10, "num_workers": 1},
+)
+TEXTS = [
+    "Grace Lee moved to Berlin last year .",
+    "Hooli opened a new store in Cape Town today .",
+    "Yesterday Acme Corp said that Bob will visit Oslo .",
+]
 
 
 def config(**sections):
@@ -33,7 +38,11 @@ def write(uri: str, text: str) -> None:
 
 
 def conll(rows: list[dict]) -> str:
-    return "-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(r["tokens"], r["ner_tags"])) for r in rows) + "\n"
+    return (
+        "-DOCSTART- O\n\n"
+        + "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(r["tokens"], r["ner_tags"])) for r in rows)
+        + "\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +71,13 @@ def predicted(trained, session_bucket):
     from pipelines.predict import predict
 
     rows = [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)]
-    rows += [{"id": "words", "tokens": ["Dana", "works", "for", "Globex", "in", "Lima", "."]},
-             {"id": "null", "text": None}, {"id": "empty", "text": "   "}, {"id": "number", "text": 5},
-             {"id": "long", "text": "Paris " * 60 + "Julia Roberts ."}]
+    rows += [
+        {"id": "words", "tokens": ["Dana", "works", "for", "Globex", "in", "Lima", "."]},
+        {"id": "null", "text": None},
+        {"id": "empty", "text": "   "},
+        {"id": "number", "text": 5},
+        {"id": "long", "text": "Paris " * 60 + "Julia Roberts ."},
+    ]
     lines = [json.dumps(r) for r in rows] + ["{broken"]
     corpus = f"s3://{session_bucket}/ner/corpus/part.jsonl"
     write(corpus, "\n".join(lines) + "\n")
@@ -78,12 +91,15 @@ def test_predict_tags_text_and_words_and_keeps_every_row(predicted):
     summary, table = predicted
     assert len(table) == summary["rows"] == 9  # 8 rows + the unparsable line, none lost
     by_id = {r["id"]: r for r in table if r["id"] is not None}
-    grace = [(e["entity_group"], e["word"], TEXTS[0][e["start"]:e["end"]]) for e in by_id["t0"]["entities"]]
+    grace = [(e["entity_group"], e["word"], TEXTS[0][e["start"] : e["end"]]) for e in by_id["t0"]["entities"]]
     assert grace == [("PER", "grace lee", "Grace Lee"), ("LOC", "berlin", "Berlin")]
     assert [(e["entity_group"], e["word"]) for e in by_id["t1"]["entities"]] == [("ORG", "hooli"), ("LOC", "cape town")]
     words = "Dana works for Globex in Lima ."  # the words joined by spaces: offsets point into this
-    assert [(e["entity_group"], words[e["start"]:e["end"]]) for e in by_id["words"]["entities"]] == [
-        ("PER", "Dana"), ("ORG", "Globex"), ("LOC", "Lima")]
+    assert [(e["entity_group"], words[e["start"] : e["end"]]) for e in by_id["words"]["entities"]] == [
+        ("PER", "Dana"),
+        ("ORG", "Globex"),
+        ("LOC", "Lima"),
+    ]
     assert all(0 < e["score"] <= 1 for r in table if r["entities"] for e in r["entities"])
     assert by_id["null"]["error"] == "text or tokens is needed" and by_id["null"]["entities"] is None
     assert by_id["empty"]["error"] == "text is empty"
@@ -103,8 +119,9 @@ def test_the_saved_model_loads_in_a_transformers_pipeline_with_the_same_entities
     plain = pipeline("token-classification", model=local, aggregation_strategy="simple")(TEXTS)
     ours, errors, _ = Predictor("token-classification", local).predict_rows([{"text": t} for t in TEXTS])
     assert errors == [None] * 3
-    assert [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in plain] == \
-           [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in ours]
+    assert [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in plain] == [
+        [(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in ours
+    ]
     assert all(abs(float(a["score"]) - b["score"]) < 1e-4 for x, y in zip(plain, ours) for a, b in zip(x, y))
 
 
@@ -114,11 +131,15 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, predicted):
     cfg = config(serve={"model": trained["model"]})
     with served(cfg, "ner") as url, httpx.Client(timeout=60) as client:
         answer = client.post(f"{url}/predict", json={"inputs": TEXTS}).json()
-        words = client.post(f"{url}/predict", json={"inputs": {"tokens": ["Dana", "works", "for", "Globex", "in", "Lima", "."]}}).json()
+        words = client.post(
+            f"{url}/predict", json={"inputs": {"tokens": ["Dana", "works", "for", "Globex", "in", "Lima", "."]}}
+        ).json()
         bad = client.post(f"{url}/predict", json={"inputs": ""})
     for i, entities in enumerate(answer):
         written = by_id[f"t{i}"]["entities"]
-        assert [(e["entity_group"], e["start"], e["end"]) for e in entities] == [(e["entity_group"], e["start"], e["end"]) for e in written]
+        assert [(e["entity_group"], e["start"], e["end"]) for e in entities] == [
+            (e["entity_group"], e["start"], e["end"]) for e in written
+        ]
         assert all(a["score"] == pytest.approx(b["score"], abs=1e-5) for a, b in zip(entities, written))
     assert [e["word"] for e in words] == [e["word"] for e in by_id["words"]["entities"]]
     assert bad.status_code == 422 and "text is empty" in bad.json()["error"]

@@ -60,7 +60,9 @@ def loads_in_a_pipeline(model_uri: str) -> list[str]:
     from pipelines.storage import Storage
 
     local = Storage().local_copy(model_uri)
-    return [p["label"] for p in pipeline("text-classification", model=local)(["goal match referee", "pasta garlic oven"])]
+    return [
+        p["label"] for p in pipeline("text-classification", model=local)(["goal match referee", "pasta garlic oven"])
+    ]
 
 
 def trained_rows(output: str) -> dict[int, Counter]:
@@ -79,23 +81,36 @@ def assert_each_row_once_per_epoch(output: str, rows: set, epochs: int) -> None:
     assert sorted(seen) == list(range(epochs)), sorted(seen)
     for epoch, counts in seen.items():
         assert set(counts) == rows and set(counts.values()) == {1}, (
-            epoch, len(rows - set(counts)), [k for k, n in counts.items() if n > 1][:5])
+            epoch,
+            len(rows - set(counts)),
+            [k for k, n in counts.items() if n > 1][:5],
+        )
 
 
 SMALL_ROWS = {("part-0.parquet", i) for i in range(512)}  # the 16 empty texts (rows 512-527) are never trained
 
 
 def test_a_run_resumed_on_more_workers_survives_a_killed_worker_and_trains_each_row_once_per_epoch(
-        ray_session, small_data, bucket):
+    ray_session, small_data, bucket
+):
     import ray
     from ray.util.state import list_actors
 
     from pipelines.train import train
 
     output = f"s3://{bucket}/elastic"
-    sections = dict(data={"train": f"{small_data}/train"},
-                    train={"output": output, "num_workers": 1, "batch_size": 16, "epochs": 2, "eval_every": 8,
-                           "log_rows": True, "stop_after_steps": 11})
+    sections = dict(
+        data={"train": f"{small_data}/train"},
+        train={
+            "output": output,
+            "num_workers": 1,
+            "batch_size": 16,
+            "epochs": 2,
+            "eval_every": 8,
+            "log_rows": True,
+            "stop_after_steps": 11,
+        },
+    )
     first = train(job_config(**sections))
     assert first["final"]["step"] == 11  # a third of the first epoch, on one worker
     # the same run on two workers: the first epoch's other 21 batches (its last step has one batch, which the
@@ -106,8 +121,11 @@ def test_a_run_resumed_on_more_workers_survives_a_killed_worker_and_trains_each_
     def kill_a_worker_after_a_checkpoint():
         wait_until(lambda: checkpoint_registered(output, 16), 900, "the checkpoint at step 16")
         # this session's Ray by its address: other Ray instances on the machine have train workers too
-        workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
-                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            detail=True,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
         os.kill(workers[-1].pid, signal.SIGKILL)
         killed.append(workers[-1].pid)
 
@@ -125,24 +143,37 @@ def test_a_run_resumed_on_more_workers_survives_a_killed_worker_and_trains_each_
     assert metrics["samples"] == 2 * 512 and metrics["skipped_rows"] == 16, metrics
     assert metrics["throughput_samples_per_s"] > 0
     assert_each_row_once_per_epoch(output, SMALL_ROWS, 2)
-    steps = sorted(p.rsplit("-", 1)[-1] for p in s3fs.S3FileSystem().ls(f"{bucket}/elastic/checkpoints") if "/step-" in p)
+    steps = sorted(
+        p.rsplit("-", 1)[-1] for p in s3fs.S3FileSystem().ls(f"{bucket}/elastic/checkpoints") if "/step-" in p
+    )
     assert steps == ["00000032", "00000038"]  # keep_checkpoints=2: the newest two
     assert set(loads_in_a_pipeline(f"{output}/model")) <= {"sports", "tech", "food", "travel"}
 
 
 def write_job(path, data: str, output: str) -> str:
-    job = {"task": "text-classification",
-           "model": {"init": {"architecture": "bert", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": 800}},
-           "data": {"train": f"{data}/train", "eval": f"{data}/eval"},
-           "train": {"output": output, "num_workers": 2, "batch_size": 16, "epochs": 2, "eval_every": 8, "lr": 1e-3,
-                     "log_rows": True},
-           "ray": {"num_cpus": 4}}
+    job = {
+        "task": "text-classification",
+        "model": {"init": {"architecture": "bert", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": 800}},
+        "data": {"train": f"{data}/train", "eval": f"{data}/eval"},
+        "train": {
+            "output": output,
+            "num_workers": 2,
+            "batch_size": 16,
+            "epochs": 2,
+            "eval_every": 8,
+            "lr": 1e-3,
+            "log_rows": True,
+        },
+        "ray": {"num_cpus": 4},
+    }
     path.write_text(yaml.safe_dump(job))
     return str(path)
 
 
 def rayformers(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_session, small_data, bucket, tmp_path):
@@ -153,10 +184,16 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
     # the driver joins this session's Ray (as a driver on a cluster would): its job's actors die with it
     address = f"ray.address={ray.get_runtime_context().gcs_address}"
     verbose_log = open(tmp_path / "first-run.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", job, address, "-v"], cwd=REPO,
-                              stdout=verbose_log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "train", job, address, "-v"],
+        cwd=REPO,
+        stdout=verbose_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        wait_until(lambda: checkpoint_registered(output, 8) or driver.poll() is not None, 900, "the checkpoint at step 8")
+        wait_until(
+            lambda: checkpoint_registered(output, 8) or driver.poll() is not None, 900, "the checkpoint at step 8"
+        )
         assert driver.poll() is None, "the first run ended before it could be killed"
     finally:
         driver.send_signal(signal.SIGKILL)
@@ -165,14 +202,20 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
     again = rayformers("train", job, address)
     assert again.returncode == 0, again.stderr[-3000:]
     # the console: Ray's own lines only with -v; our progress lines (with an ETA) and the summary always
-    internals = ("Reporting training result", "Starting execution of Dataset", "Checkpoint successfully created",
-                 "Writing model shards")
+    internals = (
+        "Reporting training result",
+        "Starting execution of Dataset",
+        "Checkpoint successfully created",
+        "Writing model shards",
+    )
     assert "Reporting training result" in (tmp_path / "first-run.log").read_text()
     console = again.stdout + again.stderr
     assert not [line for line in console.splitlines() if any(i in line for i in internals)], console[-3000:]
     assert "step 30/" in console and " ETA " in console and "metrics: {" in console, console[-3000:]
     metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-driver/metrics.json"))
-    assert metrics["final"]["step"] == 32 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 8, metrics
+    assert (
+        metrics["final"]["step"] == 32 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 8
+    ), metrics
     assert metrics["skipped_rows"] == 16, metrics  # the 16 empty texts, once, although both workers read them
     assert metrics["samples"] == 2 * 512, metrics
     assert_each_row_once_per_epoch(output, SMALL_ROWS, 2)
@@ -189,11 +232,15 @@ def test_a_resume_with_a_changed_config_or_data_is_refused_in_one_line(ray_sessi
     # write_job's batch size (16) differs from job_config's (32): refused before Ray starts
     refused = rayformers("train", job, "data.eval=null", "train.num_workers=1", timeout=120)
     assert refused.returncode == 2
-    assert refused.stderr.strip() == (f"rayformers: error: train.output: {output} holds another run (train.batch_size: 32 before, "
-                                      "16 now); resume with the same settings, choose another train.output, or set train.fresh=true to start over")
+    assert refused.stderr.strip() == (
+        f"rayformers: error: train.output: {output} holds another run (train.batch_size: 32 before, "
+        "16 now); resume with the same settings, choose another train.output, or set train.fresh=true to start over"
+    )
     write_rows(f"{small_data}/train/part-1.parquet", [{"id": "new", "text": "goal", "label": "sports"}])
     refused = rayformers("train", job, "data.eval=null", "train.batch_size=32", timeout=120)
-    assert refused.returncode == 2 and "(data.train: the file list changed (1 files before, 2 now))" in refused.stderr, refused.stderr
+    assert (
+        refused.returncode == 2 and "(data.train: the file list changed (1 files before, 2 now))" in refused.stderr
+    ), refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
@@ -228,7 +275,9 @@ class FlakyS3Proxy:
                 data = self.body()
                 if self.command == "PUT" and proxy.fail_suffix and self.path.split("?")[0].endswith(proxy.fail_suffix):
                     proxy.refused += 1
-                    message = b"<Error><Code>InvalidRequest</Code><Message>upload refused by the test proxy</Message></Error>"
+                    message = (
+                        b"<Error><Code>InvalidRequest</Code><Message>upload refused by the test proxy</Message></Error>"
+                    )
                     self.send_response(400)
                     self.send_header("Content-Length", str(len(message)))
                     self.end_headers()
@@ -238,14 +287,19 @@ class FlakyS3Proxy:
                 if self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(data))
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                upstream.request(self.command, self.path, body=data if self.command in ("PUT", "POST") else None, headers=headers)
+                upstream.request(
+                    self.command, self.path, body=data if self.command in ("PUT", "POST") else None, headers=headers
+                )
                 response = upstream.getresponse()
                 payload = response.read()
                 self.send_response(response.status)
                 for k, v in response.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(payload)) if self.command != "HEAD" else response.getheader("Content-Length", "0"))
+                self.send_header(
+                    "Content-Length",
+                    str(len(payload)) if self.command != "HEAD" else response.getheader("Content-Length", "0"),
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
@@ -261,7 +315,9 @@ class FlakyS3Proxy:
         self.server.shutdown()
 
 
-def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_writes_one(ray_session, small_data, bucket, s3_endpoint):
+def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_writes_one(
+    ray_session, small_data, bucket, s3_endpoint
+):
     from models.spec import UserError
     from pipelines.storage import Storage
     from pipelines.train import train
@@ -269,10 +325,12 @@ def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_w
     proxy = FlakyS3Proxy(s3_endpoint)
     try:
         output = f"s3://{bucket}/flaky"
-        cfg = job_config(storage={"endpoint_url": proxy.url},
-                         data={"train": f"{small_data}/train", "eval": f"{small_data}/eval"},
-                         # Ray Data's streaming split (train.data_order=streaming) is exercised here
-                         train={"output": output, "max_steps": 4, "eval_every": 2, "data_order": "streaming"})
+        cfg = job_config(
+            storage={"endpoint_url": proxy.url},
+            data={"train": f"{small_data}/train", "eval": f"{small_data}/eval"},
+            # Ray Data's streaming split (train.data_order=streaming) is exercised here
+            train={"output": output, "max_steps": 4, "eval_every": 2, "data_order": "streaming"},
+        )
         proxy.fail_suffix = f"/{bucket}/flaky/model/model.safetensors"
         with pytest.raises(Exception):
             train(cfg)

@@ -55,8 +55,10 @@ def test_launcher_config_autoscales_gpu_workers_from_zero():
     for spec in gpu_types:
         assert spec["min_workers"] == 0 < spec["max_workers"] <= config["max_workers"]
     assert any("~/rayformers" == remote for remote in config["file_mounts"])
-    assert any("pip install" in command and "constraints.txt" in command
-               for command in config["head_setup_commands"] + config["worker_setup_commands"])
+    assert any(
+        "pip install" in command and "constraints.txt" in command
+        for command in config["head_setup_commands"] + config["worker_setup_commands"]
+    )
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         if "ray start" in command:
             assert "RAY_AUTH_MODE=token" in command, command
@@ -117,7 +119,8 @@ def test_kuberay_cluster_spec_has_head_and_autoscaled_worker_groups(kind):
 def test_kuberay_cluster_spec_has_a_gpu_group(kind):
     spec = cluster_spec(kind)
     gpu_groups = [
-        group for group in spec["workerGroupSpecs"]
+        group
+        for group in spec["workerGroupSpecs"]
         if int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
     ]
     assert gpu_groups, "no worker group has an nvidia.com/gpu limit"
@@ -224,8 +227,10 @@ def test_dockerfile_builds_from_the_installed_ray_version():
     image = re.sub(r"\$\{(\w+)\}", lambda match: build_args[match.group(1)], from_lines[0].split()[1])
     assert image == f"rayproject/ray:{ray.__version__}-py311", image
     assert any(instruction.startswith("COPY") and instruction.endswith(" /app") for instruction in instructions)
-    assert any("pip install" in instruction and "-c constraints.txt" in instruction and "/app" in instruction
-               for instruction in instructions)
+    assert any(
+        "pip install" in instruction and "-c constraints.txt" in instruction and "/app" in instruction
+        for instruction in instructions
+    )
 
 
 def test_rayservice_serve_config_is_what_export_config_writes_for_its_documented_command(tmp_path):

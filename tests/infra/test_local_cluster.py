@@ -37,7 +37,8 @@ job_id = client.submit_job(entrypoint="python -c " + {shlex.quote(JOB_CODE)!r})
 deadline = time.monotonic() + 45
 while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
     time.sleep(0.5)
-print(json.dumps({{"nodes": nodes, "job_status": str(client.get_job_status(job_id)), "job_logs": client.get_job_logs(job_id)}}))
+status, logs = str(client.get_job_status(job_id)), client.get_job_logs(job_id)
+print(json.dumps({{"nodes": nodes, "job_status": status, "job_logs": logs}}))
 """
 
 

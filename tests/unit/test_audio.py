@@ -28,9 +28,17 @@ def dominant_hz(samples: np.ndarray, rate: int = 16000) -> float:
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
 
 
-@pytest.mark.parametrize("rate, channels, fmt", [
-    (8000, 1, "FLAC"), (44100, 2, "WAV"), (48000, 1, "WAV"), (22050, 2, "OGG"), (16000, 1, "FLAC"), (32000, 6, "WAV"),
-])
+@pytest.mark.parametrize(
+    "rate, channels, fmt",
+    [
+        (8000, 1, "FLAC"),
+        (44100, 2, "WAV"),
+        (48000, 1, "WAV"),
+        (22050, 2, "OGG"),
+        (16000, 1, "FLAC"),
+        (32000, 6, "WAV"),
+    ],
+)
 def test_recordings_at_any_rate_and_channel_count_become_16k_mono_with_their_pitch(rate, channels, fmt):
     tone = sine(440, 0.5, rate)
     data = encoded(np.stack([tone] * channels, axis=1) if channels > 1 else tone, rate, fmt)
@@ -54,11 +62,14 @@ def test_mp3_decodes_where_libsndfile_reads_it():
     assert abs(dominant_hz(out) - 440) < 10
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"RIFF\x00\x00\x00\x00WAVEfmt garbage", "not a readable audio file"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "not a readable audio file"),
-    (b"", "not a readable audio file"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"RIFF\x00\x00\x00\x00WAVEfmt garbage", "not a readable audio file"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "not a readable audio file"),
+        (b"", "not a readable audio file"),
+    ],
+)
 def test_corrupt_and_unsupported_files_give_a_reason(data, reason):
     with pytest.raises(AudioError, match=reason):
         decode(data, 16000)

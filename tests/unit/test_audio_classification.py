@@ -16,7 +16,9 @@ from models.spec import Context, UserError
 from pipelines.media import decode_request_value
 
 LABELS = ["beeps", "high", "low", "rising"]
-MODEL_CFG = SimpleNamespace(init=SimpleNamespace(architecture="wav2vec2", size="tiny", overrides={}), trust_remote_code=False)
+MODEL_CFG = SimpleNamespace(
+    init=SimpleNamespace(architecture="wav2vec2", size="tiny", overrides={}), trust_remote_code=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,9 @@ def test_a_long_clip_is_scored_in_windows_and_each_window_learns_the_clip_label(
     model, processor = model_and_processor
     rng = np.random.default_rng(0)
     long = wav_bytes(rng.normal(0, 0.1, 16000 * 5))
-    ctx = Context(labels={label: i for i, label in enumerate(LABELS)}, options=AudioOptions(chunk_length_s=2.0), data=DataConfig())
+    ctx = Context(
+        labels={label: i for i, label in enumerate(LABELS)}, options=AudioOptions(chunk_length_s=2.0), data=DataConfig()
+    )
     features = TASK.preprocess({"audio": [long], "label": ["low"]}, processor, ctx)
     assert features.arrays["input_values"][0].shape == (3, 32000)  # 2 s + 2 s + 1 s
     inputs = TASK.collate(features.arrays, processor)
@@ -95,8 +99,11 @@ def test_predictions_take_the_pipeline_format_and_top_k(model_and_processor):
     two, _ = predict(model, processor, rows, parameters={"top_k": 2})
     assert two[1] == ranked[1][:2]
     columns = TASK.to_columns([ranked[0], None, two[1]])
-    assert columns == {"label": [ranked[0][0]["label"], None, two[1][0]["label"]],
-                       "score": [ranked[0][0]["score"], None, two[1][0]["score"]], "top_k": [ranked[0], None, two[1]]}
+    assert columns == {
+        "label": [ranked[0][0]["label"], None, two[1][0]["label"]],
+        "score": [ranked[0][0]["score"], None, two[1][0]["score"]],
+        "top_k": [ranked[0], None, two[1]],
+    }
 
 
 def test_requests_take_base64_strings_or_audio_fields():

@@ -13,11 +13,14 @@ from pipelines.checkpoints import load_checkpoint, save_checkpoint
 from pipelines.predictor import to_device
 
 
-@pytest.mark.parametrize("task_name, init", [
-    ("image-classification", {"architecture": "vit", "size": "tiny"}),
-    ("object-detection", {"architecture": "detr", "size": "tiny", "overrides": {"image_size": 64}}),
-    ("text-classification", {"architecture": "bert", "size": "tiny"}),
-])
+@pytest.mark.parametrize(
+    "task_name, init",
+    [
+        ("image-classification", {"architecture": "vit", "size": "tiny"}),
+        ("object-detection", {"architecture": "detr", "size": "tiny", "overrides": {"image_size": 64}}),
+        ("text-classification", {"architecture": "bert", "size": "tiny"}),
+    ],
+)
 def test_a_checkpoint_brings_back_the_same_model(tmp_path, task_name, init):
     from models.spec import Context
 
@@ -30,7 +33,9 @@ def test_a_checkpoint_brings_back_the_same_model(tmp_path, task_name, init):
     model = task.build_model(cfg.model, None, labels, processor)
     columns = [c.name for c in task.columns if c.name in rows[0]]
     batch = {c: [r[c] for r in rows] for c in columns}
-    features = task.preprocess(batch, processor, Context(labels={n: i for i, n in enumerate(labels)}, options=cfg.options()))
+    features = task.preprocess(
+        batch, processor, Context(labels={n: i for i, n in enumerate(labels)}, options=cfg.options())
+    )
     inputs = to_device(task.collate(features.arrays, processor), torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = get_linear_schedule_with_warmup(optimizer, 1, 10)
@@ -46,7 +51,9 @@ def test_a_checkpoint_brings_back_the_same_model(tmp_path, task_name, init):
     torch.manual_seed(1)
     fresh = task.build_model(cfg.model, None, labels, processor)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    state = load_checkpoint(str(tmp_path), fresh, fresh_optimizer, get_linear_schedule_with_warmup(fresh_optimizer, 1, 10))
+    state = load_checkpoint(
+        str(tmp_path), fresh, fresh_optimizer, get_linear_schedule_with_warmup(fresh_optimizer, 1, 10)
+    )
     fresh.eval()
     with torch.no_grad():
         after = fresh(**without_labels).logits

@@ -18,8 +18,16 @@ class Processor:
 
 def tiny():
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                     intermediate_size=32, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=2,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = get_linear_schedule_with_warmup(optimizer, 2, 10)
     return model, optimizer, scheduler
@@ -42,7 +50,10 @@ def test_a_checkpoint_restores_model_optimizer_and_scheduler(tmp_path):
     saved = optimizer.state_dict()["state"][0]
     restored = fresh_opt.state_dict()["state"][0]
     assert torch.equal(saved["exp_avg"], restored["exp_avg"]) and float(saved["step"]) == float(restored["step"])
-    assert json.loads((tmp_path / "optimizer.json").read_text())["param_groups"][0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert (
+        json.loads((tmp_path / "optimizer.json").read_text())["param_groups"][0]["lr"]
+        == optimizer.param_groups[0]["lr"]
+    )
 
 
 def test_a_checkpoint_missing_a_file_or_holding_a_truncated_one_is_refused(tmp_path):

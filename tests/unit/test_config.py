@@ -40,11 +40,15 @@ def test_model_needs_exactly_one_of_source_or_init():
 
 
 def test_an_architecture_the_task_lacks_is_refused():
-    assert error_of(overrides=["model.init.architecture=gpt2"]).startswith("model.init.architecture: 'gpt2' is not one of bert")
+    assert error_of(overrides=["model.init.architecture=gpt2"]).startswith(
+        "model.init.architecture: 'gpt2' is not one of bert"
+    )
 
 
 def test_a_column_mapping_for_a_column_the_task_does_not_have():
-    assert error_of(overrides=["data.columns.image=img"]).startswith("data.columns.image: text-classification has no column 'image'")
+    assert error_of(overrides=["data.columns.image=img"]).startswith(
+        "data.columns.image: text-classification has no column 'image'"
+    )
 
 
 def test_serve_batching_must_fit_in_ongoing_requests():
@@ -56,7 +60,9 @@ def test_an_override_without_equals_sign():
 
 
 def test_overrides_are_typed_and_paths_made_absolute(tmp_path):
-    cfg = load_config(None, ["train.lr=3e-5", "train.num_workers=2", "train.output=runs/a", "model.init.size=mini"], base=BASE)
+    cfg = load_config(
+        None, ["train.lr=3e-5", "train.num_workers=2", "train.output=runs/a", "model.init.size=mini"], base=BASE
+    )
     assert cfg.train.lr == 3e-5 and cfg.train.num_workers == 2 and cfg.model.init.size == "mini"
     assert cfg.train.output.startswith("/") and cfg.train.output.endswith("runs/a")
 
@@ -108,24 +114,35 @@ def test_defaults_are_filled_in():
     assert cfg.train.keep_checkpoints == 2 and cfg.predict.quantize == "none" and cfg.serve.max_batch_size == 8
 
 
-@pytest.mark.parametrize("task, options, overrides, rows, cached", [
-    ("text-classification", {}, [], 1000, True),  # deterministic preprocessing, a small split: cached
-    ("text-classification", {}, [], 100_001, False),  # past data.cache_max_rows: streamed every epoch
-    ("text-classification", {}, ["data.cache_train=false"], 10, False),
-    ("image-classification", {}, [], 10, False),  # random crops and flips are drawn afresh each epoch
-    ("image-classification", {"random_resized_crop": None, "horizontal_flip": False}, [], 10, True),
-    ("image-classification", {}, ["data.cache_train=true"], 10, True),
-    ("image-segmentation", {"augment": False}, [], 10, True),
-    ("depth-estimation", {}, [], 10, False),
-    ("automatic-speech-recognition", {}, [], 10, True),  # decoding audio once is the point
-])
-def test_the_training_split_is_cached_only_where_each_epoch_would_preprocess_the_same(task, options, overrides, rows, cached):
+@pytest.mark.parametrize(
+    "task, options, overrides, rows, cached",
+    [
+        ("text-classification", {}, [], 1000, True),  # deterministic preprocessing, a small split: cached
+        ("text-classification", {}, [], 100_001, False),  # past data.cache_max_rows: streamed every epoch
+        ("text-classification", {}, ["data.cache_train=false"], 10, False),
+        ("image-classification", {}, [], 10, False),  # random crops and flips are drawn afresh each epoch
+        ("image-classification", {"random_resized_crop": None, "horizontal_flip": False}, [], 10, True),
+        ("image-classification", {}, ["data.cache_train=true"], 10, True),
+        ("image-segmentation", {"augment": False}, [], 10, True),
+        ("depth-estimation", {}, [], 10, False),
+        ("automatic-speech-recognition", {}, [], 10, True),  # decoding audio once is the point
+    ],
+)
+def test_the_training_split_is_cached_only_where_each_epoch_would_preprocess_the_same(
+    task, options, overrides, rows, cached
+):
     from models import get_task
     from pipelines.train import cache_train
 
-    architecture = {"image-classification": "vit", "image-segmentation": "segformer", "depth-estimation": "glpn",
-                    "automatic-speech-recognition": "wav2vec2"}.get(task, "bert")
-    cfg = load_config(None, overrides, base={"task": task, "model": {"init": {"architecture": architecture}}, "task_options": options})
+    architecture = {
+        "image-classification": "vit",
+        "image-segmentation": "segformer",
+        "depth-estimation": "glpn",
+        "automatic-speech-recognition": "wav2vec2",
+    }.get(task, "bert")
+    cfg = load_config(
+        None, overrides, base={"task": task, "model": {"init": {"architecture": architecture}}, "task_options": options}
+    )
     assert cache_train(cfg, get_task(task), rows) is cached
 
 
@@ -136,8 +153,12 @@ def test_a_model_source_given_on_the_command_line_replaces_the_examples_model_in
     cfg = load_config(example, ["model.source=s3://models/minilm"])
     assert cfg.model.source == "s3://models/minilm" and cfg.model.init is None
     assert f"model.source given: model.init from {example} is not used" in capsys.readouterr().err
-    cfg = load_config(None, ["model.init.architecture=bert"], base={"task": "text-classification", "model": {"source": "x/y"}})
+    cfg = load_config(
+        None, ["model.init.architecture=bert"], base={"task": "text-classification", "model": {"source": "x/y"}}
+    )
     assert cfg.model.init.architecture == "bert" and cfg.model.source is None
     # both in one file is still the user's mistake to fix
     with pytest.raises(UserError, match="set exactly one of model.source"):
-        load_config(None, [], base={"task": "text-classification", "model": {"source": "x/y", "init": {"architecture": "bert"}}})
+        load_config(
+            None, [], base={"task": "text-classification", "model": {"source": "x/y", "init": {"architecture": "bert"}}}
+        )

@@ -19,13 +19,15 @@ BATCH, BUCKETS = 4, 2
 def split(rows: int = 203, bad_every: int = 17) -> pa.Table:
     """A preprocessed training split in file order: two files, varied lengths, some rows with errors."""
     rng = random.Random(0)
-    return pa.table({
-        "input_ids": [[i] * rng.randint(1, 9) for i in range(rows)],
-        LENGTH: [rng.randint(1, 9) for _ in range(rows)],
-        ERROR: [("empty text" if i % bad_every == 5 else None) for i in range(rows)],
-        SOURCE: [f"part-{i // 120}.parquet" for i in range(rows)],
-        ROW: [i % 120 for i in range(rows)],
-    })
+    return pa.table(
+        {
+            "input_ids": [[i] * rng.randint(1, 9) for i in range(rows)],
+            LENGTH: [rng.randint(1, 9) for _ in range(rows)],
+            ERROR: [("empty text" if i % bad_every == 5 else None) for i in range(rows)],
+            SOURCE: [f"part-{i // 120}.parquet" for i in range(rows)],
+            ROW: [i % 120 for i in range(rows)],
+        }
+    )
 
 
 def windows(table: pa.Table, size: int):
@@ -37,8 +39,18 @@ def run(table, *, world, start=0, stop_rounds=None, epoch=0, seed=42, size=24, b
     per_rank = []
     for rank in range(world):
         seen = []
-        for n, r in enumerate(rounds(windows(table, size), seed=seed, epoch=epoch, batch_size=BATCH,
-                                     length_buckets=buckets, world=world, rank=rank, start=start)):
+        for n, r in enumerate(
+            rounds(
+                windows(table, size),
+                seed=seed,
+                epoch=epoch,
+                batch_size=BATCH,
+                length_buckets=buckets,
+                world=world,
+                rank=rank,
+                start=start,
+            )
+        ):
             if stop_rounds is not None and n == stop_rounds:
                 break
             seen.append((r.keys, r.position, r.batch is not None, r.skipped))
@@ -68,7 +80,9 @@ def test_an_epoch_trains_every_usable_row_once_and_workers_stay_in_lockstep(worl
     assert Counter(keys_of(per_rank)) == Counter(usable_keys(table))
     assert len({len(seen) for seen in per_rank}) == 1  # the same number of steps on every worker
     # the batch carries the rows the keys name
-    r = next(rounds(windows(table, 24), seed=42, epoch=0, batch_size=BATCH, length_buckets=BUCKETS, world=1, rank=0, start=0))
+    r = next(
+        rounds(windows(table, 24), seed=42, epoch=0, batch_size=BATCH, length_buckets=BUCKETS, world=1, rank=0, start=0)
+    )
     assert [ids[0] for ids in r.batch["input_ids"]] == [row + 120 * (f == "part-1.parquet") for f, row in r.keys]
 
 
@@ -107,7 +121,9 @@ def test_each_epoch_has_its_own_order_and_the_seed_fixes_it():
 
 def test_batches_hold_rows_of_similar_length():
     table = split(rows=400, bad_every=10_000)
-    lengths = dict(zip(zip(table.column(SOURCE).to_pylist(), table.column(ROW).to_pylist()), table.column(LENGTH).to_pylist()))
+    lengths = dict(
+        zip(zip(table.column(SOURCE).to_pylist(), table.column(ROW).to_pylist()), table.column(LENGTH).to_pylist())
+    )
 
     def mean_spread(buckets):
         batches = [keys for keys, *_ in run(table, world=1, size=48, buckets=buckets)[0]]

@@ -69,7 +69,9 @@ def test_depth_maps_decode_in_their_units_and_bad_ones_get_reasons():
     assert e[6] == "depth .npy has shape (2, 20, 40), expected (height, width)"
     assert e[7] == "depth is null"
     assert e[8].startswith("image is corrupt")
-    in_cm = TASK.preprocess({"image": [image], "depth": [encode_png(millimetres)]}, processor, training(Options(png_unit="cm")))
+    in_cm = TASK.preprocess(
+        {"image": [image], "depth": [encode_png(millimetres)]}, processor, training(Options(png_unit="cm"))
+    )
     assert in_cm.arrays["labels"][0].max() == pytest.approx(25.0)
 
 
@@ -88,7 +90,9 @@ def test_metrics_leave_invalid_pixels_out():
 def test_training_lowers_abs_rel_on_the_demo_ramp():
     model, processor = tiny()
     rows = TASK.demo_data(12, seed=0)
-    features = TASK.preprocess({"image": [r["image"] for r in rows], "depth": [r["depth"] for r in rows]}, processor, training())
+    features = TASK.preprocess(
+        {"image": [r["image"] for r in rows], "depth": [r["depth"] for r in rows]}, processor, training()
+    )
     assert features.errors == [None] * 12
     inputs = TASK.collate(features.arrays, processor)
 
@@ -121,7 +125,9 @@ def test_predictions_are_millimetre_pngs_at_the_image_size_and_the_pipeline_load
     features = TASK.preprocess({"image": [image]}, loaded_processor, Context(data=DATA))
     inputs = TASK.collate(features.arrays, loaded_processor)
     with torch.no_grad():
-        predictions = TASK.postprocess(TASK.forward(loaded, inputs, {}), inputs, features.arrays, loaded, loaded_processor, {})
+        predictions = TASK.postprocess(
+            TASK.forward(loaded, inputs, {}), inputs, features.arrays, loaded, loaded_processor, {}
+        )
     depth_png = Image.open(io.BytesIO(base64.b64decode(predictions[0]["predicted_depth"])))
     assert depth_png.size == (70, 40) and np.asarray(depth_png).dtype == np.uint16 and predictions[0]["unit"] == "mm"
     as_columns = np.asarray(TASK.to_columns(predictions + [None])["predicted_depth"][0])
@@ -129,17 +135,24 @@ def test_predictions_are_millimetre_pngs_at_the_image_size_and_the_pipeline_load
     assert np.abs(as_columns - np.asarray(depth_png) / 1000).max() < 1e-6
     assert 0 < predictions[0]["min"] <= predictions[0]["max"] <= loaded.config.max_depth
     plain = pipeline("depth-estimation", model=str(tmp_path))(Image.open(io.BytesIO(image)))
-    assert tuple(plain["predicted_depth"].shape) == (40, 70)  # it runs GLPN at the image's own size rounded down to 32 (32x64), then resizes back
+    assert tuple(plain["predicted_depth"].shape) == (
+        40,
+        70,
+    )  # it runs GLPN at the image's own size rounded down to 32 (32x64), then resizes back
 
 
 def test_folder_pairs_and_requests():
     files = ["images/a.jpg", "depth/a.png", "images/b.jpg", "depth/b.npy", "images/c.jpg", "README.md"]
-    assert TASK.folder_rows(files) == [{"image": "images/a.jpg", "depth": "depth/a.png"},
-                                       {"image": "images/b.jpg", "depth": "depth/b.npy"},
-                                       {"image": "images/c.jpg", "depth": None}]
+    assert TASK.folder_rows(files) == [
+        {"image": "images/a.jpg", "depth": "depth/a.png"},
+        {"image": "images/b.jpg", "depth": "depth/b.npy"},
+        {"image": "images/c.jpg", "depth": None},
+    ]
     assert TASK.request_inputs(["aGk=", {"image": "eA=="}]) == [{"image": "aGk="}, {"image": "eA=="}]
     with pytest.raises(UserError, match="unknown field"):
         TASK.request_inputs({"depth": "x"})
     # a plain folder of images (a corpus to predict): every image is a row, paired where a depth/ folder is beside it
-    assert TASK.folder_rows(["a.jpg", "sub/b.png", "depth/a.png"]) == [{"image": "a.jpg", "depth": "depth/a.png"},
-                                                                       {"image": "sub/b.png", "depth": None}]
+    assert TASK.folder_rows(["a.jpg", "sub/b.png", "depth/a.png"]) == [
+        {"image": "a.jpg", "depth": "depth/a.png"},
+        {"image": "sub/b.png", "depth": None},
+    ]

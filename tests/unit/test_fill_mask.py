@@ -14,8 +14,12 @@ from jobs.config import validate
 from models.fill_mask import IGNORE, TASK, Options, mask_tokens
 from models.spec import Context, UserError
 
-CFG = validate({"task": "fill-mask", "model": {"init": {"architecture": "bert"}, "max_length": 16,
-                                              "tokenizer": {"vocab_size": 200}}})
+CFG = validate(
+    {
+        "task": "fill-mask",
+        "model": {"init": {"architecture": "bert"}, "max_length": 16, "tokenizer": {"vocab_size": 200}},
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,9 @@ def test_bert_masking_picks_about_15_percent_and_splits_them_80_10_10():
 
 def test_training_masks_change_between_batches_and_eval_masks_do_not(tokenizer):
     texts = ["the capital of france is paris . the capital of japan is tokyo ."]
-    train = TASK.preprocess({"text": texts}, tokenizer, Context(labels={}, train=True, options=Options(mlm_probability=0.5)))
+    train = TASK.preprocess(
+        {"text": texts}, tokenizer, Context(labels={}, train=True, options=Options(mlm_probability=0.5))
+    )
     draws = {tuple(TASK.collate(train.arrays, tokenizer)["labels"][0].tolist()) for _ in range(10)}
     assert len(draws) > 1
     evaluation = TASK.preprocess({"text": texts}, tokenizer, Context(labels={}, options=Options(mlm_probability=0.5)))
@@ -56,11 +62,25 @@ def test_every_training_row_has_a_masked_piece(tokenizer):
 
 
 def test_bad_rows_get_reasons_and_long_texts_are_truncated_and_flagged(tokenizer):
-    texts = ["the cow says [MASK] .", "the cow says moo .", None, "  ", 3, "the cow says moo . " * 10 + "[MASK]",
-             "[MASK] " + "the cow says moo . " * 10]
+    texts = [
+        "the cow says [MASK] .",
+        "the cow says moo .",
+        None,
+        "  ",
+        3,
+        "the cow says moo . " * 10 + "[MASK]",
+        "[MASK] " + "the cow says moo . " * 10,
+    ]
     features = TASK.preprocess({"text": texts}, tokenizer, Context())
-    assert features.errors == [None, "text has no [MASK] token", "text is null", "text is empty", "text is not a string (got int)",
-                               "text has no [MASK] token within the first 16 tokens", None]
+    assert features.errors == [
+        None,
+        "text has no [MASK] token",
+        "text is null",
+        "text is empty",
+        "text is not a string (got int)",
+        "text has no [MASK] token within the first 16 tokens",
+        None,
+    ]
     assert features.flags[6] == "truncated to 16 tokens" and len(features.arrays["input_ids"][6]) == 16
     training = TASK.preprocess({"text": texts[1:2]}, tokenizer, Context(labels={}, train=True))
     assert training.errors == [None]  # training texts need no [MASK]
@@ -79,7 +99,11 @@ def test_fillers_come_in_the_pipeline_format(tokenizer):
     assert [fills[0]["token_str"] for fills in out[1]] == ["cow", "moo"]  # two masks: a list per mask
     assert out[1][0][0]["sequence"] == "[CLS] the cow says [MASK]. [SEP]"  # as the pipeline: other masks shown
     columns = TASK.to_columns(out + [None])
-    assert len(columns["predictions"][0]) == 1 and len(columns["predictions"][1]) == 2 and columns["predictions"][2] is None
+    assert (
+        len(columns["predictions"][0]) == 1
+        and len(columns["predictions"][1]) == 2
+        and columns["predictions"][2] is None
+    )
 
 
 def test_the_metric_gives_perplexity_and_accuracy():
@@ -109,10 +133,14 @@ def test_a_saved_untrained_model_fills_masks_as_the_pipeline_does(tokenizer, tmp
     features = TASK.preprocess({"text": texts}, processor, Context())
     inputs = TASK.collate(features.arrays, processor)
     with torch.no_grad():
-        ours = TASK.postprocess(TASK.forward(model, inputs, {}), inputs, features.arrays, model, processor, {"top_k": 3})
+        ours = TASK.postprocess(
+            TASK.forward(model, inputs, {}), inputs, features.arrays, model, processor, {"top_k": 3}
+        )
     plain = pipeline("fill-mask", model=str(tmp_path), top_k=3)(texts)
     for a_row, b_row in zip(ours, plain):
-        assert [(a["token"], a["token_str"], a["sequence"]) for a in a_row] == [(b["token"], b["token_str"], b["sequence"]) for b in b_row]
+        assert [(a["token"], a["token_str"], a["sequence"]) for a in a_row] == [
+            (b["token"], b["token_str"], b["sequence"]) for b in b_row
+        ]
         assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(a_row, b_row))
 
 

@@ -51,8 +51,13 @@ def run(model, processor, images: list, parameters=None) -> list:
 def test_training_batch_gives_a_loss_and_error_rows(architecture):
     model, processor = tiny(architecture)
     rng = random.Random(0)
-    images = [encode_png(shape_image(rng, (200, 0, 0))), jpeg(shape_image(rng, (0, 0, 200)), "CMYK"),
-              b"not an image", None, encode_png(shape_image(rng, (0, 200, 0)))]
+    images = [
+        encode_png(shape_image(rng, (200, 0, 0))),
+        jpeg(shape_image(rng, (0, 0, 200)), "CMYK"),
+        b"not an image",
+        None,
+        encode_png(shape_image(rng, (0, 200, 0))),
+    ]
     batch = {"image": images, "label": ["red", "blue", "red", "red", "purple"]}
     features = TASK.preprocess(batch, processor, Context(labels=LABEL_IDS, train=True, options=Options()))
     assert features.errors[:2] == [None, None]
@@ -73,8 +78,11 @@ def test_augmentations_only_in_training():
     batch = {"image": [image] * 6, "label": ["red"] * 6}
     train = TASK.preprocess(batch, processor, Context(labels=LABEL_IDS, train=True, options=Options()))
     evaluate = TASK.preprocess(batch, processor, Context(labels=LABEL_IDS, train=False, options=Options()))
-    off = TASK.preprocess(batch, processor, Context(labels=LABEL_IDS, train=True,
-                                                     options=Options(random_resized_crop=None, horizontal_flip=False)))
+    off = TASK.preprocess(
+        batch,
+        processor,
+        Context(labels=LABEL_IDS, train=True, options=Options(random_resized_crop=None, horizontal_flip=False)),
+    )
     assert len({a.tobytes() for a in train.arrays["pixels"]}) > 1
     assert len({a.tobytes() for a in evaluate.arrays["pixels"]}) == 1
     assert all(np.array_equal(a, evaluate.arrays["pixels"][0]) for a in off.arrays["pixels"])

@@ -61,7 +61,11 @@ def test_bad_rows_get_reasons_and_good_rows_become_arrays():
     good = TASK.demo_data(1, seed=0)[0]
     h, w = np.asarray(Image.open(io.BytesIO(good["mask"]))).shape
     mask = np.asarray(Image.open(io.BytesIO(good["mask"])))
-    half = encode_png(mask[::2, ::2]) if h % 2 == 0 and w % 2 == 0 else encode_png(np.asarray(Image.fromarray(mask).resize((w // 2, h // 2), Image.NEAREST)))
+    half = (
+        encode_png(mask[::2, ::2])
+        if h % 2 == 0 and w % 2 == 0
+        else encode_png(np.asarray(Image.fromarray(mask).resize((w // 2, h // 2), Image.NEAREST)))
+    )
     rows = [
         good,
         {**good, "image": b"not an image"},
@@ -84,7 +88,9 @@ def test_bad_rows_get_reasons_and_good_rows_become_arrays():
     assert e[6] is None and features.flags[6].startswith("mask resized from")
     assert e[7].startswith("image has 160000 pixels (400x400), more than data.max_image_pixels=100000")
     assert e[8] is None and 255 in features.arrays["labels"][8] and 0 not in features.arrays["labels"][8]
-    assert features.arrays["labels"][0].shape == (32, 32) and "segment_masks" not in features.arrays  # SegFormer: per-pixel labels
+    assert (
+        features.arrays["labels"][0].shape == (32, 32) and "segment_masks" not in features.arrays
+    )  # SegFormer: per-pixel labels
 
     predicting = TASK.preprocess({"image": [good["image"], None]}, processor, Context(data=DATA))
     assert predicting.errors == [None, "image is null"] and "labels" not in predicting.arrays
@@ -162,14 +168,22 @@ def test_mask2former_learns_panoptic_targets_and_answers_with_segments(tmp_path)
     assert losses[-1] < losses[0] * 0.85, losses
 
     model.eval()
-    with torch.no_grad():  # 12 steps leave "no object" winning every query and faint masks: lower the bars to see segments
+    with (
+        torch.no_grad()
+    ):  # 12 steps leave "no object" winning every query and faint masks: lower the bars to see segments
         model.class_predictor.bias[-1] = -20.0
     arrays = {k: v for k, v in features.arrays.items() if k != "labels"}
     inputs = TASK.collate(arrays, processor)
     with torch.no_grad():
         outputs = TASK.forward(model, inputs, {})
-    predictions = TASK.postprocess(outputs, inputs, arrays, model, processor, {"threshold": 0.0, "mask_threshold": 0.0,
-                                                                                      "overlap_mask_area_threshold": 0.0})
+    predictions = TASK.postprocess(
+        outputs,
+        inputs,
+        arrays,
+        model,
+        processor,
+        {"threshold": 0.0, "mask_threshold": 0.0, "overlap_mask_area_threshold": 0.0},
+    )
     h, w = arrays["size"][0]
     assert predictions[0] and {s["label"] for s in predictions[0]} <= set(DEMO_LABELS)
     assert all(png_mask(s["mask"]).shape == (h, w) and 0 <= s["score"] <= 1 for s in predictions[0])
@@ -203,8 +217,15 @@ def test_segformer_predictions_equal_the_transformers_pipeline_on_the_saved_mode
 
 
 def test_folder_pairs_images_with_masks_by_name():
-    files = ["train/images/a.jpg", "train/masks/a.png", "train/instances/a.png", "train/images/b.png", "val/images/a.jpg",
-             "val/masks/a.png", "notes.txt"]
+    files = [
+        "train/images/a.jpg",
+        "train/masks/a.png",
+        "train/instances/a.png",
+        "train/images/b.png",
+        "val/images/a.jpg",
+        "val/masks/a.png",
+        "notes.txt",
+    ]
     assert TASK.folder_rows(files) == [
         {"image": "train/images/a.jpg", "mask": "train/masks/a.png", "instances": "train/instances/a.png"},
         {"image": "train/images/b.png", "mask": None, "instances": None},

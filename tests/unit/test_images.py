@@ -23,17 +23,20 @@ def file_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("name, data", [
-    ("jpeg", file_bytes(RGB, "JPEG")),
-    ("png", file_bytes(RGB, "PNG")),
-    ("grayscale", file_bytes(RGB.convert("L"), "PNG")),
-    ("palette", file_bytes(RGB.convert("P"), "PNG")),
-    ("cmyk jpeg", file_bytes(RGB.convert("CMYK"), "JPEG")),
-    ("16-bit png", file_bytes(Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)), "PNG")),
-    ("bmp", file_bytes(RGB, "BMP")),
-    ("webp", file_bytes(RGB, "WEBP")),
-    ("gif", file_bytes(RGB.convert("P"), "GIF")),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("jpeg", file_bytes(RGB, "JPEG")),
+        ("png", file_bytes(RGB, "PNG")),
+        ("grayscale", file_bytes(RGB.convert("L"), "PNG")),
+        ("palette", file_bytes(RGB.convert("P"), "PNG")),
+        ("cmyk jpeg", file_bytes(RGB.convert("CMYK"), "JPEG")),
+        ("16-bit png", file_bytes(Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)), "PNG")),
+        ("bmp", file_bytes(RGB, "BMP")),
+        ("webp", file_bytes(RGB, "WEBP")),
+        ("gif", file_bytes(RGB.convert("P"), "GIF")),
+    ],
+)
 def test_ordinary_files_decode_to_rgb_of_their_size(name, data):
     image, why = decode_image(data, max_pixels=10_000)
     assert why is None, why
@@ -63,14 +66,17 @@ def test_exif_orientation_is_applied():
     assert why is None and image.size == (20, 30)
 
 
-@pytest.mark.parametrize("data, reason", [
-    (None, "image is null"),
-    (b"", "empty"),
-    (b"hello, not an image", "not an image"),
-    (b"\x89PNG\r\n\x1a\n" + b"x" * 100, "corrupt"),
-    (file_bytes(RGB, "JPEG")[:300], "corrupt"),
-    ("some/path.png", "not file bytes"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (None, "image is null"),
+        (b"", "empty"),
+        (b"hello, not an image", "not an image"),
+        (b"\x89PNG\r\n\x1a\n" + b"x" * 100, "corrupt"),
+        (file_bytes(RGB, "JPEG")[:300], "corrupt"),
+        ("some/path.png", "not file bytes"),
+    ],
+)
 def test_unusable_inputs_get_a_one_line_reason(data, reason):
     image, why = decode_image(data, 10_000)
     assert image is None and reason in why and "\n" not in why
@@ -84,7 +90,10 @@ def test_oversized_image_is_refused_from_its_header():
     assert image is None
     assert why.startswith("image has 900000000 pixels") and why.endswith("more than data.max_image_pixels=1000000")
     small = file_bytes(Image.new("1", (3000, 3000)), "PNG")
-    assert decode_image(small, 1_000_000)[1] == "image has 9000000 pixels (3000x3000), more than data.max_image_pixels=1000000"
+    assert (
+        decode_image(small, 1_000_000)[1]
+        == "image has 9000000 pixels (3000x3000), more than data.max_image_pixels=1000000"
+    )
     image, why = decode_image(file_bytes(RGB, "PNG"), max_pixels=599)
     assert image is None and "600 pixels" in why
 

@@ -45,7 +45,12 @@ def test_coco_json_becomes_one_row_per_image():
     }
     rows = list(parse_coco(json.dumps(coco).encode(), "data/train.json"))
     assert rows == [
-        {"id": 1, "image": "a.jpg", "boxes": [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 5.0]], "categories": ["cat", "dog"]},
+        {
+            "id": 1,
+            "image": "a.jpg",
+            "boxes": [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 5.0]],
+            "categories": ["cat", "dog"],
+        },
         {"id": 2, "image": "sub/b.png", "boxes": [], "categories": []},
     ]
     with pytest.raises(UserError, match="data/bad.json: not a COCO detection file"):
@@ -74,7 +79,7 @@ def test_flipped_training_image_and_its_box_stay_together():
     for pixels, boxes in zip(features.arrays["pixels"], features.arrays["boxes"]):
         x0, y0, x1, y1 = boxes[0]
         seen.add(x0 < 32)
-        inside = pixels[int(y0) + 1:int(y1) - 1, int(x0) + 1:int(x1) - 1]
+        inside = pixels[int(y0) + 1 : int(y1) - 1, int(x0) + 1 : int(x1) - 1]
         assert inside.min() > 200, "the box no longer covers the white block"
     assert seen == {True, False}, "both flipped and unflipped rows expected in 8 tries"
 
@@ -88,9 +93,13 @@ def test_bad_rows_get_reasons():
         "categories": [good["categories"], ["circle"], ["hexagon"], good["categories"], None],
     }
     features = TASK.preprocess(batch, processor, Context(labels=LABEL_IDS, train=False))
-    assert features.errors == [None, "boxes[0] is not 4 numbers [x, y, width, height]",
-                                "unknown category 'hexagon' (not in the training split)",
-                                "not an image (unrecognised file format)", "categories is null"]
+    assert features.errors == [
+        None,
+        "boxes[0] is not 4 numbers [x, y, width, height]",
+        "unknown category 'hexagon' (not in the training split)",
+        "not an image (unrecognised file format)",
+        "categories is null",
+    ]
 
 
 def test_training_batch_has_detr_targets_and_a_loss():
@@ -124,7 +133,9 @@ def test_predictions_match_the_transformers_pipeline(tmp_path):
     with torch.no_grad():
         outputs = TASK.forward(loaded.eval(), inputs, {})
     ours = TASK.postprocess(outputs, inputs, arrays, loaded, loaded_processor, {"threshold": 0.0})[0]
-    theirs = pipeline("object-detection", model=str(tmp_path), device="cpu")(Image.open(io.BytesIO(scene["image"])), threshold=0.0)
+    theirs = pipeline("object-detection", model=str(tmp_path), device="cpu")(
+        Image.open(io.BytesIO(scene["image"])), threshold=0.0
+    )
     assert len(ours) == len(theirs) == loaded.config.num_queries
     assert [d["label"] for d in ours] == [d["label"] for d in theirs]
     assert [d["score"] for d in ours] == pytest.approx([d["score"] for d in theirs], abs=2e-3)

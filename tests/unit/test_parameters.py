@@ -26,7 +26,11 @@ OUT_OF_RANGE = [
     ("question-answering", {"max_answer_len": 100_000}, "parameters.max_answer_len: must be between 1 and 512"),
     ("object-detection", {"threshold": 2}, "parameters.threshold: must be between 0 and 1, got 2.0"),
     ("image-segmentation", {"mask_threshold": -1}, "parameters.mask_threshold: must be between 0 and 1"),
-    ("image-segmentation", {"subtask": "everything"}, "parameters.subtask: must be one of semantic, instance, panoptic"),
+    (
+        "image-segmentation",
+        {"subtask": "everything"},
+        "parameters.subtask: must be one of semantic, instance, panoptic",
+    ),
     ("token-classification", {"ignore_labels": ["O"] * 101}, "parameters.ignore_labels: at most 100 strings"),
     ("text-generation", {"stop": ["x"] * 70_000}, "parameters.stop: at most 16 strings, got 70000"),
     ("text-generation", {"stop": ["x" * 65]}, "parameters.stop: each string at most 64 characters"),
@@ -49,12 +53,16 @@ def test_a_parameter_out_of_its_range_is_refused_naming_the_range(name, paramete
 def test_parameters_come_back_normalised_and_nulls_leave_the_default():
     generation = get_task("text-generation")
     assert generation.sanitize_parameters({"stop": " .", "temperature": 2, "seed": None}, None) == {
-        "stop": [" ."], "temperature": 2.0}
+        "stop": [" ."],
+        "temperature": 2.0,
+    }
     options = generation.Options(max_new_tokens=4, max_new_tokens_limit=8)
     with pytest.raises(UserError, match="limit of 8"):
         generation.sanitize_parameters({"max_new_tokens": 9}, options)
     assert get_task("question-answering").sanitize_parameters({"top_k": 3, "handle_impossible_answer": True}, None) == {
-        "top_k": 3, "handle_impossible_answer": True}
+        "top_k": 3,
+        "handle_impossible_answer": True,
+    }
 
 
 def test_a_bad_predict_parameter_stops_predict_before_ray_starts(monkeypatch, tmp_path):
@@ -64,7 +72,12 @@ def test_a_bad_predict_parameter_stops_predict_before_ray_starts(monkeypatch, tm
     from pipelines.predict import predict
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
-    cfg = validate({"task": "fill-mask", "model": {"source": str(tmp_path)},
-                    "predict": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "parameters": {"top_k": 5000}}})
+    cfg = validate(
+        {
+            "task": "fill-mask",
+            "model": {"source": str(tmp_path)},
+            "predict": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "parameters": {"top_k": 5000}},
+        }
+    )
     with pytest.raises(UserError, match="parameters.top_k: must be between 1 and 50"):
         predict(cfg)

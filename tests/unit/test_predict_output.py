@@ -14,8 +14,16 @@ import pytest
 from models import get_task
 from models.spec import UserError
 from pipelines.media import fetch_file, resolve_paths
-from pipelines.predict_output import (MARKER, Commits, check_no_overlap, finish, load_commits, open_output, part_name,
-                                      write_part)
+from pipelines.predict_output import (
+    MARKER,
+    Commits,
+    check_no_overlap,
+    finish,
+    load_commits,
+    open_output,
+    part_name,
+    write_part,
+)
 from pipelines.readers import READ_ERROR, file_blocks, parse_lines, parse_parquet
 from pipelines.storage import Storage
 
@@ -25,12 +33,15 @@ FINGERPRINT = {"model": "m:1", "input": "i:1", "settings": "s:1"}
 # --- overlapping folders ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("output, other, words", [
-    ("/runs/a", "/runs/a", "/runs/a is predict.input"),
-    ("/runs/a/predictions", "/runs/a", "is inside predict.input"),
-    ("/runs", "/runs/a/data", "is a parent of predict.input"),
-    ("s3://bucket/run", "s3://bucket/run/data/*.jsonl", "is a parent of predict.input"),
-])
+@pytest.mark.parametrize(
+    "output, other, words",
+    [
+        ("/runs/a", "/runs/a", "/runs/a is predict.input"),
+        ("/runs/a/predictions", "/runs/a", "is inside predict.input"),
+        ("/runs", "/runs/a/data", "is a parent of predict.input"),
+        ("s3://bucket/run", "s3://bucket/run/data/*.jsonl", "is a parent of predict.input"),
+    ],
+)
 def test_an_output_that_overlaps_the_input_is_refused_naming_both_keys(output, other, words):
     with pytest.raises(UserError, match="predict.output: .*" + words.replace("/", ".")) as caught:
         check_no_overlap(Storage(), output, {"predict.input": other})
@@ -38,9 +49,11 @@ def test_an_output_that_overlaps_the_input_is_refused_naming_both_keys(output, o
 
 
 def test_an_output_beside_the_input_and_model_is_fine():
-    check_no_overlap(Storage(), "s3://bucket/run/predictions",
-                     {"predict.input": "s3://bucket/run/data", "predict.model": "s3://bucket/run/model",
-                      "train.output": None})
+    check_no_overlap(
+        Storage(),
+        "s3://bucket/run/predictions",
+        {"predict.input": "s3://bucket/run/data", "predict.model": "s3://bucket/run/model", "train.output": None},
+    )
     check_no_overlap(Storage(), "/runs/ab", {"predict.input": "/runs/a"})  # a shared prefix is not a parent
     check_no_overlap(Storage(), "s3://a/x", {"predict.input": "/a/x"})  # another filesystem
 
@@ -56,8 +69,13 @@ def test_the_model_and_train_output_are_protected_too():
 
 
 def a_part(rows: int) -> pa.Table:
-    return pa.table({"id": [f"r{i}" for i in range(rows)], "error": pa.nulls(rows, pa.string()),
-                     "flag": pa.nulls(rows, pa.string())})
+    return pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "error": pa.nulls(rows, pa.string()),
+            "flag": pa.nulls(rows, pa.string()),
+        }
+    )
 
 
 def commit(out, unit: int, rows: int) -> None:
@@ -127,8 +145,11 @@ def test_a_jsonl_file_of_only_broken_lines_gives_one_error_row_per_line():
 
 def test_a_csv_of_only_malformed_rows_gives_one_error_row_per_row():
     rows = rows_of(parse_lines(b"text,label\na\nb,c,d\ne\n", "csv"))
-    assert [r[READ_ERROR] for r in rows] == ["line 2: 1 fields, the header has 2", "line 3: 3 fields, the header has 2",
-                                             "line 4: 1 fields, the header has 2"]
+    assert [r[READ_ERROR] for r in rows] == [
+        "line 2: 1 fields, the header has 2",
+        "line 3: 3 fields, the header has 2",
+        "line 4: 1 fields, the header has 2",
+    ]
 
 
 def test_a_stray_csv_quote_costs_one_row_not_the_rest_of_the_file():
@@ -163,15 +184,18 @@ def test_a_truncated_parquet_file_keeps_what_was_read_and_names_the_rest():
 
 @pytest.mark.parametrize("task, name", [("question-answering", "squad.json"), ("object-detection", "coco.json")])
 def test_an_unparsable_task_file_is_one_error_row_naming_it(task, name):
-    rows = rows_of(file_blocks(io.BytesIO(b'{"data": [{"paragraphs": 7}], "images": 3'), f"/data/{name}", "auto",
-                               get_task(task)))
+    rows = rows_of(
+        file_blocks(io.BytesIO(b'{"data": [{"paragraphs": 7}], "images": 3'), f"/data/{name}", "auto", get_task(task))
+    )
     assert len(rows) == 1 and rows[0]["_source"] == f"/data/{name}"
     assert rows[0][READ_ERROR].startswith(f"not a valid {'squad' if 'squad' in name else 'coco'} file")
 
 
 def test_a_folder_where_a_media_file_belongs_is_an_error_row(tmp_path):
     (tmp_path / "img.png").mkdir()
-    values, errors = resolve_paths(["img.png"], [str(tmp_path / "data.jsonl")], Storage(), Storage().resolve("/").fs, "image")
+    values, errors = resolve_paths(
+        ["img.png"], [str(tmp_path / "data.jsonl")], Storage(), Storage().resolve("/").fs, "image"
+    )
     assert values == [None] and errors == [f"image: {tmp_path}/img.png: a folder, not a file"]
 
 
@@ -202,8 +226,11 @@ def test_a_big_parquet_file_is_split_into_row_group_units_that_cover_every_row_o
     from pipelines import predict as module
     from tests.conftest import job_config
 
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(1000)], "text": ["goal"] * 1000}), tmp_path / "big.parquet",
-                   row_group_size=100)
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(1000)], "text": ["goal"] * 1000}),
+        tmp_path / "big.parquet",
+        row_group_size=100,
+    )
     (tmp_path / "small.jsonl").write_text('{"id": "s0", "text": "soup"}\n')
     monkeypatch.setattr(module, "UNIT_BYTES", 2500)  # a few row groups per unit
     cfg = job_config(predict={"input": str(tmp_path), "output": str(tmp_path) + "-out"})
@@ -213,7 +240,9 @@ def test_a_big_parquet_file_is_split_into_row_group_units_that_cover_every_row_o
     seen = []
     for u in big:
         with open(u["path"], "rb") as f:
-            for block in file_blocks(f, u["path"], "auto", None, range(u["first_group"], u["end_group"]), u["first_row"]):
+            for block in file_blocks(
+                f, u["path"], "auto", None, range(u["first_group"], u["end_group"]), u["first_row"]
+            ):
                 seen += list(zip(block.column("id").to_pylist(), block.column("_row").to_pylist()))
     assert seen == [(f"r{i}", i) for i in range(1000)]  # each row once, with its position in the whole file
     assert [u for u in units if u["path"].endswith("small.jsonl")][0]["first_group"] == -1  # small files stay whole

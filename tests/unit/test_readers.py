@@ -65,13 +65,16 @@ def test_jsonl_columns_missing_from_the_first_line_are_kept():
     assert rows[1]["tokens"] == ["b", "c"] and rows[0]["tokens"] is None and rows[1]["text"] is None
 
 
-@pytest.mark.parametrize("task_name,layout", [
-    ("image-classification", ["cat/1.png", "cat/2.png", "dog/3.jpg"]),  # one sub-folder per class
-    ("audio-classification", ["yes/a.wav", "no/b.wav"]),
-    ("automatic-speech-recognition", ["clips/a.wav", "metadata.csv"]),  # transcripts beside the clips
-    ("image-segmentation", ["images/a.png", "masks/a.png"]),  # image/mask pairs
-    ("depth-estimation", ["images/a.png", "depth/a.png"]),
-])
+@pytest.mark.parametrize(
+    "task_name,layout",
+    [
+        ("image-classification", ["cat/1.png", "cat/2.png", "dog/3.jpg"]),  # one sub-folder per class
+        ("audio-classification", ["yes/a.wav", "no/b.wav"]),
+        ("automatic-speech-recognition", ["clips/a.wav", "metadata.csv"]),  # transcripts beside the clips
+        ("image-segmentation", ["images/a.png", "masks/a.png"]),  # image/mask pairs
+        ("depth-estimation", ["images/a.png", "depth/a.png"]),
+    ],
+)
 def test_auto_format_reads_a_folder_of_media_files_as_the_folder_layout(tmp_path, task_name, layout):
     from models import get_task
     from pipelines.readers import detect_format

@@ -13,13 +13,18 @@ from models.spec import Context, UserError
 from models.summarization import TASK as SUMMARIZATION
 from models.translation import TASK as TRANSLATION
 
-OPTIONS = Seq2SeqOptions(prefix="summarize: ", max_source_length=30, max_target_length=12, max_new_tokens=5,
-                         max_new_tokens_limit=8)
+OPTIONS = Seq2SeqOptions(
+    prefix="summarize: ", max_source_length=30, max_target_length=12, max_new_tokens=5, max_new_tokens_limit=8
+)
 
 
 def config(architecture):
-    return validate({"task": "summarization", "model": {"init": {"architecture": architecture}, "max_length": 32,
-                                                        "tokenizer": {"vocab_size": 300}}})
+    return validate(
+        {
+            "task": "summarization",
+            "model": {"init": {"architecture": architecture}, "max_length": 32, "tokenizer": {"vocab_size": 300}},
+        }
+    )
 
 
 @pytest.fixture(scope="module", params=["t5", "bart"])
@@ -41,7 +46,13 @@ def test_bad_rows_get_reasons(built):
     tokenizer, _ = built
     batch = {"source": ["river castle", None, "  ", 5, "river"], "target": ["river", "x", "x", "x", None]}
     features = SUMMARIZATION.preprocess(batch, tokenizer, Context(labels={}, options=OPTIONS))
-    assert features.errors == [None, "source is null", "source is empty", "source is not a string (got int)", "target is null"]
+    assert features.errors == [
+        None,
+        "source is null",
+        "source is empty",
+        "source is not a string (got int)",
+        "target is null",
+    ]
     predicting = SUMMARIZATION.preprocess({"source": ["river", None]}, tokenizer, Context(options=OPTIONS))
     assert predicting.errors == [None, "source is null"] and "labels" not in predicting.arrays
 
@@ -59,8 +70,11 @@ def test_sources_get_the_prefix_and_long_texts_are_truncated_and_flagged(built):
 
 def test_collate_pads_labels_with_the_ignore_index(built):
     tokenizer, _ = built
-    features = SUMMARIZATION.preprocess({"source": ["river", "castle tower forest"], "target": ["river", "castle tower forest"]},
-                                        tokenizer, Context(labels={}, options=OPTIONS))
+    features = SUMMARIZATION.preprocess(
+        {"source": ["river", "castle tower forest"], "target": ["river", "castle tower forest"]},
+        tokenizer,
+        Context(labels={}, options=OPTIONS),
+    )
     inputs = SUMMARIZATION.collate(features.arrays, tokenizer)
     short = len(features.arrays["labels"][0])
     assert (inputs["labels"][0, short:] == -100).all() and (inputs["labels"][0, :short] >= 0).all()
@@ -77,7 +91,9 @@ def predict(task, built, sources, parameters):
 
 
 def test_generation_follows_parameters_within_the_limit(built):
-    outputs, predictions = predict(SUMMARIZATION, built, ["river castle", "winter"], {"num_beams": 2, "max_new_tokens": 3})
+    outputs, predictions = predict(
+        SUMMARIZATION, built, ["river castle", "winter"], {"num_beams": 2, "max_new_tokens": 3}
+    )
     assert outputs.shape[1] <= 1 + 3 and [list(p) for p in predictions] == [["summary_text"]] * 2
     _, translations = predict(TRANSLATION, built, ["river"], {})
     assert list(translations[0]) == ["translation_text"]
@@ -91,8 +107,9 @@ def test_generation_follows_parameters_within_the_limit(built):
 
 def test_metrics_generate_for_the_batch_and_keep_only_sums(built):
     tokenizer, model = built
-    features = SUMMARIZATION.preprocess({"source": ["river castle"] * 3, "target": ["river castle"] * 3}, tokenizer,
-                                        Context(labels={}, options=OPTIONS))
+    features = SUMMARIZATION.preprocess(
+        {"source": ["river castle"] * 3, "target": ["river castle"] * 3}, tokenizer, Context(labels={}, options=OPTIONS)
+    )
     inputs = SUMMARIZATION.collate(features.arrays, tokenizer)
     metric = SUMMARIZATION.metrics([], OPTIONS)
     metric.bind(model, tokenizer)
@@ -113,7 +130,11 @@ def test_rouge_and_translation_scores_of_known_answers():
 
 def test_request_inputs_and_columns():
     assert SUMMARIZATION.request_inputs("a") == [{"source": "a"}]
-    assert TRANSLATION.request_inputs(["a", {"source": "b"}, {"text": "c"}]) == [{"source": "a"}, {"source": "b"}, {"source": "c"}]
+    assert TRANSLATION.request_inputs(["a", {"source": "b"}, {"text": "c"}]) == [
+        {"source": "a"},
+        {"source": "b"},
+        {"source": "c"},
+    ]
     with pytest.raises(UserError, match="unknown field"):
         TRANSLATION.request_inputs({"src": "a"})
     assert TRANSLATION.to_columns([{"translation_text": "x"}, None]) == {"translation_text": ["x", None]}

@@ -15,7 +15,10 @@ def test_a_folder_a_file_and_a_glob(tmp_path):
     for name in ("b.jsonl", "a.jsonl", "_SUCCESS", ".hidden.jsonl", "notes.txt"):
         (tmp_path / "d" / name).write_text("{}\n")
     storage = Storage()
-    assert [l.path.rsplit("/", 1)[-1] for l in storage.list_files(str(tmp_path / "d"), SUFFIXES)] == ["a.jsonl", "b.jsonl"]
+    assert [f.path.rsplit("/", 1)[-1] for f in storage.list_files(str(tmp_path / "d"), SUFFIXES)] == [
+        "a.jsonl",
+        "b.jsonl",
+    ]
     assert len(storage.list_files(str(tmp_path / "d" / "a.jsonl"), SUFFIXES)) == 1
     assert len(storage.list_files(f"file://{tmp_path}/d/*.jsonl", SUFFIXES)) == 2
 
@@ -81,8 +84,10 @@ def test_a_training_runs_model_folder_is_used_only_once_its_marker_is_written(tm
     (run / "model" / "config.json").write_text("{}")  # a run killed while it wrote model/
     with pytest.raises(UserError) as refused:
         Storage().model_path(str(run / "model"))
-    assert str(refused.value) == (f"{run}/model: the training run in {run} did not finish writing its model (no "
-                                  f"{COMPLETE}); run the same `rayformers train` again to finish it")
+    assert str(refused.value) == (
+        f"{run}/model: the training run in {run} did not finish writing its model (no "
+        f"{COMPLETE}); run the same `rayformers train` again to finish it"
+    )
     (run / "model" / COMPLETE).write_text("{}")
     assert Storage().model_path(str(run / "model")) == str(run / "model")
     # a model folder from anywhere else (saved by transformers, downloaded) needs no marker

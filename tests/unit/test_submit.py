@@ -16,8 +16,13 @@ from jobs.submit import entrypoint, find_token, local_paths, runtime_env, stage,
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = str(REPO / "jobs/examples/text-classification.yaml")
-S3_PATHS = ["data.train=s3://b/demo/train", "data.eval=s3://b/demo/eval", "train.output=s3://b/run",
-            "predict.input=s3://b/demo/eval", "predict.output=s3://b/predictions"]
+S3_PATHS = [
+    "data.train=s3://b/demo/train",
+    "data.eval=s3://b/demo/eval",
+    "train.output=s3://b/run",
+    "predict.input=s3://b/demo/eval",
+    "predict.output=s3://b/predictions",
+]
 
 
 def test_the_job_ships_the_packages_and_the_config_and_nothing_else(tmp_path):
@@ -60,13 +65,16 @@ def test_the_jobs_environment_merges_with_the_one_its_driver_asks_ray_for(monkey
     assert _merge_runtime_env(ours, asked["runtime_env"]) is not None
 
 
-@pytest.mark.parametrize("mode, token, expected", [
-    ("token", "t", ["t"]),  # RAY_AUTH_MODE=token: sent from the first request
-    ("TOKEN", None, [None]),  # ... and without one the dashboard's refusal names the problem
-    ("disabled", "t", [None]),  # never sent
-    (None, "t", [None, "t"]),  # unset: sent only once the dashboard asks for it
-    (None, None, [None]),
-])
+@pytest.mark.parametrize(
+    "mode, token, expected",
+    [
+        ("token", "t", ["t"]),  # RAY_AUTH_MODE=token: sent from the first request
+        ("TOKEN", None, [None]),  # ... and without one the dashboard's refusal names the problem
+        ("disabled", "t", [None]),  # never sent
+        (None, "t", [None, "t"]),  # unset: sent only once the dashboard asks for it
+        (None, None, [None]),
+    ],
+)
 def test_which_tokens_are_tried_follows_ray_auth_mode(mode, token, expected):
     assert tokens_to_try(mode, token) == expected
 
@@ -94,7 +102,11 @@ def test_the_token_is_looked_up_where_ray_looks(monkeypatch, tmp_path):
 def test_paths_on_this_machine_that_the_verb_uses_are_pointed_out():
     cfg = load_config(EXAMPLE)  # the example's paths are local folders under demo-output/
     assert [item.split("=")[0] for item in local_paths(cfg, "train")] == ["data.train", "data.eval", "train.output"]
-    assert [item.split("=")[0] for item in local_paths(cfg, "predict")] == ["train.output", "predict.input", "predict.output"]
+    assert [item.split("=")[0] for item in local_paths(cfg, "predict")] == [
+        "train.output",
+        "predict.input",
+        "predict.output",
+    ]
     assert local_paths(load_config(EXAMPLE, S3_PATHS), "train") == []
     assert local_paths(load_config(EXAMPLE, S3_PATHS), "predict") == []
 
@@ -102,7 +114,9 @@ def test_paths_on_this_machine_that_the_verb_uses_are_pointed_out():
 def test_overrides_after_the_options_reach_the_job(monkeypatch):
     seen = {}
     monkeypatch.setattr(submit_module, "submit", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs) or 0)
-    code = run(["submit", EXAMPLE, "train.lr=0.25", "--address", "http://h:8265", "train.epochs=1", "--verb", "predict"])
+    code = run(
+        ["submit", EXAMPLE, "train.lr=0.25", "--address", "http://h:8265", "train.epochs=1", "--verb", "predict"]
+    )
     config_path, overrides, cfg, address, verb = seen["args"]
     assert code == 0 and (config_path, address, verb) == (EXAMPLE, "http://h:8265", "predict")
     assert overrides == ["train.lr=0.25", "train.epochs=1"]
@@ -168,8 +182,22 @@ def test_a_submitted_serve_job_gets_the_api_key_in_a_file_never_in_its_command_l
         return None, "job-1", None
 
     monkeypatch.setattr(submit_module, "connect_and_submit", fake_submit)
-    assert run(["submit", EXAMPLE, *S3_PATHS, "serve.api_key=s3cret-key", "--address", "http://h:8265",
-                "--verb", "serve", "--no-wait"]) == 0
+    assert (
+        run(
+            [
+                "submit",
+                EXAMPLE,
+                *S3_PATHS,
+                "serve.api_key=s3cret-key",
+                "--address",
+                "http://h:8265",
+                "--verb",
+                "serve",
+                "--no-wait",
+            ]
+        )
+        == 0
+    )
     assert seen["key"] == "s3cret-key"
     assert "s3cret-key" not in seen["entrypoint"] and "api_key" not in seen["entrypoint"]
     assert "s3cret-key" not in repr(seen["runtime_env"]) and "s3cret-key" not in repr(seen["metadata"])

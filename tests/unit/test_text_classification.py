@@ -12,8 +12,12 @@ from jobs.config import validate
 from models.spec import Context, UserError
 from models.text_classification import TASK
 
-CFG = validate({"task": "text-classification", "model": {"init": {"architecture": "bert"}, "max_length": 16,
-                                                         "tokenizer": {"vocab_size": 300}}})
+CFG = validate(
+    {
+        "task": "text-classification",
+        "model": {"init": {"architecture": "bert"}, "max_length": 16, "tokenizer": {"vocab_size": 300}},
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +26,18 @@ def tokenizer():
 
 
 def test_bad_rows_get_reasons_and_good_rows_get_ids(tokenizer):
-    batch = {"text": ["goal match", None, "   ", 7, "chip server"], "label": ["sports", "sports", "tech", "tech", "nope"]}
+    batch = {
+        "text": ["goal match", None, "   ", 7, "chip server"],
+        "label": ["sports", "sports", "tech", "tech", "nope"],
+    }
     features = TASK.preprocess(batch, tokenizer, Context(labels={"sports": 0, "tech": 1}))
-    assert features.errors == [None, "text is null", "text is empty", "text is not a string (got int)",
-                               "unknown label 'nope' (not in the training split)"]
+    assert features.errors == [
+        None,
+        "text is null",
+        "text is empty",
+        "text is not a string (got int)",
+        "unknown label 'nope' (not in the training split)",
+    ]
     assert features.arrays["labels"][0] == 0 and features.arrays["input_ids"][1] is None
     assert features.lengths[0] == len(features.arrays["input_ids"][0]) > 2
 
@@ -40,11 +52,15 @@ def test_long_texts_are_truncated_to_the_limit_and_flagged(tokenizer):
 def test_text_pairs_get_segment_ids(tokenizer):
     features = TASK.preprocess({"text": ["goal match"], "text_pair": ["chip"]}, tokenizer, Context())
     assert 1 in features.arrays["token_type_ids"][0]
-    assert TASK.preprocess({"text": ["goal"], "text_pair": [None]}, tokenizer, Context()).errors == ["text_pair is null"]
+    assert TASK.preprocess({"text": ["goal"], "text_pair": [None]}, tokenizer, Context()).errors == [
+        "text_pair is null"
+    ]
 
 
 def test_collate_pads_to_the_longest_row(tokenizer):
-    batch = TASK.collate({"input_ids": [[2, 5, 3], [2, 3]], "token_type_ids": [[0, 0, 0], [0, 0]], "labels": [1, 0]}, tokenizer)
+    batch = TASK.collate(
+        {"input_ids": [[2, 5, 3], [2, 3]], "token_type_ids": [[0, 0, 0], [0, 0]], "labels": [1, 0]}, tokenizer
+    )
     assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, tokenizer.pad_token_id]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [1, 0]
@@ -66,7 +82,10 @@ def test_postprocess_matches_the_pipeline_format():
     assert [p["label"] for p in single] == ["pos", "neg"] and 0.7 < single[0]["score"] < 0.8
     ranked = TASK.postprocess(Out(), {}, {}, Model(), None, {"top_k": 2})
     assert [p["label"] for p in ranked[1]] == ["neg", "neutral"] and ranked[1][0]["score"] > ranked[1][1]["score"]
-    assert TASK.to_columns(ranked + [None]) == {"label": ["pos", "neg", None], "score": [ranked[0][0]["score"], ranked[1][0]["score"], None]}
+    assert TASK.to_columns(ranked + [None]) == {
+        "label": ["pos", "neg", None],
+        "score": [ranked[0][0]["score"], ranked[1][0]["score"], None],
+    }
 
 
 def test_request_inputs_take_strings_lists_and_pairs():

@@ -14,8 +14,12 @@ from models.generation import ParameterError, cut_at_stop, held_back
 from models.spec import Context, UserError
 from models.text_generation import TASK, Options
 
-CFG = validate({"task": "text-generation", "model": {"init": {"architecture": "gpt2"}, "max_length": 32,
-                                                     "tokenizer": {"vocab_size": 400}}})
+CFG = validate(
+    {
+        "task": "text-generation",
+        "model": {"init": {"architecture": "gpt2"}, "max_length": 32, "tokenizer": {"vocab_size": 400}},
+    }
+)
 TRAIN = Context(labels={}, train=True, options=Options(block_size=16))
 PREDICT = Context(options=Options(max_new_tokens=6, max_new_tokens_limit=8))
 
@@ -32,12 +36,20 @@ def model(tokenizer):
 
 
 def test_bad_training_rows_get_reasons(tokenizer):
-    batch = {"text": ["alice has 3 red apples .", None, "  ", 7, None, None],
-             "prompt": [None, None, None, None, "the capital of peru is", 5],
-             "completion": [None, None, None, None, "  ", " lima ."]}
+    batch = {
+        "text": ["alice has 3 red apples .", None, "  ", 7, None, None],
+        "prompt": [None, None, None, None, "the capital of peru is", 5],
+        "completion": [None, None, None, None, "  ", " lima ."],
+    }
     features = TASK.preprocess(batch, tokenizer, TRAIN)
-    assert features.errors == [None, "text is null", "text is empty", "text is not a string (got int)",
-                               "completion is empty", "prompt is not a string (got int)"]
+    assert features.errors == [
+        None,
+        "text is null",
+        "text is empty",
+        "text is not a string (got int)",
+        "completion is empty",
+        "prompt is not a string (got int)",
+    ]
 
 
 def test_data_without_any_text_column_is_a_user_error(tokenizer):
@@ -48,8 +60,11 @@ def test_data_without_any_text_column_is_a_user_error(tokenizer):
 
 
 def test_documents_end_with_end_of_text_and_pairs_remember_their_prompt(tokenizer):
-    batch = {"text": ["alice has 3 red apples .", None], "prompt": [None, "the capital of peru is"],
-             "completion": [None, " lima ."]}
+    batch = {
+        "text": ["alice has 3 red apples .", None],
+        "prompt": [None, "the capital of peru is"],
+        "completion": [None, " lima ."],
+    }
     features = TASK.preprocess(batch, tokenizer, TRAIN)
     doc, pair = features.arrays["input_ids"]
     assert doc[-1] == tokenizer.eos_token_id and features.arrays["pack"] == [16, 0]
@@ -60,7 +75,11 @@ def test_documents_end_with_end_of_text_and_pairs_remember_their_prompt(tokenize
 
 def test_collate_packs_documents_into_blocks_and_masks_prompts(tokenizer):
     docs = ["alice has 3 red apples . bob gave 4 figs to carol .", "the plums of dave are blue ."]
-    batch = {"text": docs + [None], "prompt": [None, None, "the capital of peru is"], "completion": [None, None, " lima ."]}
+    batch = {
+        "text": docs + [None],
+        "prompt": [None, None, "the capital of peru is"],
+        "completion": [None, None, " lima ."],
+    }
     arrays = TASK.preprocess(batch, tokenizer, TRAIN).arrays
     inputs = TASK.collate(arrays, tokenizer)
     stream = arrays["input_ids"][0] + arrays["input_ids"][1]
@@ -138,8 +157,11 @@ def test_stream_yields_the_same_continuation_and_stops_at_stop_strings(model, to
     assert "".join(TASK.stream(model, tokenizer, arrays, {})) == full
     stop = full[2:4]
     pieces = list(TASK.stream(model, tokenizer, arrays, {"stop": [stop]}))
-    assert "".join(pieces) == cut_at_stop(full, [stop]) == predict(model, tokenizer, ["alice has"], {
-        "stop": stop, "return_full_text": False})[0][0]["generated_text"]
+    assert (
+        "".join(pieces)
+        == cut_at_stop(full, [stop])
+        == predict(model, tokenizer, ["alice has"], {"stop": stop, "return_full_text": False})[0][0]["generated_text"]
+    )
 
 
 def test_stop_helpers():
@@ -161,7 +183,11 @@ def test_perplexity_of_uniform_guesses_is_the_vocabulary_size():
 
 def test_request_inputs_and_columns():
     assert TASK.request_inputs("hi") == [{"prompt": "hi"}]
-    assert TASK.request_inputs(["a", {"prompt": "b"}, {"text": "c"}]) == [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    assert TASK.request_inputs(["a", {"prompt": "b"}, {"text": "c"}]) == [
+        {"prompt": "a"},
+        {"prompt": "b"},
+        {"prompt": "c"},
+    ]
     with pytest.raises(UserError, match="unknown field"):
         TASK.request_inputs({"inputs": "a"})
     assert TASK.to_columns([[{"generated_text": "x"}], None]) == {"generated_text": ["x", None]}

@@ -15,8 +15,12 @@ from jobs.config import validate
 from models.spec import Context, UserError
 from models.token_classification import IGNORE, TASK
 
-CFG = validate({"task": "token-classification", "model": {"init": {"architecture": "bert"}, "max_length": 16,
-                                                          "tokenizer": {"vocab_size": 300}}})
+CFG = validate(
+    {
+        "task": "token-classification",
+        "model": {"init": {"architecture": "bert"}, "max_length": 16, "tokenizer": {"vocab_size": 300}},
+    }
+)
 LABELS = ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
 IDS = {label: i for i, label in enumerate(LABELS)}
 
@@ -27,10 +31,15 @@ def tokenizer():
 
 
 def test_conll_files_become_sentences_of_words_and_tags():
-    text = b"-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n"
+    text = (
+        b"-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n"
+        b"Peter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n"
+    )
     rows = list(TASK.formats["conll"](text, "train.conll"))
-    assert rows == [{"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
-                    {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]}]
+    assert rows == [
+        {"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]},
+        {"tokens": ["Peter", "Blackburn"], "ner_tags": ["B-PER", "I-PER"]},
+    ]
     assert TASK.format_suffixes[".conll"] == "conll"
 
 
@@ -39,8 +48,10 @@ def test_list_valued_tags_make_the_label_set():
 
 
 def test_only_the_first_piece_of_each_word_carries_its_tag(tokenizer):
-    batch = {"tokens": [["Carlos", "Diaz", "visited", "Rio", "de", "Janeiro", "."]],
-             "ner_tags": [["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "I-LOC", "O"]]}
+    batch = {
+        "tokens": [["Carlos", "Diaz", "visited", "Rio", "de", "Janeiro", "."]],
+        "ner_tags": [["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "I-LOC", "O"]],
+    }
     features = TASK.preprocess(batch, tokenizer, Context(labels=IDS, train=True))
     assert features.errors == [None]
     labels, first = features.arrays["labels"][0], features.arrays["first_piece"][0]
@@ -51,19 +62,30 @@ def test_only_the_first_piece_of_each_word_carries_its_tag(tokenizer):
 
 
 def test_tag_ids_named_by_data_labels_are_accepted(tokenizer):
-    features = TASK.preprocess({"tokens": [["Bob", "left"]], "ner_tags": [[IDS["B-PER"], IDS["O"]]]}, tokenizer,
-                               Context(labels=IDS, train=True))
+    features = TASK.preprocess(
+        {"tokens": [["Bob", "left"]], "ner_tags": [[IDS["B-PER"], IDS["O"]]]},
+        tokenizer,
+        Context(labels=IDS, train=True),
+    )
     labels = features.arrays["labels"][0]
     assert labels[1] == IDS["B-PER"]
 
 
 def test_bad_rows_get_reasons(tokenizer):
-    batch = {"tokens": [["Bob"], [], ["Bob", 3], None, ["Bob", "left"], ["Bob"]],
-             "text": [None, None, None, None, None, None],
-             "ner_tags": [["B-PER"], [], ["O", "O"], None, ["B-PER"], ["B-XYZ"]]}
+    batch = {
+        "tokens": [["Bob"], [], ["Bob", 3], None, ["Bob", "left"], ["Bob"]],
+        "text": [None, None, None, None, None, None],
+        "ner_tags": [["B-PER"], [], ["O", "O"], None, ["B-PER"], ["B-XYZ"]],
+    }
     errors = TASK.preprocess(batch, tokenizer, Context(labels=IDS, train=True)).errors
-    assert errors == [None, "tokens is not a non-empty list of words", "tokens holds a value that is not a string",
-                      "text or tokens is needed", "ner_tags has 1 tags for 2 words", "unknown tag 'B-XYZ' (not in the training split)"]
+    assert errors == [
+        None,
+        "tokens is not a non-empty list of words",
+        "tokens holds a value that is not a string",
+        "text or tokens is needed",
+        "ner_tags has 1 tags for 2 words",
+        "unknown tag 'B-XYZ' (not in the training split)",
+    ]
     predicting = TASK.preprocess({"text": ["Bob went home", "  ", 5]}, tokenizer, Context())
     assert predicting.errors == [None, "text is empty", "text is not a string (got int)"]
 
@@ -93,8 +115,10 @@ def test_entities_are_grouped_like_the_pipeline_with_character_offsets(tokenizer
     model = SimpleNamespace(config=SimpleNamespace(id2label=dict(enumerate(LABELS))))
     out = TASK.postprocess(SimpleNamespace(logits=logits), {}, arrays, model, tokenizer, {})
     assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in out[0]] == [
-        ("PER", "grace lee", 0, 9), ("LOC", "new york", 19, 27)]
-    assert text[out[0][1]["start"]:out[0][1]["end"]] == "New York"
+        ("PER", "grace lee", 0, 9),
+        ("LOC", "new york", 19, 27),
+    ]
+    assert text[out[0][1]["start"] : out[0][1]["end"]] == "New York"
     assert 0.99 < out[0][0]["score"] <= 1.0
     columns = TASK.to_columns(out + [None])
     assert columns["entities"][0][0]["entity_group"] == "PER" and columns["entities"][1] is None
@@ -103,8 +127,10 @@ def test_entities_are_grouped_like_the_pipeline_with_character_offsets(tokenizer
 def test_a_b_tag_starts_a_new_entity(tokenizer):
     from models.token_classification import group_entities
 
-    pieces = [{"entity": e, "score": 0.5, "word": w, "start": s, "end": s + len(w)}
-              for e, w, s in [("B-PER", "bob", 0), ("B-PER", "eve", 4), ("I-PER", "jones", 8), ("O", "left", 14)]]
+    pieces = [
+        {"entity": e, "score": 0.5, "word": w, "start": s, "end": s + len(w)}
+        for e, w, s in [("B-PER", "bob", 0), ("B-PER", "eve", 4), ("I-PER", "jones", 8), ("O", "left", 14)]
+    ]
     assert [g["word"] for g in group_entities(pieces, {"O"}, tokenizer)] == ["bob", "eve jones"]
 
 
@@ -142,8 +168,14 @@ def test_an_untrained_model_saved_to_disk_gives_the_pipeline_s_entities(tokenize
 
     torch.manual_seed(0)
     model = TASK.build_model(CFG.model, None, LABELS, tokenizer).eval()
-    features = TASK.preprocess({"tokens": [["Bob", "met", "Eve", "Jones", "in", "Oslo", "."]], "ner_tags": [["B-PER", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]]},
-                               tokenizer, Context(labels=IDS, train=True))
+    features = TASK.preprocess(
+        {
+            "tokens": [["Bob", "met", "Eve", "Jones", "in", "Oslo", "."]],
+            "ner_tags": [["B-PER", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]],
+        },
+        tokenizer,
+        Context(labels=IDS, train=True),
+    )
     assert model(**TASK.collate(features.arrays, tokenizer)).loss.item() > 0  # training's call
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -154,7 +186,8 @@ def test_an_untrained_model_saved_to_disk_gives_the_pipeline_s_entities(tokenize
     with torch.no_grad():
         ours = TASK.postprocess(TASK.forward(model, inputs, {}), inputs, features.arrays, model, processor, {})
     plain = pipeline("token-classification", model=str(tmp_path), aggregation_strategy="simple")(texts)
-    assert [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in ours] == \
-           [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in plain]
+    assert [[(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in ours] == [
+        [(e["entity_group"], e["word"], e["start"], e["end"]) for e in row] for row in plain
+    ]
     assert all(abs(a["score"] - float(b["score"])) < 1e-4 for x, y in zip(ours, plain) for a, b in zip(x, y))
     assert sum(len(row) for row in ours) > 0  # an untrained head predicts some entities: the comparison is not empty

@@ -16,7 +16,9 @@ from tests.conftest import job_config
 def saved_run(tmp_path, cfg, files):
     prepared = tmp_path / "staging"
     prepared.mkdir()
-    (prepared / "prepared.json").write_text(json.dumps({"labels": ["a", "b"], "rows": 10, "run": run_identity(cfg, files)}))
+    (prepared / "prepared.json").write_text(
+        json.dumps({"labels": ["a", "b"], "rows": 10, "run": run_identity(cfg, files)})
+    )
     commit_dir(Storage(), str(prepared), str(tmp_path / "out" / "prepared"))
 
 
@@ -29,13 +31,16 @@ def files(tmp_path, *names):
     return data_files(Storage(), str(tmp_path / "data"), "auto", None)
 
 
-@pytest.mark.parametrize("change, line", [
-    ({"train": {"batch_size": 8}}, "train.batch_size: 32 before, 8 now"),
-    ({"train": {"grad_accum": 2}}, "train.grad_accum: 1 before, 2 now"),
-    ({"model": {"max_length": 128}}, "model.max_length: 64 before, 128 now"),
-    ({"model": {"init": {"architecture": "distilbert", "size": "tiny"}}}, "model.init: {'architecture': 'bert'"),
-    ({"data": {"labels": ["b", "a"]}}, "data.labels: ['a', 'b'] before, ['b', 'a'] now"),
-])
+@pytest.mark.parametrize(
+    "change, line",
+    [
+        ({"train": {"batch_size": 8}}, "train.batch_size: 32 before, 8 now"),
+        ({"train": {"grad_accum": 2}}, "train.grad_accum: 1 before, 2 now"),
+        ({"model": {"max_length": 128}}, "model.max_length: 64 before, 128 now"),
+        ({"model": {"init": {"architecture": "distilbert", "size": "tiny"}}}, "model.init: {'architecture': 'bert'"),
+        ({"data": {"labels": ["b", "a"]}}, "data.labels: ['a', 'b'] before, ['b', 'a'] now"),
+    ],
+)
 def test_a_changed_setting_is_named(tmp_path, change, line):
     data = files(tmp_path, "a.jsonl")
     saved_run(tmp_path, job_config(), data)
