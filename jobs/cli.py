@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--export-config", metavar="FILE", help="write a Serve config YAML for `serve deploy` and exit"
             )
+        if verb == "config":
+            p.add_argument("--explain", action="store_true", help="every key with its value, default and meaning")
     p = verbs.add_parser("submit", help="submit a verb as a Ray job to a cluster")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -80,11 +82,11 @@ def run(argv: list[str]) -> int:
         write_demo_data(args.task, args.uri, args.rows, args.seed)
         return 0
 
-    from jobs.config import dump_config, load_config
+    from jobs.config import dump_config, explain_config, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.verb == "config":
-        print(dump_config(cfg), end="")
+        print(explain_config(cfg) if args.explain else dump_config(cfg), end="")
         return 0
     if args.verb == "train":
         from pipelines.train import train

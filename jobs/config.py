@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,72 +28,117 @@ class Section(BaseModel):
 class TokenizerConfig(Section):
     """Only for from-scratch runs: the tokenizer trained on the training split."""
 
-    vocab_size: int = Field(4000, ge=100)
-    lowercase: bool = True
-    max_train_rows: int = Field(100_000, ge=1)
+    vocab_size: int = Field(
+        4000, ge=100, description="Vocabulary size of the WordPiece/BPE tokenizer trained on the training split."
+    )
+    lowercase: bool = Field(True, description="Lowercase text before training and applying that tokenizer.")
+    max_train_rows: int = Field(
+        100_000, ge=1, description="Training rows the tokenizer (or a CTC vocabulary) is built from."
+    )
 
 
 class ModelInit(Section):
-    architecture: str
-    size: Literal["tiny", "mini", "small", "base"] = "tiny"
-    overrides: dict[str, Any] = {}
+    architecture: str = Field(
+        description="From-scratch architecture, one the task lists in `rayformers tasks` (bert, vit, detr, ...)."
+    )
+    size: Literal["tiny", "mini", "small", "base"] = Field("tiny", description="Size preset of the from-scratch model.")
+    overrides: dict[str, Any] = Field(
+        {}, description="Keys of the transformers config to set on top of the preset (e.g. num_hidden_layers)."
+    )
 
 
 class ModelConfig(Section):
-    source: str | None = None  # hub id, local HF directory, or s3://… HF directory
-    init: ModelInit | None = None  # from-scratch: architecture + size preset
-    revision: str | None = None
-    trust_remote_code: bool = False
-    max_length: int | None = Field(None, ge=8)
-    tokenizer: TokenizerConfig = TokenizerConfig()
+    source: str | None = Field(None, description="Hub id, local HF directory, or s3://… HF directory.")
+    init: ModelInit | None = Field(None, description="From-scratch: architecture + size preset.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id in model.source.")
+    trust_remote_code: bool = Field(False, description="Run a hub model's own Python code; off unless asked.")
+    max_length: int | None = Field(
+        None, ge=8, description="Longest input in tokens (text tasks); longer rows are truncated and flagged."
+    )
+    tokenizer: TokenizerConfig = Field(
+        TokenizerConfig(), description="The tokenizer trained for from-scratch text runs."
+    )
 
 
 class StorageConfig(Section):
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, R2, Ceph); else AWS_ENDPOINT_URL
-    region: str | None = None
-    anonymous: bool = False
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, R2, Ceph); else AWS_ENDPOINT_URL."
+    )
+    region: str | None = Field(None, description="Object-store region; else the standard AWS chain decides.")
+    anonymous: bool = Field(False, description="Read public buckets without credentials.")
 
 
 class DataConfig(Section):
-    train: str | None = None
-    eval: str | None = None
-    # auto (by file suffix), parquet, jsonl, csv, text (one row per line), folder (imagefolder/audiofolder),
-    # or a format the task adds (coco, squad, conll, ...)
-    format: str = "auto"
-    columns: dict[str, str] = {}  # canonical column -> the user's column name
-    labels: list[str | int] | None = None  # the label set, in id order; discovered from the training split when absent
-    max_image_pixels: int = Field(89_478_485, ge=1)  # larger images get an error row (decompression bombs)
-    max_audio_seconds: float = Field(600, gt=0)
-    long_audio: Literal["chunk", "reject"] = "chunk"  # clips over max_audio_seconds
-    id_column: str | None = "id"  # carried into predictions; the row position when absent
-    preprocess_actors: int = Field(1, ge=1)
-    preprocess_batch_size: int = Field(256, ge=1)
-    # Keep the preprocessed training split in Ray's object store (spilling to disk) after the first pass, so
-    # later epochs skip reading, decoding and tokenising. null (auto): when the task draws no random
-    # augmentations and the split has at most cache_max_rows rows; true/false force it.
-    cache_train: bool | None = None
-    cache_max_rows: int = Field(100_000, ge=0)
+    train: str | None = Field(None, description="Training split: a file, a folder or a glob, as a URI or a path.")
+    eval: str | None = Field(
+        None, description="Evaluation split (same forms as data.train); evals and the best checkpoint need it."
+    )
+    format: str = Field(
+        "auto",
+        description=(
+            "Auto (by file suffix), parquet, jsonl, csv, text (one row per line), folder (imagefolder/audiofolder),"
+            " or a format the task adds (coco, squad, conll, ...)"
+        ),
+    )
+    columns: dict[str, str] = Field({}, description="Canonical column -> the user's column name.")
+    labels: list[str | int] | None = Field(
+        None, description="The label set, in id order; discovered from the training split when absent."
+    )
+    max_image_pixels: int = Field(89_478_485, ge=1, description="Larger images get an error row (decompression bombs)")
+    max_audio_seconds: float = Field(600, gt=0, description="Longest audio clip; longer ones follow data.long_audio.")
+    long_audio: Literal["chunk", "reject"] = Field(
+        "chunk", description="What happens to clips over max_audio_seconds: cut into chunks, or an error row."
+    )
+    id_column: str | None = Field("id", description="Carried into predictions; the row position when absent.")
+    preprocess_actors: int = Field(1, ge=1, description="Ray Data actors that read, decode and tokenise for training.")
+    preprocess_batch_size: int = Field(256, ge=1, description="Rows each preprocessing call receives.")
+    cache_train: bool | None = Field(
+        None,
+        description=(
+            "Keep the preprocessed training split in Ray's object store (spilling to disk) after the first pass, so"
+            " later epochs skip reading, decoding and tokenising. null (auto): when the task draws no random "
+            "augmentations and the split has at most cache_max_rows rows; true/false force it."
+        ),
+    )
+    cache_max_rows: int = Field(
+        100_000, ge=0, description="Largest training split kept in Ray's object store when data.cache_train is auto."
+    )
 
 
 class TrainConfig(Section):
-    output: str | None = None
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    # Ray placement group strategy for the workers: PACK fills a node first, STRICT_SPREAD puts each on its own node
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)  # per worker
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    max_grad_norm: float | None = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    eval_every: int = Field(100, ge=1)  # steps; each eval also writes a checkpoint
-    log_every: int = Field(10, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    output: str | None = Field(
+        None, description="Where checkpoints, prepared/, model/ and metrics.json go (URI or path)."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks); a resume may use another number.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per worker; on CPU a worker uses at least this many torch threads."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description=(
+            "Ray placement group strategy for the workers: PACK fills a node first, STRICT_SPREAD puts each on its "
+            "own node."
+        ),
+    )
+    epochs: float = Field(
+        3.0, gt=0, description="Passes over the training split (fractions allowed); train.max_steps wins when set."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for, instead of epochs.")
+    batch_size: int = Field(16, ge=1, description="Rows per step on each worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW (linear warm-up, then linear decay).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of the steps spent warming the learning rate up.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient norm clipping (null: none).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Auto: bf16 autocast on GPUs that support it, else fp32."
+    )
+    eval_every: int = Field(100, ge=1, description="Steps; each eval also writes a checkpoint.")
+    log_every: int = Field(10, ge=1, description="Steps between two progress lines.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Step checkpoints kept (the newest ones); the best model is kept apart."
+    )
     max_failures: int = Field(
         3,
         ge=-1,
@@ -124,8 +170,10 @@ class TrainConfig(Section):
             "metrics.json are removed first. Without it a re-run resumes, and refuses a changed config or data."
         ),
     )
-    seed: int = 42
-    length_buckets: int = Field(8, ge=1)  # batches sorted together by length
+    seed: int = Field(42, description="Seed of the model's initialisation and of the data order.")
+    length_buckets: int = Field(
+        8, ge=1, description="Batches whose rows are sorted together by length (1: no length bucketing)."
+    )
     shuffle_rows: int = Field(
         1024,
         ge=0,
@@ -151,21 +199,28 @@ class TrainConfig(Section):
             "checkpoint, written with the checkpoint: an audit of what each epoch trained on"
         ),
     )
-    stop_after_steps: int | None = Field(None, ge=1)  # end this run early (the next run resumes)
+    stop_after_steps: int | None = Field(None, ge=1, description="End this run early (the next run resumes)")
 
 
 class PredictConfig(Section):
-    model: str | None = None  # defaults to train.output/model, then model.source
-    input: str | None = None
-    output: str | None = None
-    batch_size: int = Field(8, ge=1)
-    # at most this many padded length units per batch (rows x longest row: tokens, pixels, samples)
-    max_batch_cost: int | None = Field(None, ge=1)
-    sort_window: int = Field(256, ge=1)  # rows sorted by length together; smaller windows spread over more actors
-    actors: int | None = Field(None, ge=1)  # default: one per CPU (one per GPU with use_gpu)
-    threads_per_actor: int = Field(1, ge=1)
-    use_gpu: bool = False
-    quantize: Literal["none", "int8"] = "none"
+    model: str | None = Field(None, description="Defaults to train.output/model, then model.source.")
+    input: str | None = Field(None, description="The corpus to score: a file, a folder or a glob.")
+    output: str | None = Field(None, description="Folder of the Parquet predictions (with _manifest/ and _SUCCESS).")
+    batch_size: int = Field(8, ge=1, description="Rows per forward pass.")
+    max_batch_cost: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many padded length units per batch (rows x longest row: tokens, pixels, samples)",
+    )
+    sort_window: int = Field(
+        256, ge=1, description="Rows sorted by length together; smaller windows spread over more actors."
+    )
+    actors: int | None = Field(None, ge=1, description="Default: one per CPU (one per GPU with use_gpu)")
+    threads_per_actor: int = Field(1, ge=1, description="Torch threads per predictor actor.")
+    use_gpu: bool = Field(False, description="One GPU per predictor actor.")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="Int8: dynamic int8 quantisation of the Linear layers (CPU)."
+    )
     fuse_preprocessing: bool | None = Field(
         None,
         description=(
@@ -174,7 +229,9 @@ class PredictConfig(Section):
             "while the model runs on the current one."
         ),
     )
-    parameters: dict[str, Any] = {}
+    parameters: dict[str, Any] = Field(
+        {}, description="Prediction parameters, as a request's `parameters` (e.g. top_k)."
+    )
     overwrite: bool = Field(
         False,
         description=(
@@ -186,23 +243,27 @@ class PredictConfig(Section):
 
 
 class ServeConfig(Section):
-    model: str | None = None
-    models: dict[str, str] = {}  # model id -> source, for /v1/models/<id>/predict
-    route_prefix: str = "/"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(4, gt=0)
-    upscale_delay_s: float = Field(5, ge=0)
-    downscale_delay_s: float = Field(30, ge=0)
-    look_back_period_s: float = Field(30, gt=0)  # window the autoscaler averages load over
-    metrics_interval_s: float = Field(10, gt=0)  # how often load is reported to the autoscaler
-    health_check_period_s: float = Field(10, gt=0)  # each check runs the model on a tiny input
-    health_check_timeout_s: float = Field(30, gt=0)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    max_ongoing_requests: int = Field(32, ge=1)
+    model: str | None = Field(None, description="The default model; else train.output/model, else model.source.")
+    models: dict[str, str] = Field({}, description="Model id -> source, for /v1/models/<id>/predict.")
+    route_prefix: str = Field("/", description="Path under which /predict, /healthz and /docs are served.")
+    host: str = Field("127.0.0.1", description="Interface the HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas the autoscaler keeps.")
+    max_replicas: int = Field(1, ge=1, description="Most model replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(4, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(5, ge=0, description="Seconds of high load before a replica is added.")
+    downscale_delay_s: float = Field(30, ge=0, description="Seconds of low load before a replica is removed.")
+    look_back_period_s: float = Field(30, gt=0, description="Window the autoscaler averages load over.")
+    metrics_interval_s: float = Field(10, gt=0, description="How often load is reported to the autoscaler.")
+    health_check_period_s: float = Field(10, gt=0, description="Each check runs the model on a tiny input.")
+    health_check_timeout_s: float = Field(
+        30, gt=0, description="Seconds a health check may take before the replica is replaced."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Requests' rows batched into one forward pass (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="Seconds a batch waits to fill up.")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests a replica works on at once (at least max_batch_size)."
+    )
     max_queued_requests: int = Field(
         64,
         ge=-1,
@@ -212,9 +273,11 @@ class ServeConfig(Section):
         ),
     )
     retry_after_s: float = Field(1, ge=0, description="The Retry-After a request refused for overload is given.")
-    max_models_per_replica: int = Field(3, ge=1)
-    use_gpu: bool = False
-    threads_per_replica: int = Field(1, ge=1)
+    max_models_per_replica: int = Field(
+        3, ge=1, description="Models of serve.models a replica keeps loaded (least recently used go)."
+    )
+    use_gpu: bool = Field(False, description="One GPU per replica.")
+    threads_per_replica: int = Field(1, ge=1, description="Torch threads per replica.")
     api_key: SecretStr | None = Field(
         None,
         description=(
@@ -222,8 +285,8 @@ class ServeConfig(Section):
             "on a cluster set RAYFORMERS_API_KEY on the nodes instead (see infra/k8s/rayservice.yaml)."
         ),
     )
-    max_request_bytes: int = Field(1_000_000, ge=1)
-    max_items_per_request: int = Field(64, ge=1)
+    max_request_bytes: int = Field(1_000_000, ge=1, description="Largest request body (413 past it).")
+    max_items_per_request: int = Field(64, ge=1, description="Most inputs in one request.")
     allow_uris: list[str] | bool = Field(
         False,
         description=(
@@ -285,8 +348,12 @@ class ServeConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = None  # else RAY_ADDRESS, else a local Ray
-    num_cpus: int | None = Field(None, ge=1)  # local Ray only
+    address: str | None = Field(
+        None, description="Ray cluster to join (host:6379 or auto); else RAY_ADDRESS, else a local Ray."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray (default: enough for the workers and data actors)."
+    )
 
 
 class JobConfig(Section):
@@ -486,6 +553,31 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
                 model.pop(other)
                 print(f"{key} given: model.{other} from {path or 'the config'} is not used", file=sys.stderr)
     return validate(data).with_absolute_paths()
+
+
+def explain_config(cfg: JobConfig) -> str:
+    """Every key of the config: its value here, its default when that differs, and its description."""
+    lines = []
+
+    def walk(prefix: str, section: Section) -> None:
+        for key, info in type(section).model_fields.items():
+            current = getattr(section, key)
+            if isinstance(current, Section):
+                walk(f"{prefix}.{key}", current)
+                continue
+            if key == "api_key":
+                shown = "'**********'" if current else "null"
+            else:
+                shown = json.dumps(current, default=str)
+            default = info.get_default() if not info.is_required() else current
+            differs = "" if default == current else f" (default {json.dumps(default, default=str)})"
+            lines.append(f"{prefix}.{key} = {shown}{differs}\n    {info.description or ''}")
+
+    for name in JobConfig.model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, Section):
+            walk(name, value)
+    return "\n".join(lines) + "\n"
 
 
 def dump_config(cfg: JobConfig) -> str:

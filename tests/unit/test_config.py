@@ -162,3 +162,27 @@ def test_a_model_source_given_on_the_command_line_replaces_the_examples_model_in
         load_config(
             None, [], base={"task": "text-classification", "model": {"source": "x/y", "init": {"architecture": "bert"}}}
         )
+
+
+def test_every_key_explains_itself():
+    from jobs.config import JobConfig, Section, explain_config
+
+    def keys(prefix, model):
+        for name, info in model.model_fields.items():
+            nested = (
+                info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, Section) else None
+            )
+            yield from keys(f"{prefix}.{name}", nested) if nested else [(f"{prefix}.{name}", info.description)]
+
+    undocumented = [
+        key
+        for name, info in JobConfig.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+        for key, text in keys(name, info.annotation)
+        if not text
+    ]
+    assert undocumented == []
+    cfg = load_config(str(EXAMPLES[0].parent / "text-classification.yaml"), ["train.lr=0.001", "serve.api_key=s3cret"])
+    text = explain_config(cfg)
+    assert "train.lr = 0.001 (default 5e-05)\n    Peak learning rate of AdamW" in text
+    assert "serve.api_key = '**********'" in text and "s3cret" not in text
