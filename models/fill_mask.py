@@ -22,7 +22,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from models.parameters import Number, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
-from models.text_classification import BERT_SIZES, check_text, pad
+from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
 IGNORE = -100

@@ -28,7 +28,7 @@ from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuest
 
 from models.parameters import Flag, Number, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
-from models.text_classification import BERT_SIZES, check_text
+from models.text import BERT_SIZES, check_text
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
 

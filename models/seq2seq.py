@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (
@@ -27,6 +26,7 @@ from transformers import (
 
 from models.generation import check_parameters, generate_kwargs, merge_settings
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe, train_unigram
 
 BART_SIZES = {
@@ -118,26 +118,9 @@ class Seq2SeqOptions(BaseModel):
         )
 
 
-def check_text(value, column: str) -> str | None:
-    if value is None:
-        return f"{column} is null"
-    if not isinstance(value, str):
-        return f"{column} is not a string (got {type(value).__name__})"
-    if not value.strip():
-        return f"{column} is empty"
-    return None
-
-
 def context_length(processor) -> int:
     limit = processor.model_max_length
     return limit if limit and limit < 10**6 else DEFAULT_CONTEXT
-
-
-def pad_right(rows: list, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-    return out
 
 
 def decoder_limit(model) -> int | None:
@@ -283,11 +266,11 @@ class Seq2SeqTask(TaskSpec):
     def collate(self, arrays, processor):
         ids = arrays["input_ids"]
         inputs = {
-            "input_ids": pad_right(ids, processor.pad_token_id),
-            "attention_mask": pad_right([[1] * len(r) for r in ids], 0),
+            "input_ids": pad(ids, processor.pad_token_id),
+            "attention_mask": pad([[1] * len(r) for r in ids], 0),
         }
         if arrays.get("labels") is not None:
-            inputs["labels"] = pad_right(arrays["labels"], IGNORE)
+            inputs["labels"] = pad(arrays["labels"], IGNORE)
         if arrays.get("generation") is not None:
             inputs["generation"] = json.loads(arrays["generation"][0])
         return inputs

@@ -11,7 +11,6 @@ import random
 
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
@@ -20,17 +19,13 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
+from models.classification import ClassificationMetric, label_maps
 from models.parameters import TOP_K, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, TaskSpec, UserError
+from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
-# Sizes for from-scratch runs; "tiny" trains in a minute on a laptop CPU.
-BERT_SIZES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
-    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
-    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-}
+# DistilBERT at the sizes BERT from-scratch runs use.
 DISTILBERT_SIZES = {
     name: dict(
         dim=s["hidden_size"],
@@ -40,43 +35,6 @@ DISTILBERT_SIZES = {
     )
     for name, s in BERT_SIZES.items()
 }
-
-
-def check_text(value, column: str) -> str | None:
-    """Why `value` cannot be used as text, or None when it can."""
-    if value is None:
-        return f"{column} is null"
-    if not isinstance(value, str):
-        return f"{column} is not a string (got {type(value).__name__})"
-    if not value.strip():
-        return f"{column} is empty"
-    return None
-
-
-def pad(rows: list, value: int, dtype=torch.long) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(np.asarray(r), dtype=dtype)
-    return out
-
-
-class ClassificationMetric(StreamingMetric):
-    def __init__(self, num_labels: int):
-        self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.macro_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
-
-    def to(self, device):
-        self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
-        return self
-
-    def update(self, outputs, inputs, arrays):
-        predicted = outputs.logits.argmax(-1)
-        self.accuracy.update(predicted, inputs["labels"])
-        self.macro_f1.update(predicted, inputs["labels"])
-
-    def compute(self):
-        return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
 
 
 class TextClassification(TaskSpec):
@@ -108,8 +66,7 @@ class TextClassification(TaskSpec):
         )
 
     def build_model(self, model_cfg, source_dir, labels, processor):
-        id2label = {i: str(label) for i, label in enumerate(labels)}
-        label2id = {name: i for i, name in id2label.items()}
+        id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForSequenceClassification.from_pretrained(
                 source_dir,

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Stop
 
 from models.generation import check_parameters, cut_at_stop, generate_kwargs, held_back, merge_settings
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe
 
 GPT2_SIZES = {
@@ -89,17 +90,6 @@ class Options(BaseModel):
         )
 
 
-def check_text(value, column: str, allow_empty: bool = False) -> str | None:
-    """Why `value` cannot be used as text, or None when it can."""
-    if value is None:
-        return f"{column} is null"
-    if not isinstance(value, str):
-        return f"{column} is not a string (got {type(value).__name__})"
-    if not allow_empty and not value.strip():
-        return f"{column} is empty"
-    return None
-
-
 def context_length(processor) -> int:
     limit = processor.model_max_length
     return limit if limit and limit < 10**6 else 1024
@@ -107,13 +97,6 @@ def context_length(processor) -> int:
 
 def model_context(model) -> int:
     return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-
-
-def pad_right(rows: list, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-    return out
 
 
 class Perplexity(StreamingMetric):
@@ -282,11 +265,11 @@ class TextGeneration(TaskSpec):
 
     # --- collate / forward / postprocess --------------------------------------------------------
     def collate(self, arrays, processor):
-        pad = processor.pad_token_id
+        pad_id = processor.pad_token_id
         if "prompt_ids" in arrays:  # prediction: left padding, so every row continues at the same position
             rows = arrays["prompt_ids"]
             width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
                 ids[i, width - len(r) :] = torch.as_tensor(np.asarray(r, dtype=np.int64))
@@ -305,9 +288,9 @@ class TextGeneration(TaskSpec):
             sequences.append(stream[start : start + block])
             labels.append(stream[start : start + block])
         return {
-            "input_ids": pad_right(sequences, pad),
-            "attention_mask": pad_right([[1] * len(s) for s in sequences], 0),
-            "labels": pad_right(labels, IGNORE),
+            "input_ids": pad(sequences, pad_id),
+            "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+            "labels": pad(labels, IGNORE),
         }
 
     def _settings(self, inputs, parameters) -> dict:
@@ -318,8 +301,8 @@ class TextGeneration(TaskSpec):
         kwargs = generate_kwargs(settings)
         # generation also ends at the model's context length (the prompt keeps room for the limit's half)
         kwargs["max_new_tokens"] = max(1, min(settings["max_new_tokens"], model_context(model) - width))
-        pad = model.generation_config.pad_token_id
-        return {**kwargs, "pad_token_id": pad if pad is not None else model.config.eos_token_id}
+        pad_id = model.generation_config.pad_token_id
+        return {**kwargs, "pad_token_id": pad_id if pad_id is not None else model.config.eos_token_id}
 
     def forward(self, model, inputs, parameters):
         settings = self._settings(inputs, parameters)
@@ -332,7 +315,7 @@ class TextGeneration(TaskSpec):
                 torch.manual_seed(settings["seed"])
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
                 rows.append(out[0, prompt.shape[1] :].tolist() or [kwargs["pad_token_id"]])
-            return {"new_tokens": pad_right(rows, kwargs["pad_token_id"]), "settings": settings}
+            return {"new_tokens": pad(rows, kwargs["pad_token_id"]), "settings": settings}
         if settings.get("seed") is not None:
             torch.manual_seed(settings["seed"])
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)

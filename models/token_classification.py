@@ -20,9 +20,10 @@ import torch.distributed as dist
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification
 
+from models.classification import label_maps
 from models.parameters import Strings, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
-from models.text_classification import BERT_SIZES, check_text, pad
+from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
 IGNORE = -100  # label of word pieces after a word's first, and of special tokens: left out of the loss
@@ -204,8 +205,7 @@ class TokenClassification(TaskSpec):
     def build_model(self, model_cfg, source_dir, labels, processor):
         if any(not isinstance(label, str) for label in labels):
             raise UserError("data.labels: ner_tags holds tag ids; list the tag names in data.labels (index = id)")
-        id2label = dict(enumerate(labels))
-        label2id = {name: i for i, name in id2label.items()}
+        id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForTokenClassification.from_pretrained(
                 source_dir,

@@ -1,0 +1,47 @@
+"""What the tasks that predict classes share: the label maps a model's config carries, the top-k
+output type, and the accuracy / macro-F1 metric of text and audio classification.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from models.spec import StreamingMetric
+
+TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
+
+
+def label_maps(labels: list) -> tuple[dict[int, str], dict[str, int]]:
+    """`id2label` and `label2id` for a model config: ids are positions in `labels`, names are strings."""
+    id2label = {i: str(label) for i, label in enumerate(labels)}
+    return id2label, {name: i for i, name in id2label.items()}
+
+
+def label_value(value):
+    """A label as the user gave it: numpy scalars become Python ones."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class ClassificationMetric(StreamingMetric):
+    """Accuracy and macro-F1 of the argmax class against `labels`."""
+
+    def __init__(self, num_labels: int):
+        self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.macro_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+
+    def to(self, device):
+        self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
+        return self
+
+    def update(self, outputs, inputs, arrays):
+        self.add(outputs.logits.argmax(-1), inputs["labels"])
+
+    def add(self, predicted: torch.Tensor, truth: torch.Tensor) -> None:
+        self.accuracy.update(predicted, truth)
+        self.macro_f1.update(predicted, truth)
+
+    def compute(self):
+        return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
