@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from models import get_task, task_names
+from models.images import DEFAULT_MAX_IMAGE_PIXELS
 from models.spec import UserError
 
 
@@ -84,7 +85,9 @@ class DataConfig(Section):
     labels: list[str | int] | None = Field(
         None, description="The label set, in id order; discovered from the training split when absent."
     )
-    max_image_pixels: int = Field(89_478_485, ge=1, description="Larger images get an error row (decompression bombs)")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Larger images get an error row (decompression bombs)"
+    )
     max_audio_seconds: float = Field(600, gt=0, description="Longest audio clip; longer ones follow data.long_audio.")
     long_audio: Literal["chunk", "reject"] = Field(
         "chunk", description="What happens to clips over max_audio_seconds: cut into chunks, or an error row."

@@ -11,9 +11,7 @@ default 5); Parquet gets `label`, `score` and `top_k`. Metrics: accuracy and mac
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, Wav2Vec2ForSequenceClassification
 
 from models.audio import (
@@ -32,14 +30,9 @@ from models.audio import (
     windows,
     with_noise,
 )
+from models.classification import TOP_K_TYPE, ClassificationMetric, label_maps, label_value
 from models.parameters import TOP_K, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
-
-TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
-
-
-def label_value(value):
-    return value.item() if isinstance(value, np.generic) else value
+from models.spec import Column, Features, TaskSpec, one_field_rows
 
 
 def clip_probabilities(logits: torch.Tensor, spans: list[np.ndarray]) -> torch.Tensor:
@@ -49,24 +42,14 @@ def clip_probabilities(logits: torch.Tensor, spans: list[np.ndarray]) -> torch.T
     return torch.stack([part.mean(0) for part in probs.split(counts)])
 
 
-class ClassificationMetric(StreamingMetric):
-    def __init__(self, num_labels: int):
-        self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.macro_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
-
-    def to(self, device):
-        self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
-        return self
+class ClipClassificationMetric(ClassificationMetric):
+    """Accuracy and macro-F1 per clip, not per window: a long clip is scored once."""
 
     def update(self, outputs, inputs, arrays):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         predicted = clip_probabilities(logits, arrays["spans"]).argmax(-1)
         truth = torch.as_tensor(np.asarray(arrays["label_id"], dtype=np.int64), device=predicted.device)
-        self.accuracy.update(predicted, truth)
-        self.macro_f1.update(predicted, truth)
-
-    def compute(self):
-        return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
+        self.add(predicted, truth)
 
 
 class AudioClassification(TaskSpec):
@@ -92,8 +75,7 @@ class AudioClassification(TaskSpec):
         return feature_extractor()
 
     def build_model(self, model_cfg, source_dir, labels, processor):
-        id2label = {i: str(label) for i, label in enumerate(labels)}
-        label2id = {name: i for i, name in id2label.items()}
+        id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForAudioClassification.from_pretrained(
                 source_dir,
@@ -178,7 +160,7 @@ class AudioClassification(TaskSpec):
         }
 
     def metrics(self, labels, options):
-        return ClassificationMetric(len(labels))
+        return ClipClassificationMetric(len(labels))
 
     def request_inputs(self, inputs):
         return one_field_rows(inputs, "audio", "'audio' (base64 or a data: URL)")

@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoImageProcessor, GLPNConfig, GLPNForDepthEstimation, GLPNImageProcessorPil
 
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest
-from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
+from models.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    decode_image,
+    encode_png,
+    image_size,
+    pixel_values,
+    resize,
+    to_png_base64,
+)
 from models.parameters import sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
@@ -164,7 +173,7 @@ class DepthEstimation(TaskSpec):
         options = ctx.options or Options()
         training = ctx.labels is not None
         height, width = input_size(processor)
-        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else 89_478_485
+        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else DEFAULT_MAX_IMAGE_PIXELS
         arrays = {"pixels": [None] * n, "size": [None] * n, **({"labels": [None] * n} if training else {})}
         errors, flags, lengths = [None] * n, [None] * n, [0] * n
         rng = random.Random()

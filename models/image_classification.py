@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict
@@ -29,7 +28,17 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, random_crop_box, resize
+from models.classification import TOP_K_TYPE, label_maps, label_value
+from models.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    decode_image,
+    encode_png,
+    image_size,
+    pixel_values,
+    random_crop_box,
+    resize,
+)
 from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
@@ -47,7 +56,6 @@ CONVNEXT_SIZES = {
     "base": dict(hidden_sizes=[128, 256, 512, 1024], depths=[3, 3, 27, 3]),
 }
 DEFAULT_IMAGE_SIZE = {"tiny": 32, "mini": 224, "small": 224, "base": 224}
-TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
 
 
 class Options(BaseModel):
@@ -57,10 +65,6 @@ class Options(BaseModel):
     # random resized crop: the crop's area as a fraction of the image's (torchvision's `scale`); null = off
     random_resized_crop: tuple[float, float] | None = (0.5, 1.0)
     horizontal_flip: bool = True
-
-
-def label_value(value):
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def eval_pixels(image: Image.Image, processor) -> np.ndarray:
@@ -82,7 +86,9 @@ def eval_pixels(image: Image.Image, processor) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + shortest, top + shortest)), dtype=np.uint8)
 
 
-class ClassificationMetric(StreamingMetric):
+class AccuracyTop5Metric(StreamingMetric):
+    """Accuracy and top-5 accuracy (top-k of all classes when there are fewer than five)."""
+
     def __init__(self, num_labels: int):
         self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.top5 = MulticlassAccuracy(num_classes=num_labels, average="micro", top_k=min(5, num_labels))
@@ -130,8 +136,7 @@ class ImageClassification(TaskSpec):
         return ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
     def build_model(self, model_cfg, source_dir, labels, processor):
-        id2label = {i: str(label) for i, label in enumerate(labels)}
-        label2id = {name: i for i, name in id2label.items()}
+        id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForImageClassification.from_pretrained(
                 source_dir,
@@ -162,7 +167,7 @@ class ImageClassification(TaskSpec):
     def preprocess(self, batch, processor, ctx):
         n = len(batch["image"])
         options = ctx.options or Options()
-        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else 89_478_485
+        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else DEFAULT_MAX_IMAGE_PIXELS
         size = image_size(processor)
         rng = random.Random()
         arrays: dict[str, list] = {"pixels": [None] * n}
@@ -228,7 +233,7 @@ class ImageClassification(TaskSpec):
         return bool(options.random_resized_crop or options.horizontal_flip)
 
     def metrics(self, labels, options):
-        return ClassificationMetric(len(labels))
+        return AccuracyTop5Metric(len(labels))
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

@@ -38,8 +38,18 @@ from transformers import (
     SwinConfig,
 )
 
+from models.classification import label_maps
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest, rle_encode
-from models.images import IMAGE_SUFFIXES, decode_image, encode_png, image_size, pixel_values, resize, to_png_base64
+from models.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    decode_image,
+    encode_png,
+    image_size,
+    pixel_values,
+    resize,
+    to_png_base64,
+)
 from models.parameters import THRESHOLD, Choice, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
@@ -319,15 +329,10 @@ class ImageSegmentation(TaskSpec):
             raise UserError(
                 f"data.labels: {len(labels)} classes; image-segmentation takes at most 255 (ids 0..254, 255 = ignore)"
             )
-        named = (
-            dict(
-                num_labels=len(labels),
-                id2label={i: str(c) for i, c in enumerate(labels)},
-                label2id={str(c): i for i, c in enumerate(labels)},
-            )
-            if labels
-            else {}
-        )
+        named = {}
+        if labels:
+            id2label, label2id = label_maps(labels)
+            named = dict(num_labels=len(labels), id2label=id2label, label2id=label2id)
         if source_dir:
             model_type = AutoConfig.from_pretrained(source_dir).model_type
             return model_class(model_type).from_pretrained(
@@ -390,7 +395,7 @@ class ImageSegmentation(TaskSpec):
                 "(model.init.architecture: mask2former)"
             )
         height, width = image_size(processor)
-        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else 89_478_485
+        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else DEFAULT_MAX_IMAGE_PIXELS
         keys = ["pixels", "size"] + (
             ["labels"] + (["segment_masks", "segment_classes"] if universal else []) if training else []
         )

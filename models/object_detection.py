@@ -36,7 +36,16 @@ from transformers import (
 from transformers import DetrImageProcessorPil
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
-from models.images import IMAGE_SUFFIXES, decode_image, encode_png, pixel_values, random_crop_box, resize
+from models.classification import label_maps
+from models.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    decode_image,
+    encode_png,
+    pixel_values,
+    random_crop_box,
+    resize,
+)
 from models.parameters import THRESHOLD, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
 
@@ -309,8 +318,7 @@ class ObjectDetection(TaskSpec):
         return DetrImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
     def build_model(self, model_cfg, source_dir, labels, processor):
-        id2label = {i: str(label) for i, label in enumerate(labels)}
-        label2id = {name: i for i, name in id2label.items()}
+        id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForObjectDetection.from_pretrained(
                 source_dir,
@@ -372,7 +380,7 @@ class ObjectDetection(TaskSpec):
     def preprocess(self, batch, processor, ctx):
         n = len(batch["image"])
         options = ctx.options or Options()
-        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else 89_478_485
+        max_pixels = ctx.data.max_image_pixels if ctx.data is not None else DEFAULT_MAX_IMAGE_PIXELS
         rng = random.Random()
         training = ctx.labels is not None
         arrays: dict[str, list] = {"pixels": [None] * n, "size": [None] * n}
