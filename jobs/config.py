@@ -112,7 +112,14 @@ class TrainConfig(Section):
     output: str | None = Field(
         None, description="Where checkpoints, prepared/, model/ and metrics.json go (URI or path)."
     )
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks); a resume may use another number.")
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description=(
+            "Ray Train workers (DDP ranks), or [min, max] for Ray Train's elastic training: the run starts with "
+            "as many as the cluster can place and is resized (from its latest checkpoint) as nodes come and go. "
+            "Data order stays exact across any change."
+        ),
+    )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs Ray reserves per worker; on CPU a worker uses at least this many torch threads."
@@ -203,6 +210,19 @@ class TrainConfig(Section):
         ),
     )
     stop_after_steps: int | None = Field(None, ge=1, description="End this run early (the next run resumes)")
+
+    @field_validator("num_workers", mode="after")
+    @classmethod
+    def _worker_range(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"expected a count >= 1 or [min, max] with 1 <= min <= max, got {value}")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run may have (`num_workers`, or the top of its range)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class PredictConfig(Section):

@@ -174,7 +174,7 @@ def train(cfg: JobConfig) -> dict:
     else:
         check_same_run(cfg, storage, t.output.rstrip("/"), run)
 
-    connect(cfg.ray.address, cfg.ray.num_cpus, t.num_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
+    connect(cfg.ray.address, cfg.ray.num_cpus, t.max_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
     train_raw = read_rows(storage, cfg.data.train, cfg.data.format, task)
     check_columns(train_raw.schema().names, task, cfg.data.columns, training=True)
     labels, rows, processor = prepare(cfg, storage, train_raw, t.output.rstrip("/"), run)
@@ -184,10 +184,10 @@ def train(cfg: JobConfig) -> dict:
     exact = t.data_order == "exact"
     cached = cache_train(cfg, task, rows)
     actors = cfg.data.preprocess_actors
-    if exact and not cached and t.num_workers > 1:
-        actors = max(1, actors // t.num_workers)  # every worker runs a preprocessing pass of its own
+    if exact and not cached and t.max_workers > 1:
+        actors = max(1, actors // t.max_workers)  # every worker runs a preprocessing pass of its own
         print(
-            f"train.data_order=exact with an uncached training split: each of the {t.num_workers} workers "
+            f"train.data_order=exact with an uncached training split: each of the {t.max_workers} workers "
             f"preprocesses the whole split ({actors} actor(s) each); data.cache_train=true or "
             "train.data_order=streaming avoids that",
             flush=True,

@@ -186,3 +186,11 @@ def test_every_key_explains_itself():
     text = explain_config(cfg)
     assert "train.lr = 0.001 (default 5e-05)\n    Peak learning rate of AdamW" in text
     assert "serve.api_key = '**********'" in text and "s3cret" not in text
+
+
+def test_num_workers_takes_a_count_or_an_elastic_range():
+    base = {"task": "text-classification", "model": {"source": "x/y"}}
+    assert load_config(None, ["train.num_workers=[1, 4]"], base=base).train.max_workers == 4
+    assert load_config(None, ["train.num_workers=2"], base=base).train.max_workers == 2
+    with pytest.raises(UserError, match=r"train.num_workers: .*1 <= min <= max, got \(3, 2\)"):
+        load_config(None, ["train.num_workers=[3, 2]"], base=base)
