@@ -30,7 +30,14 @@ from models.audio import (
     windows,
     with_noise,
 )
-from models.classification import TOP_K_TYPE, ClassificationMetric, label_maps, label_value
+from models.classification import (
+    TOP_K_TYPE,
+    ClassificationMetric,
+    label_maps,
+    label_value,
+    ranked_labels,
+    top_k_columns,
+)
 from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, TaskSpec, one_field_rows
 
@@ -144,20 +151,10 @@ class AudioClassification(TaskSpec):
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         probs = clip_probabilities(logits, arrays["spans"])
-        k = min(int(parameters.get("top_k") or 5), probs.shape[-1])
-        scores, ids = probs.topk(k, dim=-1)
-        id2label = model.config.id2label
-        return [
-            [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
-            for row_scores, row_ids in zip(scores.tolist(), ids.tolist())
-        ]
+        return ranked_labels(probs, model.config.id2label, int(parameters.get("top_k") or 5))
 
     def to_columns(self, predictions):
-        return {
-            "label": [p[0]["label"] if p else None for p in predictions],
-            "score": [p[0]["score"] if p else None for p in predictions],
-            "top_k": predictions,
-        }
+        return top_k_columns(predictions)
 
     def metrics(self, labels, options):
         return ClipClassificationMetric(len(labels))

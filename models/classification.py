@@ -1,5 +1,5 @@
 """What the tasks that predict classes share: the label maps a model's config carries, the top-k
-output type, and the accuracy / macro-F1 metric of text and audio classification.
+ranking with its output columns, and the accuracy / macro-F1 metric of text and audio classification.
 """
 
 from __future__ import annotations
@@ -45,3 +45,21 @@ class ClassificationMetric(StreamingMetric):
 
     def compute(self):
         return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
+
+
+def ranked_labels(probs: torch.Tensor, id2label: dict, k: int) -> list[list[dict]]:
+    """Each row's k most likely labels, best first, as `{"label", "score"}` dicts (the pipelines' format)."""
+    scores, ids = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [
+        [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist())
+    ]
+
+
+def top_k_columns(predictions: list) -> dict:
+    """Parquet columns of top-k answers: the best label and its score, and the whole list."""
+    return {
+        "label": [p[0]["label"] if p else None for p in predictions],
+        "score": [p[0]["score"] if p else None for p in predictions],
+        "top_k": predictions,
+    }

@@ -28,7 +28,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from models.classification import TOP_K_TYPE, label_maps, label_value
+from models.classification import TOP_K_TYPE, label_maps, label_value, ranked_labels, top_k_columns
 from models.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
@@ -210,20 +210,10 @@ class ImageClassification(TaskSpec):
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         probs = outputs.logits.float().softmax(-1)
-        k = min(int(parameters.get("top_k") or 5), probs.shape[-1])
-        scores, ids = probs.topk(k, dim=-1)
-        id2label = model.config.id2label
-        return [
-            [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
-            for row_scores, row_ids in zip(scores.tolist(), ids.tolist())
-        ]
+        return ranked_labels(probs, model.config.id2label, int(parameters.get("top_k") or 5))
 
     def to_columns(self, predictions):
-        return {
-            "label": [p[0]["label"] if p else None for p in predictions],
-            "score": [p[0]["score"] if p else None for p in predictions],
-            "top_k": predictions,
-        }
+        return top_k_columns(predictions)
 
     def request_inputs(self, inputs):
         return one_field_rows(inputs, "image", "'image' (base64 or a data: URL)")

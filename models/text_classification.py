@@ -19,7 +19,7 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from models.classification import ClassificationMetric, label_maps
+from models.classification import ClassificationMetric, label_maps, ranked_labels
 from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, TaskSpec, UserError
 from models.text import BERT_SIZES, check_text, pad
@@ -163,15 +163,9 @@ class TextClassification(TaskSpec):
 
     def postprocess(self, outputs, inputs, arrays, model, processor, parameters):
         probs = outputs.logits.float().softmax(-1)
-        id2label = model.config.id2label
         top_k = parameters.get("top_k")
-        k = min(int(top_k or 1), probs.shape[-1])
-        scores, ids = probs.topk(k, dim=-1)
-        results = []
-        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
-            ranked = [{"label": id2label[i], "score": s} for i, s in zip(row_ids, row_scores)]
-            results.append(ranked if top_k else ranked[0])
-        return results
+        ranked = ranked_labels(probs, model.config.id2label, int(top_k or 1))
+        return ranked if top_k else [row[0] for row in ranked]
 
     def to_columns(self, predictions):
         best = [p[0] if isinstance(p, list) else p for p in predictions]
