@@ -45,8 +45,13 @@ def serving_limits(cfg: JobConfig):
     """The data settings for decoding request media: images and audio checked against the smaller of the
     data.* and serve.* caps from their headers, before decoding; a long clip is refused, never chunked."""
     d, s = cfg.data, cfg.serve
-    return d.model_copy(update={"max_image_pixels": min(d.max_image_pixels, s.max_image_pixels),
-                                "max_audio_seconds": min(d.max_audio_seconds, s.max_audio_seconds), "long_audio": "reject"})
+    return d.model_copy(
+        update={
+            "max_image_pixels": min(d.max_image_pixels, s.max_image_pixels),
+            "max_audio_seconds": min(d.max_audio_seconds, s.max_audio_seconds),
+            "long_audio": "reject",
+        }
+    )
 
 
 def default_source(cfg: JobConfig) -> str | None:
@@ -94,8 +99,11 @@ def similar_lengths(lengths: list[int], batch_size: int, max_waste: float | None
 
 def merge(features: list[Features]) -> Features:
     names = features[0].arrays.keys()
-    return Features(arrays={n: [v for f in features for v in f.arrays[n]] for n in names},
-                    lengths=[n for f in features for n in f.lengths], errors=[e for f in features for e in f.errors])
+    return Features(
+        arrays={n: [v for f in features for v in f.arrays[n]] for n in names},
+        lengths=[n for f in features for n in f.lengths],
+        errors=[e for f in features for e in f.errors],
+    )
 
 
 class PredictorDeployment:
@@ -126,8 +134,9 @@ class PredictorDeployment:
         self.load_model = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_named)
         self.batching = s.max_batch_size > 1
         # Next to the ingress's rayformers_responses and rayformers_request_seconds, on Ray's Prometheus endpoint.
-        self.batch_rows = metrics.Histogram("rayformers_batch_rows", "rows in one forward-pass group",
-                                            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+        self.batch_rows = metrics.Histogram(
+            "rayformers_batch_rows", "rows in one forward-pass group", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256]
+        )
         self.one_at_a_time = asyncio.Lock()
         self.predict_batch.set_max_batch_size(s.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -135,9 +144,18 @@ class PredictorDeployment:
     # --- models ---------------------------------------------------------------------------------
     def load(self, name: str, source: str) -> Predictor:
         s, p = self.cfg.serve, self.cfg.predict
-        predictor = Predictor(self.cfg.task, self.storage.model_path(source), batch_size=p.batch_size, use_gpu=s.use_gpu,
-                              quantize=p.quantize, threads=s.threads_per_replica, parameters=p.parameters,
-                              options=self.options, data=serving_limits(self.cfg), max_batch_cost=p.max_batch_cost)
+        predictor = Predictor(
+            self.cfg.task,
+            self.storage.model_path(source),
+            batch_size=p.batch_size,
+            use_gpu=s.use_gpu,
+            quantize=p.quantize,
+            threads=s.threads_per_replica,
+            parameters=p.parameters,
+            options=self.options,
+            data=serving_limits(self.cfg),
+            max_batch_cost=p.max_batch_cost,
+        )
         self.check(name, predictor)  # a model that cannot answer never takes traffic
         return predictor
 
@@ -197,8 +215,11 @@ class PredictorDeployment:
                     raise RequestError(422, f"{where}: {column}: {str(exc).split(' (')[0]}") from None
                 budget -= len(data)
                 if budget < 0:
-                    raise RequestError(413, f"{where}: {column}: the files this request names pass the {limit} bytes "
-                                            "allowed (serve.max_media_bytes)")
+                    raise RequestError(
+                        413,
+                        f"{where}: {column}: the files this request names pass the {limit} bytes "
+                        "allowed (serve.max_media_bytes)",
+                    )
                 row[column] = data
             out.append(row)
         return out
@@ -225,8 +246,9 @@ class PredictorDeployment:
         if problem:
             raise problem
         try:
-            pieces = predictor.task.stream(predictor.model, predictor.processor, features.arrays,
-                                           {**predictor.parameters, **parameters})
+            pieces = predictor.task.stream(
+                predictor.model, predictor.processor, features.arrays, {**predictor.parameters, **parameters}
+            )
         except (ValueError, TypeError, KeyError) as exc:  # parameters the task refuses, before the first piece
             raise RequestError(422, f"parameters: {json.dumps(parameters)} cannot be used ({exc})") from None
         if pieces is None:
@@ -242,8 +264,9 @@ class PredictorDeployment:
             return answer_error(exc)
         return {"predictions": predictions, "flags": flags, "loaded": sorted(self.loaded.keys())}
 
-    async def predictions(self, model_id: str | None, rows: list[dict], parameters: dict,
-                          is_list: bool) -> tuple[list, list]:
+    async def predictions(
+        self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool
+    ) -> tuple[list, list]:
         predictor = await self.predictor_for(model_id)
         if self.allow_uris:
             rows = await asyncio.to_thread(self.fetch_uris, rows, is_list)
@@ -278,12 +301,16 @@ class PredictorDeployment:
             first = batch[members[0]]
             self.batch_rows.observe(sum(len(batch[i].features.errors) for i in members))
             try:
-                predictions = self.predict_features(first.predictor, merge([batch[i].features for i in members]),
-                                                    first.parameters)
+                predictions = self.predict_features(
+                    first.predictor, merge([batch[i].features for i in members]), first.parameters
+                )
             except Exception as exc:  # only this group's requests fail; the replica keeps serving
                 if first.parameters and isinstance(exc, (ValueError, TypeError, KeyError)):
-                    exc = RequestError(422, f"parameters: {json.dumps(first.parameters)} cannot be used with this model "
-                                            f"({type(exc).__name__}: {exc})")
+                    exc = RequestError(
+                        422,
+                        f"parameters: {json.dumps(first.parameters)} cannot be used with this model "
+                        f"({type(exc).__name__}: {exc})",
+                    )
                 for i in members:
                     results[i] = exc
                 continue
@@ -323,18 +350,24 @@ def deployment_options(cfg: JobConfig) -> dict:
     # Overload is shed at the ingress: each replica takes serve.max_ongoing_requests predictions, the
     # ingress holds serve.max_queued_requests more waiting for one (Ray Serve's own limits), and past
     # both its DeploymentHandle raises BackPressureError, answered 503 + Retry-After at once.
-    options = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": s.max_ongoing_requests,
-               "max_queued_requests": s.max_queued_requests,
-               "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-               "ray_actor_options": actor,
-               "health_check_period_s": s.health_check_period_s, "health_check_timeout_s": s.health_check_timeout_s}
+    options = {
+        "name": DEPLOYMENT_NAME,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "ray_actor_options": actor,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+    }
     if s.min_replicas == s.max_replicas:
         options["num_replicas"] = s.max_replicas
     else:
         options["autoscaling_config"] = {
-            "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
             "look_back_period_s": s.look_back_period_s,
         }
         if s.metrics_interval_s != 10:  # Serve's default; other values are allowed but warned about
@@ -350,11 +383,15 @@ def ingress_options(cfg: JobConfig) -> dict:
     # Its cost per request is what a refused request costs, so it runs as Serve's throughput-optimised mode
     # does: the handle's router on the replica's own loop, no access log (the proxy writes one per request).
     env = {**MAIN_LOOP, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-    return {"name": INGRESS_NAME, "num_replicas": 1, "max_ongoing_requests": held + INGRESS_HEADROOM,
-            "max_queued_requests": s.max_queued_requests,
-            "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-            "logging_config": {"enable_access_log": False},
-            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}}}
+    return {
+        "name": INGRESS_NAME,
+        "num_replicas": 1,
+        "max_ongoing_requests": held + INGRESS_HEADROOM,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "logging_config": {"enable_access_log": False},
+        "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}},
+    }
 
 
 def app_for(cfg: JobConfig, cls: type = PredictorDeployment):
@@ -411,7 +448,9 @@ def run_serve(cfg: JobConfig) -> None:
     try:
         serve.run(app_for(cfg), name=APP_NAME, route_prefix=s.route_prefix)
         url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-        print(f"serving {cfg.task} at {url}/predict (health {url}/healthz, API docs {url}/docs); Ctrl-C stops", flush=True)
+        print(
+            f"serving {cfg.task} at {url}/predict (health {url}/healthz, API docs {url}/docs); Ctrl-C stops", flush=True
+        )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -432,14 +471,21 @@ def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_fi
     args: dict = {"config": os.path.abspath(config_path)}
     if kept:
         args["overrides"] = kept
-    application = {"name": APP_NAME, "route_prefix": s.route_prefix, "import_path": IMPORT_PATH, "args": args,
-                   "deployments": [ingress_options(cfg), deployment_options(cfg)]}
+    application = {
+        "name": APP_NAME,
+        "route_prefix": s.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args,
+        "deployments": [ingress_options(cfg), deployment_options(cfg)],
+    }
     config = {"http_options": {"host": s.host, "port": s.port}, "applications": [application]}
     ServeDeploySchema.model_validate(config)
     text = yaml.safe_dump(config, sort_keys=False)
     if s.api_key and s.api_key.get_secret_value() in text:  # a last guard: the key never lands in this file
-        raise UserError("serve.api_key: it would appear in the exported Serve config; set RAYFORMERS_API_KEY on the "
-                        "cluster instead of passing the key in overrides")
+        raise UserError(
+            "serve.api_key: it would appear in the exported Serve config; set RAYFORMERS_API_KEY on the "
+            "cluster instead of passing the key in overrides"
+        )
     try:
         with open(out_file, "w") as f:
             f.write(text)

@@ -44,9 +44,12 @@ class RequestError(Exception):
 class PredictRequest(BaseModel):
     """The body of a prediction request, as the Hugging Face Inference API takes it (for /docs)."""
 
-    inputs: Any = Field(..., description="one item or a list of items, e.g. a text or {'text': ..., 'text_pair': ...}; "
-                                         "images and audio as base64 (or send multipart/form-data with file=@<file>)",
-                        examples=["a sentence to classify"])
+    inputs: Any = Field(
+        ...,
+        description="one item or a list of items, e.g. a text or {'text': ..., 'text_pair': ...}; "
+        "images and audio as base64 (or send multipart/form-data with file=@<file>)",
+        examples=["a sentence to classify"],
+    )
     parameters: dict[str, Any] = Field({}, description="postprocessing options, e.g. {'top_k': 3}")
     stream: bool = Field(False, description="answer as server-sent events, piece by piece (text generation)")
 
@@ -63,7 +66,9 @@ class Backend(Protocol):
 
     def check_model(self, model_id: str | None) -> None: ...  # RequestError(404) when not served
 
-    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool) -> tuple[list, list]:
+    async def predict(
+        self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool
+    ) -> tuple[list, list]:
         """(one prediction per row, one flag per row); RequestError(422) naming unusable rows, RequestError(503)
         with Retry-After when the models are overloaded."""
 
@@ -144,9 +149,16 @@ def parse_body(body: bytes, limit: int) -> tuple[Any, dict, bool]:
         raise RequestError(422, f"body: expected a JSON object with 'inputs', got {type(data).__name__}")
     if "inputs" not in data:
         raise RequestError(422, "body: 'inputs' is missing")
-    unknown = set(data) - {"inputs", "parameters", "options", "stream"}  # `options` as the Inference API sends it; ignored
+    unknown = set(data) - {
+        "inputs",
+        "parameters",
+        "options",
+        "stream",
+    }  # `options` as the Inference API sends it; ignored
     if unknown:
-        raise RequestError(422, f"body: unknown field(s) {sorted(unknown)}; expected 'inputs', 'parameters' and 'stream'")
+        raise RequestError(
+            422, f"body: unknown field(s) {sorted(unknown)}; expected 'inputs', 'parameters' and 'stream'"
+        )
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError(422, f"parameters: expected a JSON object, got {type(parameters).__name__}")
@@ -195,7 +207,9 @@ async def parse_form(request: Request, task: TaskSpec, limit: int, max_items: in
         raise RequestError(422, f"multipart body: no file; upload one as {media[0]}=@<file> (or file=@<file>)")
     main = files.pop(media[0])
     if len(main) > max_items:
-        raise RequestError(413, f"{len(main)} files, more than the {max_items} allowed per request (serve.max_items_per_request)")
+        raise RequestError(
+            413, f"{len(main)} files, more than the {max_items} allowed per request (serve.max_items_per_request)"
+        )
     rows = [{media[0]: data} for data in main]
     for name, values in files.items():
         if len(values) != len(rows):
@@ -220,8 +234,11 @@ def request_rows(task: TaskSpec, inputs: Any, max_items: int) -> list[dict]:
         if not inputs:
             raise RequestError(422, "inputs: the list is empty")
         if len(inputs) > max_items:
-            raise RequestError(413, f"inputs: {len(inputs)} items, more than the {max_items} allowed per request "
-                                    "(serve.max_items_per_request); split the list")
+            raise RequestError(
+                413,
+                f"inputs: {len(inputs)} items, more than the {max_items} allowed per request "
+                "(serve.max_items_per_request); split the list",
+            )
     try:
         return task.request_inputs(inputs)
     except UserError as exc:
@@ -304,13 +321,20 @@ def http_app(backend: Backend) -> FastAPI:
     app = FastAPI(
         title=f"rayformers: {backend.task.name}",
         description="Predictions in the `transformers.pipeline` output format. Send "
-                    "`{\"inputs\": ..., \"parameters\": {...}}` as the Hugging Face Inference API takes it.",
+        '`{"inputs": ..., "parameters": {...}}` as the Hugging Face Inference API takes it.',
     )
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}}
+    body_doc = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        }
+    }
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):  # unknown routes and methods, as JSON like the rest
-        return JSONResponse({"error": f"{exc.detail}"}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"error": f"{exc.detail}"}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     waiting = 0  # prediction requests this ingress holds
 
@@ -318,10 +342,14 @@ def http_app(backend: Backend) -> FastAPI:
         nonlocal waiting
         started = time.monotonic()
         if backend.max_waiting is not None and waiting >= backend.max_waiting:  # before the body is even read
-            response = error_response(RequestError(
-                503, "overloaded: every model replica is busy and the queue is full (serve.max_ongoing_requests, "
-                     "serve.max_queued_requests); retry shortly",
-                headers={"Retry-After": str(math.ceil(backend.retry_after_s))}))
+            response = error_response(
+                RequestError(
+                    503,
+                    "overloaded: every model replica is busy and the queue is full (serve.max_ongoing_requests, "
+                    "serve.max_queued_requests); retry shortly",
+                    headers={"Retry-After": str(math.ceil(backend.retry_after_s))},
+                )
+            )
         else:
             waiting += 1
             try:
@@ -337,18 +365,26 @@ def http_app(backend: Backend) -> FastAPI:
             backend.check_model(model_id)
             limit = backend.max_request_bytes
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                rows, parameters, is_list = await parse_form(request, backend.task, limit, backend.max_items_per_request)
+                rows, parameters, is_list = await parse_form(
+                    request, backend.task, limit, backend.max_items_per_request
+                )
                 stream = False
             else:
                 inputs, parameters, stream = parse_body(await read_body(request, limit), limit)
-                rows, is_list = request_rows(backend.task, inputs, backend.max_items_per_request), isinstance(inputs, list)
+                rows, is_list = (
+                    request_rows(backend.task, inputs, backend.max_items_per_request),
+                    isinstance(inputs, list),
+                )
                 check_uris(backend.task, rows, backend.allow_uris, is_list)
             parameters = check_parameters(backend.task, parameters, backend.options)
             if stream:
                 if is_list or len(rows) != 1:
                     raise RequestError(422, "stream: streaming answers one input at a time; send one item, not a list")
-                return StreamingResponse(sse_events(await backend.stream(model_id, rows[0], parameters)),
-                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return StreamingResponse(
+                    sse_events(await backend.stream(model_id, rows[0], parameters)),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
             predictions, flags = await backend.predict(model_id, rows, parameters, is_list)
             return render(predictions if is_list else predictions[0], flags, is_list)
         except RequestError as exc:

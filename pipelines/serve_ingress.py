@@ -76,27 +76,42 @@ class Ingress:
         self.loaded: list[str] = []  # the named models the replica that answered last holds
         # The app's own metrics, next to Serve's (serve_num_http_requests, serve_http_request_latency_ms, ...),
         # on Ray's Prometheus endpoint; Serve adds the deployment, replica and application tags.
-        self.responses = metrics.Counter("rayformers_responses", "prediction requests answered, by HTTP status "
-                                         "(503: shed for overload)", tag_keys=("status",))
-        self.latency = metrics.Histogram("rayformers_request_seconds", "time to answer a prediction request",
-                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        self.responses = metrics.Counter(
+            "rayformers_responses",
+            "prediction requests answered, by HTTP status " "(503: shed for overload)",
+            tag_keys=("status",),
+        )
+        self.latency = metrics.Histogram(
+            "rayformers_request_seconds",
+            "time to answer a prediction request",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+        )
 
     def __serve_build_asgi_app__(self):
         return http_app(self)
 
     def check_model(self, model_id: str | None) -> None:
         if model_id is None and not self.has_default:
-            raise RequestError(404, f"no default model is served; use /v1/models/<id>/predict with one of "
-                                    f"{self.models}")
+            raise RequestError(
+                404, f"no default model is served; use /v1/models/<id>/predict with one of " f"{self.models}"
+            )
         if model_id is not None and model_id not in self.models:
-            served = (f"served: {', '.join(self.models)}" if self.models
-                      else "no named models are served (serve.models); use /predict")
+            served = (
+                f"served: {', '.join(self.models)}"
+                if self.models
+                else "no named models are served (serve.models); use /predict"
+            )
             raise RequestError(404, f"unknown model {model_id!r} ({served})")
 
     def health(self) -> dict:
         """Answered here, never by the models: Serve's health check runs them (`check_health`)."""
-        return {"status": "ok", "task": self.task.name, "default_model": self.has_default, "models": self.models,
-                "loaded": self.loaded}
+        return {
+            "status": "ok",
+            "task": self.task.name,
+            "default_model": self.has_default,
+            "models": self.models,
+            "loaded": self.loaded,
+        }
 
     def record(self, status: int, seconds: float) -> None:
         self.responses.inc(tags={"status": str(status)})
@@ -104,15 +119,17 @@ class Ingress:
 
     def overloaded(self, what: str) -> RequestError:
         """503 + Retry-After: the client may send the same request again shortly."""
-        return RequestError(503, f"overloaded: {what}; retry shortly",
-                            headers={"Retry-After": str(math.ceil(self.retry_after_s))})
+        return RequestError(
+            503, f"overloaded: {what}; retry shortly", headers={"Retry-After": str(math.ceil(self.retry_after_s))}
+        )
 
     def to_model(self, model_id: str | None, stream: bool = False):
         handle = self.model.options(stream=True) if stream else self.model
         return handle.options(multiplexed_model_id=model_id) if model_id else handle
 
-    async def predict(self, model_id: str | None, rows: list[dict], parameters: dict,
-                      is_list: bool) -> tuple[list, list]:
+    async def predict(
+        self, model_id: str | None, rows: list[dict], parameters: dict, is_list: bool
+    ) -> tuple[list, list]:
         # A prediction has no side effect, so one lost with its replica (killed, preempted) is sent once more:
         # the router has then marked that replica dead and picks a live one.
         for attempt in (1, 2):
@@ -144,4 +161,3 @@ class Ingress:
                 yield piece
 
         return produced()
-

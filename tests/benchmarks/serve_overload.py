@@ -57,8 +57,10 @@ class Client:
     def __init__(self, port: int, path: str, body: dict):
         self.port = port
         payload = json.dumps(body).encode()
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         self.idle: list = []
         self.failures: dict[str, int] = {}  # why a request got no answer (status 0)
 
@@ -195,22 +197,31 @@ async def measure(port: int, texts: int, seconds: float, clients: int) -> dict:
         statuses: dict[int, int] = {}
         for s in shots:
             statuses[s[2]] = statuses.get(s[2], 0) + 1
-        level = {"load": f"{factor}x", "rate_rps": round(factor * capacity, 1), "requests": len(shots),
-                 "goodput_rps": round(len(ok) / seconds, 1), "p50_ms": round(percentile(ok, 0.5) * 1000, 1),
-                 "p99_ms": round(percentile(ok, 0.99) * 1000, 1),
-                 "share_503": round(statuses.get(503, 0) / max(1, len(shots)), 3), "statuses": statuses,
-                 **({"no_answer": client.failures} if client.failures else {}),
-                 "cpu_cores": {part: round((after[part] - before[part]) / took, 2) for part in after},
-                 "cpu_ms_per_request": {part: round(1000 * (after[part] - before[part]) / max(1, len(shots)), 2)
-                                        for part in after},
-                 "recovery_s": round(await recovery(client, unloaded_p50), 2)}
+        level = {
+            "load": f"{factor}x",
+            "rate_rps": round(factor * capacity, 1),
+            "requests": len(shots),
+            "goodput_rps": round(len(ok) / seconds, 1),
+            "p50_ms": round(percentile(ok, 0.5) * 1000, 1),
+            "p99_ms": round(percentile(ok, 0.99) * 1000, 1),
+            "share_503": round(statuses.get(503, 0) / max(1, len(shots)), 3),
+            "statuses": statuses,
+            **({"no_answer": client.failures} if client.failures else {}),
+            "cpu_cores": {part: round((after[part] - before[part]) / took, 2) for part in after},
+            "cpu_ms_per_request": {
+                part: round(1000 * (after[part] - before[part]) / max(1, len(shots)), 2) for part in after
+            },
+            "recovery_s": round(await recovery(client, unloaded_p50), 2),
+        }
         results["levels"].append(level)
         print(json.dumps(level), flush=True)
     client.close()
     one, four = results["levels"][0], results["levels"][2]
-    results["at_4x"] = {"goodput_vs_1x": round(four["goodput_rps"] / max(one["goodput_rps"], 1e-9), 2),
-                        "p99_vs_1x": round(four["p99_ms"] / max(one["p99_ms"], 1e-9), 2),
-                        "5xx_other_than_503": sum(n for s, n in four["statuses"].items() if s >= 500 and s != 503)}
+    results["at_4x"] = {
+        "goodput_vs_1x": round(four["goodput_rps"] / max(one["goodput_rps"], 1e-9), 2),
+        "p99_vs_1x": round(four["p99_ms"] / max(one["p99_ms"], 1e-9), 2),
+        "5xx_other_than_503": sum(n for s, n in four["statuses"].items() if s >= 500 and s != 503),
+    }
     return results
 
 
@@ -238,18 +249,31 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with tempfile.TemporaryDirectory() as folder:
         model = (minilm_classifier if args.model == "minilm" else tiny_classifier)(folder)
-        serve_cfg = {"min_replicas": args.replicas, "max_replicas": args.replicas, "max_batch_size": 4,
-                     "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued}
-        cfg = validate({"task": "text-classification", "model": {"source": model, "max_length": 128},
-                        "serve": serve_cfg}).with_absolute_paths()
+        serve_cfg = {
+            "min_replicas": args.replicas,
+            "max_replicas": args.replicas,
+            "max_batch_size": 4,
+            "max_ongoing_requests": args.max_ongoing,
+            "max_queued_requests": args.max_queued,
+        }
+        cfg = validate(
+            {"task": "text-classification", "model": {"source": model, "max_length": 128}, "serve": serve_cfg}
+        ).with_absolute_paths()
         serve.run(app_for(cfg), name="overload", route_prefix="/")
-        print(f"model {args.model}, {args.texts} texts per request, {args.replicas} replicas, "
-              f"max_ongoing_requests {cfg.serve.max_ongoing_requests}, max_queued_requests "
-              f"{cfg.serve.max_queued_requests}, {os.cpu_count()} CPUs", flush=True)
+        print(
+            f"model {args.model}, {args.texts} texts per request, {args.replicas} replicas, "
+            f"max_ongoing_requests {cfg.serve.max_ongoing_requests}, max_queued_requests "
+            f"{cfg.serve.max_queued_requests}, {os.cpu_count()} CPUs",
+            flush=True,
+        )
         results = asyncio.run(measure(port, args.texts, args.seconds, clients=args.replicas * args.max_ongoing))
-        results["setup"] = {"model": args.model, "texts": args.texts, "replicas": args.replicas,
-                            "max_ongoing_requests": cfg.serve.max_ongoing_requests,
-                            "max_queued_requests": cfg.serve.max_queued_requests}
+        results["setup"] = {
+            "model": args.model,
+            "texts": args.texts,
+            "replicas": args.replicas,
+            "max_ongoing_requests": cfg.serve.max_ongoing_requests,
+            "max_queued_requests": cfg.serve.max_queued_requests,
+        }
         print(json.dumps(results["at_4x"]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

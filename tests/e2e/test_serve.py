@@ -61,8 +61,15 @@ def endpoint(batch_predictions, trained_text_model):
     model = trained_text_model["model"]
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = job_config(serve={"model": model, "models": {"alpha": model, "beta": model}, "max_models_per_replica": 1,
-                            "max_request_bytes": 6000, "max_items_per_request": 50})
+    cfg = job_config(
+        serve={
+            "model": model,
+            "models": {"alpha": model, "beta": model},
+            "max_models_per_replica": 1,
+            "max_request_bytes": 6000,
+            "max_items_per_request": 50,
+        }
+    )
     serve.run(app_for(cfg), name=APP, route_prefix="/")
     serve.run(app_for(job_config(serve={"model": model, "api_key": "s3cret"})), name=SECURE, route_prefix="/secure")
     yield f"http://127.0.0.1:{port}"
@@ -92,13 +99,17 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(endpoint, batch_predic
 def test_bad_requests_get_4xx_json_errors_and_the_replica_keeps_serving(endpoint):
     before = replicas(APP)
     cases = [
-        (b"{\"inputs\": ", 400, "body is not valid JSON"),
+        (b'{"inputs": ', 400, "body is not valid JSON"),
         (json.dumps({"input": "a text"}).encode(), 422, "body: 'inputs' is missing"),
         (json.dumps({"inputs": 42}).encode(), 422, "inputs: text is not a string (got int)"),
         (json.dumps({"inputs": ["a match", "   ", "chef"]}).encode(), 422, "inputs[1]: text is empty"),
         (json.dumps({"inputs": ["x"] * 51}).encode(), 413, "51 items, more than the 50 allowed"),
         (json.dumps({"inputs": "word " * 1500}).encode(), 413, "serve.max_request_bytes"),
-        (json.dumps({"inputs": "a", "parameters": {"top_k": "many"}}).encode(), 422, "parameters.top_k: expected int, got \"many\""),
+        (
+            json.dumps({"inputs": "a", "parameters": {"top_k": "many"}}).encode(),
+            422,
+            'parameters.top_k: expected int, got "many"',
+        ),
     ]
     with httpx.Client(timeout=30) as client:
         for body, status, message in cases:
@@ -106,9 +117,13 @@ def test_bad_requests_get_4xx_json_errors_and_the_replica_keeps_serving(endpoint
             assert response.status_code == status, (body[:40], response.text)
             assert message in response.json()["error"], response.text
         listed = client.post(f"{endpoint}/predict", json={"inputs": ["a match", "", 7]}).json()
-        assert listed["items"] == [{"index": 1, "error": "text is empty"}, {"index": 2, "error": "text is not a string (got int)"}]
+        assert listed["items"] == [
+            {"index": 1, "error": "text is empty"},
+            {"index": 2, "error": "text is not a string (got int)"},
+        ]
         assert client.post(f"{endpoint}/v1/models/gamma/predict", json={"inputs": "a"}).json() == {
-            "error": "unknown model 'gamma' (served: alpha, beta)"}
+            "error": "unknown model 'gamma' (served: alpha, beta)"
+        }
         assert client.post(f"{endpoint}/predict", json={"inputs": "goal match team"}).status_code == 200
     assert replicas(APP) == before == {"status": "HEALTHY", "RUNNING": 1}
 
@@ -116,7 +131,12 @@ def test_bad_requests_get_4xx_json_errors_and_the_replica_keeps_serving(endpoint
 def test_named_models_load_on_demand_and_the_least_recently_used_is_evicted(endpoint):
     with httpx.Client(timeout=60) as client:
         assert client.get(f"{endpoint}/healthz").json() == {
-            "status": "ok", "task": "text-classification", "default_model": True, "models": ["alpha", "beta"], "loaded": []}
+            "status": "ok",
+            "task": "text-classification",
+            "default_model": True,
+            "models": ["alpha", "beta"],
+            "loaded": [],
+        }
         default = client.post(f"{endpoint}/predict", json={"inputs": "pasta oven garlic"}).json()
         alpha = client.post(f"{endpoint}/v1/models/alpha/predict", json={"inputs": "pasta oven garlic"})
         assert alpha.status_code == 200 and alpha.json() == default  # the same weights as the default
@@ -135,7 +155,9 @@ def test_only_requests_bearing_the_api_key_get_predictions(endpoint):
         assert client.post(url, json={"inputs": "a match"}, headers={"Authorization": "Bearer nope"}).status_code == 401
         good = client.post(url, json={"inputs": "a match"}, headers={"Authorization": "Bearer s3cret"})
         assert good.status_code == 200 and set(good.json()) == {"label", "score"}
-        assert client.post(f"{endpoint}/predict", json={"inputs": "a match"}).status_code == 200  # the other app is open
+        assert (
+            client.post(f"{endpoint}/predict", json={"inputs": "a match"}).status_code == 200
+        )  # the other app is open
 
 
 def test_docs_and_openapi_are_served(endpoint):
@@ -159,7 +181,9 @@ def test_a_replica_whose_model_breaks_fails_its_health_check_and_is_replaced(end
             for parameter in self.default.model.parameters():
                 parameter.data.fill_(float("nan"))
 
-    cfg = job_config(serve={"model": trained_text_model["model"], "health_check_period_s": 1, "health_check_timeout_s": 10})
+    cfg = job_config(
+        serve={"model": trained_text_model["model"], "health_check_period_s": 1, "health_check_timeout_s": 10}
+    )
     serve.run(app_for(cfg, Breakable), name="breakable", route_prefix="/breakable")
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, "breakable")  # the models, behind the ingress
 
@@ -175,7 +199,9 @@ def test_a_replica_whose_model_breaks_fails_its_health_check_and_is_replaced(end
         broken = httpx.post(f"{endpoint}/breakable/predict", json={"inputs": "goal match"}, timeout=30)
         assert broken.status_code == 500 and "non-finite" in broken.json()["error"]
         wait_until(lambda: replica() not in (None, first), 90, "a new replica")
-        wait_until(lambda: replicas("breakable") == {"status": "HEALTHY", "RUNNING": 1}, 60, "the deployment to recover")
+        wait_until(
+            lambda: replicas("breakable") == {"status": "HEALTHY", "RUNNING": 1}, 60, "the deployment to recover"
+        )
         healed = httpx.post(f"{endpoint}/breakable/predict", json={"inputs": "goal match"}, timeout=30)
         assert healed.status_code == 200 and 0 < healed.json()["score"] <= 1
     finally:
@@ -192,8 +218,22 @@ def test_the_exported_config_deploys_with_serve_deploy(endpoint, trained_text_mo
     config = tmp_path / "job.yaml"
     config.write_text(f"task: text-classification\nmodel:\n  source: {trained_text_model['model']}\n")
     exported = tmp_path / "serve.yaml"
-    assert cli.run(["serve", str(config), "serve.route_prefix=/exported", f"serve.port={port}", "serve.min_replicas=1",
-                    "serve.max_replicas=2", "serve.api_key=hidden", "--export-config", str(exported)]) == 0
+    assert (
+        cli.run(
+            [
+                "serve",
+                str(config),
+                "serve.route_prefix=/exported",
+                f"serve.port={port}",
+                "serve.min_replicas=1",
+                "serve.max_replicas=2",
+                "serve.api_key=hidden",
+                "--export-config",
+                str(exported),
+            ]
+        )
+        == 0
+    )
     text = exported.read_text()
     assert "hidden" not in text  # the key never lands in a file that gets committed or pasted
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
@@ -204,12 +244,20 @@ def test_the_exported_config_deploys_with_serve_deploy(endpoint, trained_text_mo
     assert deployment.name == "Predictor" and deployment.autoscaling_config["max_replicas"] == 2
 
     dashboard = "http://" + ray._private.worker.get_dashboard_url()
-    deployed = subprocess.run([os.path.join(os.path.dirname(sys.executable), "serve"), "deploy", str(exported), "-a", dashboard],
-                              capture_output=True, text=True, timeout=120)
+    deployed = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "serve"), "deploy", str(exported), "-a", dashboard],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert deployed.returncode == 0, deployed.stderr
     try:
-        wait_until(lambda: "rayformers" in serve.status().applications
-                   and serve.status().applications["rayformers"].status == "RUNNING", 90, "the deployed app")
+        wait_until(
+            lambda: "rayformers" in serve.status().applications
+            and serve.status().applications["rayformers"].status == "RUNNING",
+            90,
+            "the deployed app",
+        )
         response = httpx.post(f"{endpoint}/exported/predict", json={"inputs": "flight hotel"}, timeout=30)
         assert response.status_code == 200 and set(response.json()) == {"label", "score"}
     finally:
@@ -221,13 +269,21 @@ def test_rayformers_serve_serves_until_interrupted_and_then_removes_its_app(endp
     from ray import serve
 
     config = tmp_path / "job.yaml"
-    config.write_text(f"task: text-classification\nmodel:\n  source: {trained_text_model['model']}\n"
-                      f"serve:\n  route_prefix: /cli\n  port: {endpoint.rsplit(':', 1)[1]}\n")
+    config.write_text(
+        f"task: text-classification\nmodel:\n  source: {trained_text_model['model']}\n"
+        f"serve:\n  route_prefix: /cli\n  port: {endpoint.rsplit(':', 1)[1]}\n"
+    )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", str(config)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "serve", str(config)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def answering() -> bool:
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -251,9 +307,13 @@ def test_rayformers_serve_serves_until_interrupted_and_then_removes_its_app(endp
 
 def test_serving_a_model_that_does_not_exist_stops_with_one_line(tmp_path, capsys):
     config = tmp_path / "job.yaml"
-    config.write_text("task: text-classification\nmodel:\n  init: {architecture: bert}\ntrain:\n  output: /nonexistent/run\n")
+    config.write_text(
+        "task: text-classification\nmodel:\n  init: {architecture: bert}\ntrain:\n  output: /nonexistent/run\n"
+    )
     with pytest.raises(SystemExit) as exit:
         cli.main(["serve", str(config)])
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "rayformers: error: serve.model: /nonexistent/run/model: no such model directory (train first, or point it at a saved model)"]
+        "rayformers: error: serve.model: /nonexistent/run/model: no such model directory "
+        "(train first, or point it at a saved model)"
+    ]

@@ -61,8 +61,9 @@ class Traffic:
         return counts
 
 
-def drive(url: str, body: dict, clients: int, max_requests: int, max_seconds: float, stop: threading.Event,
-          traffic: Traffic) -> list[threading.Thread]:
+def drive(
+    url: str, body: dict, clients: int, max_requests: int, max_seconds: float, stop: threading.Event, traffic: Traffic
+) -> list[threading.Thread]:
     """`clients` threads posting `body` back to back until `stop`, `max_requests` in all or `max_seconds`."""
     deadline = time.monotonic() + max_seconds
     budget = iter(range(max_requests))
@@ -120,8 +121,9 @@ class HealthProbe:
         self.base, self.seconds, self.failures = base, [], []
 
     def __enter__(self):
-        self.process = subprocess.Popen([sys.executable, "-c", PROBE, f"{self.base}/healthz"], stdout=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", PROBE, f"{self.base}/healthz"], stdout=subprocess.PIPE, text=True
+        )
 
         def read():
             for line in self.process.stdout:
@@ -147,8 +149,10 @@ def replica_pids(app: str) -> list[int]:
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # other Rays may run on this machine
-                         filters=[("class_name", "=", f"ServeReplica:{app}:Predictor"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,  # other Rays may run on this machine
+        filters=[("class_name", "=", f"ServeReplica:{app}:Predictor"), ("state", "=", "ALIVE")],
+    )
     return sorted(a.pid for a in actors if a.pid)
 
 
@@ -181,12 +185,30 @@ def endpoint(ray_session, s3_endpoint, tmp_path_factory):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    text = job_config(task="text-classification", serve={
-        "model": text_model, "min_replicas": 2, "max_replicas": 2, "max_ongoing_requests": 4, "max_batch_size": 4,
-        "max_queued_requests": 16, "health_check_period_s": 2, "max_request_bytes": 200_000})
-    image = job_config(task="image-classification", model={"init": {"architecture": "vit", "size": "tiny"}},
-                       serve={"model": image_model, "allow_uris": [f"s3://{bucket}/uploads/"], "max_media_bytes": 100_000,
-                              "max_request_bytes": 200_000, "max_image_pixels": 1_000_000})
+    text = job_config(
+        task="text-classification",
+        serve={
+            "model": text_model,
+            "min_replicas": 2,
+            "max_replicas": 2,
+            "max_ongoing_requests": 4,
+            "max_batch_size": 4,
+            "max_queued_requests": 16,
+            "health_check_period_s": 2,
+            "max_request_bytes": 200_000,
+        },
+    )
+    image = job_config(
+        task="image-classification",
+        model={"init": {"architecture": "vit", "size": "tiny"}},
+        serve={
+            "model": image_model,
+            "allow_uris": [f"s3://{bucket}/uploads/"],
+            "max_media_bytes": 100_000,
+            "max_request_bytes": 200_000,
+            "max_image_pixels": 1_000_000,
+        },
+    )
     serve.run(app_for(text), name=TEXT_APP, route_prefix="/text")
     serve.run(app_for(image), name=IMAGE_APP, route_prefix="/image")
     base = f"http://127.0.0.1:{port}"
@@ -196,13 +218,18 @@ def endpoint(ray_session, s3_endpoint, tmp_path_factory):
 
 def tiny_png(width: int, height: int, claimed: tuple[int, int] | None = None) -> bytes:
     """A grey PNG; with `claimed`, its header says that size (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     w, h = claimed or (width, height)
     rows = b"".join(b"\0" + b"\x80" * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_overload_is_shed_with_503_and_retry_after_and_latency_recovers(endpoint):
@@ -220,10 +247,12 @@ def test_overload_is_shed_with_503_and_retry_after_and_latency_recovers(endpoint
         drive_at_rate(endpoint["text"], "/text/predict", body, rate=4 * capacity, seconds=5, traffic=traffic)
     shed = [s for s in traffic.shots if s[2] == 503]
     served = [s for s in traffic.shots if s[2] == 200]
-    print(f"\noverload at 4x {capacity:.1f} requests/s: {traffic.statuses()}; unloaded p50 {unloaded * 1000:.0f} ms; "
-          f"slowest 503 {max((s[1] for s in shed), default=0) * 1000:.0f} ms; slowest /healthz "
-          f"{max(health.seconds) * 1000:.0f} ms ({len(health.failures)} not 200: {health.failures[:5]}); "
-          f"slowest unloaded /healthz {max(idle.seconds) * 1000:.0f} ms")
+    print(
+        f"\noverload at 4x {capacity:.1f} requests/s: {traffic.statuses()}; unloaded p50 {unloaded * 1000:.0f} ms; "
+        f"slowest 503 {max((s[1] for s in shed), default=0) * 1000:.0f} ms; slowest /healthz "
+        f"{max(health.seconds) * 1000:.0f} ms ({len(health.failures)} not 200: {health.failures[:5]}); "
+        f"slowest unloaded /healthz {max(idle.seconds) * 1000:.0f} ms"
+    )
     assert set(traffic.statuses()) <= {200, 503}, traffic.statuses()  # nothing else: no 500s, no dropped connections
     assert shed and served
     assert all(s[3] == "1" for s in shed)  # Retry-After: serve.retry_after_s
@@ -241,8 +270,13 @@ def test_requests_by_status_latencies_and_batch_sizes_are_on_rays_prometheus_end
 
     node = next(n for n in ray.nodes() if n["Alive"])
     scrape = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    wanted = [r'rayformers_responses_total\{[^}]*status="503"', r'rayformers_responses_total\{[^}]*status="200"',
-              "rayformers_request_seconds_bucket", "rayformers_batch_rows_bucket", "ray_serve_num_http_requests"]
+    wanted = [
+        r'rayformers_responses_total\{[^}]*status="503"',
+        r'rayformers_responses_total\{[^}]*status="200"',
+        "rayformers_request_seconds_bucket",
+        "rayformers_batch_rows_bucket",
+        "ray_serve_num_http_requests",
+    ]
     deadline, text = time.monotonic() + 40, ""
     while time.monotonic() < deadline:  # metrics reach the agent every few seconds
         text = httpx.get(scrape, timeout=10).text
@@ -259,23 +293,50 @@ def _timed(http: httpx.Client, url: str, body: dict) -> float:
 
 
 HOSTILE = [
-    ("a file of the replica's machine", {"inputs": "file:///etc/passwd"}, 422, "not under a prefix of serve.allow_uris"),
+    (
+        "a file of the replica's machine",
+        {"inputs": "file:///etc/passwd"},
+        422,
+        "not under a prefix of serve.allow_uris",
+    ),
     ("a local path", {"inputs": "/proc/self/environ"}, 422, "not valid base64"),
-    ("a path out of the allowed prefix", {"inputs": "s3://{bucket}/uploads/../private/key.png"}, 422, "not a plain object key"),
+    (
+        "a path out of the allowed prefix",
+        {"inputs": "s3://{bucket}/uploads/../private/key.png"},
+        422,
+        "not a plain object key",
+    ),
     ("another bucket", {"inputs": "s3://other-{bucket}/uploads/a.png"}, 422, "not under a prefix of serve.allow_uris"),
     ("another scheme", {"inputs": "hf://datasets/x/a.png"}, 422, "not under a prefix of serve.allow_uris"),
-    ("files past the byte budget", {"inputs": ["s3://{bucket}/uploads/a.png", "s3://{bucket}/uploads/b.png"]}, 413,
-     "serve.max_media_bytes"),
+    (
+        "files past the byte budget",
+        {"inputs": ["s3://{bucket}/uploads/a.png", "s3://{bucket}/uploads/b.png"]},
+        413,
+        "serve.max_media_bytes",
+    ),
     ("a decompression bomb", {"inputs": "{bomb}"}, 422, "more than serve.max_image_pixels=1000000"),
-    ("an unbounded top_k", {"inputs": "{png}", "parameters": {"top_k": 10**6}}, 422, "parameters.top_k: must be between 1 and 100"),
-    ("an unknown parameter", {"inputs": "{png}", "parameters": {"threshold": 0.5}}, 422, "parameters.threshold: not a parameter"),
+    (
+        "an unbounded top_k",
+        {"inputs": "{png}", "parameters": {"top_k": 10**6}},
+        422,
+        "parameters.top_k: must be between 1 and 100",
+    ),
+    (
+        "an unknown parameter",
+        {"inputs": "{png}", "parameters": {"threshold": 0.5}},
+        422,
+        "parameters.threshold: not a parameter",
+    ),
 ]
 
 
 @pytest.mark.parametrize("what, body, status, message", HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_a_hostile_request_gets_its_4xx_while_healthz_answers_within_a_second(endpoint, what, body, status, message):
-    values = {"bucket": endpoint["bucket"], "png": base64.b64encode(tiny_png(8, 8)).decode(),
-              "bomb": base64.b64encode(tiny_png(8, 8, claimed=(60_000, 60_000))).decode()}
+    values = {
+        "bucket": endpoint["bucket"],
+        "png": base64.b64encode(tiny_png(8, 8)).decode(),
+        "bomb": base64.b64encode(tiny_png(8, 8, claimed=(60_000, 60_000))).decode(),
+    }
 
     def fill(value):
         if isinstance(value, str):
@@ -314,7 +375,9 @@ def test_a_killed_replica_is_replaced_while_traffic_flows(endpoint):
     before = replica_pids(TEXT_APP)
     assert len(before) == 2 and running_replicas(TEXT_APP) == 2
     traffic, stop = Traffic(), threading.Event()
-    threads = drive(url, {"inputs": [TEXT] * 4}, clients=4, max_requests=5000, max_seconds=60, stop=stop, traffic=traffic)
+    threads = drive(
+        url, {"inputs": [TEXT] * 4}, clients=4, max_requests=5000, max_seconds=60, stop=stop, traffic=traffic
+    )
     try:
         time.sleep(2)
         killed_at = time.monotonic()
@@ -332,8 +395,10 @@ def test_a_killed_replica_is_replaced_while_traffic_flows(endpoint):
         for t in threads:
             t.join(30)
     failed = sum(n for status, n in traffic.statuses().items() if status != 200)  # none fail before the kill
-    print(f"\nreplica loss: sent before the kill {traffic.statuses(until=killed_at)}, after it "
-          f"{traffic.statuses(since=killed_at)}; {failed} failed; capacity back after {back and round(back, 1)} s")
+    print(
+        f"\nreplica loss: sent before the kill {traffic.statuses(until=killed_at)}, after it "
+        f"{traffic.statuses(since=killed_at)}; {failed} failed; capacity back after {back and round(back, 1)} s"
+    )
     assert back is not None and back < 30, "the killed replica was not replaced within 30 s"
     assert traffic.statuses(since=killed_at + 1).get(200, 0) > 0  # the endpoint kept answering
     # only what was in flight on the killed replica fails: at most its max_ongoing_requests

@@ -117,7 +117,10 @@ def test_the_files_one_request_names_share_one_byte_budget():
     assert "serve.max_media_bytes" in over.value.message
     with pytest.raises(RequestError) as missing:
         PredictorDeployment.fetch_uris(fake_deployment(1000), [{"image": "memory://budget/nowhere.png"}], False)
-    assert (missing.value.status, missing.value.message) == (422, "inputs: image: memory://budget/nowhere.png: no such file or folder")
+    assert (missing.value.status, missing.value.message) == (
+        422,
+        "inputs: image: memory://budget/nowhere.png: no such file or folder",
+    )
 
 
 @pytest.mark.parametrize("depth", [40, 50_000])
@@ -166,8 +169,14 @@ def test_a_500_says_internal_error_and_its_request_id_finds_the_traceback_in_the
 
 
 def test_serving_decodes_no_image_or_clip_over_its_caps_whatever_long_audio_says():
-    cfg = validate({"task": "audio-classification", "model": {"source": "x"}, "data": {"long_audio": "chunk"},
-                    "serve": {"max_audio_seconds": 1, "max_image_pixels": 1000}})
+    cfg = validate(
+        {
+            "task": "audio-classification",
+            "model": {"source": "x"},
+            "data": {"long_audio": "chunk"},
+            "serve": {"max_audio_seconds": 1, "max_image_pixels": 1000},
+        }
+    )
     limits = serving_limits(cfg)
     assert (limits.long_audio, limits.max_audio_seconds, limits.max_image_pixels) == ("reject", 1, 1000)
     clip = wav_bytes(np.zeros(16_000 * 3, dtype=np.float32))
@@ -254,11 +263,21 @@ def test_a_prediction_lost_with_its_replica_is_sent_once_more_and_a_row_error_co
 
 
 def test_a_refused_image_or_clip_names_the_serve_cap_in_force():
-    cfg = validate({"task": "audio-classification", "model": {"source": "x"},
-                    "serve": {"max_audio_seconds": 1, "max_image_pixels": 1000}})
+    cfg = validate(
+        {
+            "task": "audio-classification",
+            "model": {"source": "x"},
+            "serve": {"max_audio_seconds": 1, "max_image_pixels": 1000},
+        }
+    )
     deployment = SimpleNamespace(cfg=cfg)
-    errors = [None, "image has 4096 pixels (64x64), more than data.max_image_pixels=1000",
-              "audio is 3.0 s long, over data.max_audio_seconds=1 (data.long_audio: reject)"]
+    errors = [
+        None,
+        "image has 4096 pixels (64x64), more than data.max_image_pixels=1000",
+        "audio is 3.0 s long, over data.max_audio_seconds=1 (data.long_audio: reject)",
+    ]
     assert PredictorDeployment.in_serve_terms(deployment, errors) == [
-        None, "image has 4096 pixels (64x64), more than serve.max_image_pixels=1000",
-        "audio is 3.0 s long, over serve.max_audio_seconds=1"]
+        None,
+        "image has 4096 pixels (64x64), more than serve.max_image_pixels=1000",
+        "audio is 3.0 s long, over serve.max_audio_seconds=1",
+    ]

@@ -39,7 +39,9 @@ class Backend:
             raise self.fail
         if self.result is not None:
             return [self.result] * len(rows), [None] * len(rows)
-        return [{"label": r["text"].split()[0], "score": 1.0} for r in rows], [None, "truncated to 64 tokens"][: len(rows)]
+        return [{"label": r["text"].split()[0], "score": 1.0} for r in rows], [None, "truncated to 64 tokens"][
+            : len(rows)
+        ]
 
     def health(self):
         return {"status": "ok"}
@@ -69,15 +71,24 @@ BAD_REQUESTS = [
     (b'{"inputs": ["a", "b", "c", "d", "e"]}', 413, "inputs: 5 items, more than the 4 allowed per request"),
     (b'{"inputs": {"txt": "a"}}', 422, "inputs: unknown field(s) ['txt']"),
     (json.dumps({"inputs": "x" * 2000}).encode(), 413, "more than the 1000 allowed (serve.max_request_bytes)"),
-    (b'{"inputs": "a", "parameters": {"top_k": 100000}}', 422, "parameters.top_k: must be between 1 and 100, got 100000"),
+    (
+        b'{"inputs": "a", "parameters": {"top_k": 100000}}',
+        422,
+        "parameters.top_k: must be between 1 and 100, got 100000",
+    ),
     (b'{"inputs": "a", "parameters": {"top_k": "many"}}', 422, 'parameters.top_k: expected int, got "many"'),
-    (b'{"inputs": "a", "parameters": {"temperature": 2}}', 422,
-     "parameters.temperature: not a parameter of text-classification (accepted: top_k)"),
+    (
+        b'{"inputs": "a", "parameters": {"temperature": 2}}',
+        422,
+        "parameters.temperature: not a parameter of text-classification (accepted: top_k)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("body,status,message", BAD_REQUESTS)
-def test_a_bad_request_gets_a_json_error_naming_the_problem_and_never_reaches_the_model(client, backend, body, status, message):
+def test_a_bad_request_gets_a_json_error_naming_the_problem_and_never_reaches_the_model(
+    client, backend, body, status, message
+):
     response = client.post("/predict", content=body)
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
@@ -108,8 +119,11 @@ def test_one_input_gets_one_prediction_and_a_list_gets_a_list(client, backend):
 
 def test_no_content_type_is_needed_and_inference_api_options_are_accepted(client):
     # curl -d sends application/x-www-form-urlencoded; the Inference API sends "options"
-    response = client.post("/predict", content=b'{"inputs": "travel x", "options": {"wait_for_model": true}}',
-                           headers={"content-type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        "/predict",
+        content=b'{"inputs": "travel x", "options": {"wait_for_model": true}}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 200 and response.json()["label"] == "travel"
 
 
@@ -174,7 +188,10 @@ def test_row_errors_name_the_item_or_each_index():
     many = row_errors([None, "text is empty", None, "text is not a string (got int)"], True)
     assert many.status == 422
     assert many.message == "inputs[1]: text is empty (and 1 more item(s))"
-    assert many.details["items"] == [{"index": 1, "error": "text is empty"}, {"index": 3, "error": "text is not a string (got int)"}]
+    assert many.details["items"] == [
+        {"index": 1, "error": "text is empty"},
+        {"index": 3, "error": "text is not a string (got int)"},
+    ]
 
 
 def test_parse_body_returns_inputs_and_parameters():
