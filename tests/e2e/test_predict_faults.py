@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,10 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_sessio
     assert summary["rows_scored"] == n - 20 * len(before)
     marker = json.loads(fs.cat(f"{output.removeprefix('s3://')}/_SUCCESS"))
     assert marker["rows"] == n
+    # the console shows our progress lines (with an ETA) and summary, not Ray Data's plans or Ray's notices
+    internals = ("Starting execution of Dataset", "Execution plan of", "Progress bars disabled", "Token authentication")
+    assert not [line for line in out.splitlines() if any(i in line for i in internals)], out[-3000:]
+    assert re.search(r"^predict: \d+/\d+ units, .* rows/s, ETA \d+s$", out, re.M), out[-3000:]
 
 
 def test_predict_refuses_to_write_over_its_input_model_or_run(s3_endpoint, tiny_model, bucket):
