@@ -49,7 +49,9 @@ def start_s3_server(extra_env: dict | None = None) -> tuple[str, subprocess.Pope
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(extra_env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(extra_env or {})},
     )
     wait_for_port(port)
     return f"http://127.0.0.1:{port}", proc

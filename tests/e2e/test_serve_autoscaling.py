@@ -29,9 +29,18 @@ def test_replicas_scale_up_under_load_and_back_down_after_it(ray_session, traine
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = job_config(serve={"model": trained_text_model["model"], "min_replicas": 1, "max_replicas": 3,
-                            "target_ongoing_requests": 2, "upscale_delay_s": 1, "downscale_delay_s": 3,
-                            "look_back_period_s": 2, "metrics_interval_s": 0.5})
+    cfg = job_config(
+        serve={
+            "model": trained_text_model["model"],
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        }
+    )
     serve.run(app_for(cfg), name="autoscaling", route_prefix="/")
     try:
         assert running_replicas("autoscaling") == 1
@@ -40,7 +49,9 @@ def test_replicas_scale_up_under_load_and_back_down_after_it(ray_session, traine
         stop, timeline, result = threading.Event(), [], {}
 
         def load():  # 16 closed-loop clients for at most 90 s; they stop as soon as the point is made
-            result["load"] = drive(f"http://127.0.0.1:{port}/predict", bodies, clients=16, seconds=90, warmup_s=0, stop=stop)
+            result["load"] = drive(
+                f"http://127.0.0.1:{port}/predict", bodies, clients=16, seconds=90, warmup_s=0, stop=stop
+            )
 
         started = time.monotonic()
         clients = threading.Thread(target=load)
