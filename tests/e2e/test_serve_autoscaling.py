@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 def running_replicas(app: str) -> int:
     from ray import serve
 
-    (deployment,) = serve.status().applications[app].deployments.values()
+    deployment = serve.status().applications[app].deployments["Predictor"]  # the model's, not the ingress's
     return deployment.replica_states.get("RUNNING", 0)
 
 
