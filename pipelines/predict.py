@@ -179,7 +179,7 @@ def predict(cfg: JobConfig) -> dict:
         p.output,
         {"predict.input": p.input, model_key: source if is_path(source) else None, "train.output": cfg.train.output},
     )
-    local_model = storage.model_path(source)
+    storage.model_path(source)  # a wrong or half-written model fails here, before Ray starts
     units, input_stamp = plan_units(storage, cfg, task)
     check_sample_columns(storage, cfg, task, units)
     out = open_output(storage, p.output, fingerprint(cfg, storage, source, input_stamp), len(units), p.overwrite)
@@ -195,7 +195,6 @@ def predict(cfg: JobConfig) -> dict:
     actors = 0
     commits = Commits(out)
     if todo:
-        processor = task.build_processor(cfg.model, local_model, iter(()))
         local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
         actors = p.actors
         if local and actors is None:  # one single-threaded predictor per core beats one multi-threaded one
@@ -213,7 +212,7 @@ def predict(cfg: JobConfig) -> dict:
         job = cfg.model_dump(mode="json")
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             UnitScorer,
-            fn_constructor_kwargs=dict(job=job, model_uri=source, work_uri=out.work.uri, processor=processor),
+            fn_constructor_kwargs=dict(job=job, model_uri=source, work_uri=out.work.uri),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if p.use_gpu else 0,
@@ -256,13 +255,13 @@ class UnitScorer:
     (unit, part, rows, errors, flagged, source). A file that cannot be read after a few tries
     becomes one error row naming it."""
 
-    def __init__(self, job: dict, model_uri: str, work_uri: str, processor):
+    def __init__(self, job: dict, model_uri: str, work_uri: str):
         cfg = JobConfig.model_validate(job)
         self.cfg = cfg
         self.task = get_task(cfg.task)
         self.storage = Storage.from_config(cfg.storage)
         keep = tuple(dict.fromkeys(k for k in (cfg.data.id_column, SOURCE, ROW) if k))
-        preprocess = dict(job=job, processor=processor, labels=None, keep=keep, data_uri=cfg.predict.input)
+        preprocess = dict(job=job, processor_dir=model_uri, labels=None, keep=keep, data_uri=cfg.predict.input)
         p = cfg.predict
         fused = p.fuse_preprocessing if p.fuse_preprocessing is not None else not p.use_gpu
         # unfused (the GPU default): a thread preprocesses the next window while the model runs on this one.

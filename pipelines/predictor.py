@@ -106,12 +106,16 @@ def fetch_media(task: TaskSpec, batch: dict[str, list], fetch) -> list[str | Non
 
 
 class Preprocessor:
-    """Ray Data callable class: a block of raw rows -> a block of features (+ pass-through columns)."""
+    """Ray Data callable class: a block of raw rows -> a block of features (+ pass-through columns).
+
+    The processor comes as the folder it was saved in (`processor_dir`: a model folder, or a training
+    run's prepared/), read by each actor: constructor arguments that small travel inline, not through
+    the object store (where Ray warns that a restarted actor could lose them)."""
 
     def __init__(
         self,
         job: dict,
-        processor: Any,
+        processor_dir: str,
         labels: list | None,
         train: bool = False,
         keep: tuple[str, ...] = (),
@@ -122,12 +126,12 @@ class Preprocessor:
         torch.set_num_threads(1)
         cfg = JobConfig.model_validate(job)
         self.task = get_task(cfg.task)
-        self.processor = processor
+        self.storage = Storage.from_config(cfg.storage)
+        self.processor = self.task.build_processor(cfg.model, self.storage.model_path(processor_dir), iter(()))
         self.column_map = cfg.data.columns
         label_ids = {label: i for i, label in enumerate(labels)} if labels is not None else None
         self.ctx = Context(labels=label_ids, train=train, options=cfg.options(), data=cfg.data)
         self.keep = keep
-        self.storage = Storage.from_config(cfg.storage)
         self.fs = self.storage.resolve(data_uri).fs if data_uri else None
 
     def __call__(self, table: pa.Table) -> pa.Table:

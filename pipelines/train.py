@@ -198,7 +198,7 @@ def train(cfg: JobConfig) -> dict:
             Preprocessor,
             fn_constructor_kwargs=dict(
                 job=job,
-                processor=processor,
+                processor_dir=f"{t.output.rstrip('/')}/prepared",  # prepare() committed it there
                 labels=labels,
                 train=split == "train",
                 data_uri=uri,
