@@ -339,6 +339,13 @@ class ServeConfig(Section):
         ),
     )
 
+    @field_validator("max_queued_requests", mode="after")
+    @classmethod
+    def _queue_bound(cls, value):
+        if value == 0:  # Ray Serve takes -1 (no limit) or a count >= 1
+            raise ValueError("expected -1 (no limit) or a count >= 1, got 0")
+        return value
+
     @field_validator("allow_uris", mode="after")
     @classmethod
     def _uri_prefixes(cls, value):

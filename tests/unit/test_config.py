@@ -194,3 +194,10 @@ def test_num_workers_takes_a_count_or_an_elastic_range():
     assert load_config(None, ["train.num_workers=2"], base=base).train.max_workers == 2
     with pytest.raises(UserError, match=r"train.num_workers: .*1 <= min <= max, got \(3, 2\)"):
         load_config(None, ["train.num_workers=[3, 2]"], base=base)
+
+
+def test_a_serve_queue_of_zero_is_refused_as_ray_serve_would():
+    base = {"task": "text-classification", "model": {"source": "x/y"}}
+    with pytest.raises(UserError, match=r"serve.max_queued_requests: expected -1 \(no limit\) or a count >= 1, got 0"):
+        load_config(None, ["serve.max_queued_requests=0"], base=base)
+    assert load_config(None, ["serve.max_queued_requests=-1"], base=base).serve.max_queued_requests == -1
