@@ -38,6 +38,7 @@ def quiet_logs() -> None:
         return
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def ray_log_level() -> int:

@@ -29,7 +29,7 @@ from ray.serve import metrics
 from jobs.config import JobConfig, load_config, without_api_key
 from models import get_task
 from models.spec import Features, UserError
-from pipelines.cluster import connect
+from pipelines.cluster import connect, verbose
 from pipelines.predictor import Predictor
 from pipelines.serve_http import URI, RequestError, row_errors
 from pipelines.serve_ingress import Ingress, answer_error, api_key
@@ -444,9 +444,11 @@ def run_serve(cfg: JobConfig) -> None:
     if key and not s.api_key:  # replicas on other machines do not see this shell's environment or files
         cfg = cfg.model_copy(deep=True)
         cfg.serve.api_key = key
-    serve.start(http_options={"host": s.host, "port": s.port})
+    # without -v, Serve's controller, proxy and replicas log warnings and errors only (500s keep their traceback)
+    logs = None if verbose() else {"log_level": "WARNING"}
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config=logs)
     try:
-        serve.run(app_for(cfg), name=APP_NAME, route_prefix=s.route_prefix)
+        serve.run(app_for(cfg), name=APP_NAME, route_prefix=s.route_prefix, logging_config=logs)
         url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
         print(
             f"serving {cfg.task} at {url}/predict (health {url}/healthz, API docs {url}/docs); Ctrl-C stops", flush=True
