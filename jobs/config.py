@@ -211,6 +211,18 @@ class TrainConfig(Section):
     )
     stop_after_steps: int | None = Field(None, ge=1, description="End this run early (the next run resumes)")
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_count_or_range(cls, value):
+        """One line for a wrong value, not one per member of the int | [min, max] union."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"expected [min, max] of two integers, got {list(value)!r}")
+            return tuple(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
     @field_validator("num_workers", mode="after")
     @classmethod
     def _worker_range(cls, value):
