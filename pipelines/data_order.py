@@ -79,7 +79,7 @@ class Round:
     """One step's worth of batches, one per worker; what this worker gets of it."""
 
     batch: dict | None  # this worker's rows (model inputs), None in a short last round
-    spare: dict | None  # the round's first batch: trained with weight 0 by a worker without one
+    spare: dict | None  # without a batch of its own: the round's first, trained with weight 0
     keys: list = field(default_factory=list)  # (file, row) of each row of `batch`
     skipped: int = 0  # rows with errors in the windows read since the previous round
     position: int = 0  # batches of the epoch dealt once this round is done
@@ -104,8 +104,8 @@ def rounds(
     def deal(batches: list[tuple[_Window, list[int]]]) -> Round:
         nonlocal dealt, skipped
         window, indices = batches[rank] if rank < len(batches) else (None, None)
-        spare, _ = batches[0][0].rows(batches[0][1])
         batch, keys = window.rows(indices) if window is not None else (None, [])
+        spare = batches[0][0].rows(batches[0][1])[0] if batch is None else None  # built only when needed
         dealt += len(batches)
         out = Round(batch, spare, keys, skipped, dealt)
         skipped = 0

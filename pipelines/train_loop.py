@@ -264,7 +264,7 @@ def train_loop(config: dict) -> None:
         for r in epoch_rounds:
             if rank == 0 or not exact:  # with exact order every worker reads every row: rank 0 counts
                 seen["skipped_in_epoch"] += r.skipped
-            if r.spare is None or exhausted:
+            if (r.batch is None and r.spare is None) or exhausted:
                 continue  # only rows with errors left; or draining the shard so the next epoch starts cleanly
             if state["step"] >= stop_at:
                 break
