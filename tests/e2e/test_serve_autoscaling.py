@@ -36,7 +36,7 @@ def test_replicas_scale_up_under_load_and_back_down_after_it(ray_session, traine
             "max_replicas": 3,
             "target_ongoing_requests": 2,
             "upscale_delay_s": 1,
-            "downscale_delay_s": 3,
+            "downscale_delay_s": 5,
             "look_back_period_s": 2,
             "metrics_interval_s": 0.5,
         }
@@ -69,6 +69,7 @@ def test_replicas_scale_up_under_load_and_back_down_after_it(ray_session, traine
             stopped = time.monotonic()
             clients.join(30)
         assert max(timeline) >= 2, f"no scale-up under load: replicas over time {timeline}"
+        assert timeline[-1] >= 2, f"scaled back down while the load went on: replicas over time {timeline}"
         assert max(timeline) <= 3  # serve.max_replicas
         load = result["load"]
         assert set(load.statuses) == {200} and len(load.latencies_ms) > 100, load.row()
@@ -76,7 +77,9 @@ def test_replicas_scale_up_under_load_and_back_down_after_it(ray_session, traine
         while running_replicas("autoscaling") > 1 and time.monotonic() - stopped < 60:
             time.sleep(0.5)
         assert running_replicas("autoscaling") == 1, "replicas did not come back down to serve.min_replicas"
-        assert time.monotonic() - stopped >= 3  # not before serve.downscale_delay_s
+        # Not at once: serve.downscale_delay_s is 5 s. The autoscaler may start counting it shortly before the
+        # clients stop (their last requests drain the queues), so the bound leaves it that margin (CI saw 2.3 s at 3 s).
+        assert time.monotonic() - stopped >= 1.5, "replicas went down without waiting for serve.downscale_delay_s"
     finally:
         serve.delete("autoscaling")
         serve.shutdown()
