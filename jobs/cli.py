@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from models.spec import UserError
+from errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +82,8 @@ def run(argv: list[str]) -> int:
         write_demo_data(args.task, args.uri, args.rows, args.seed)
         return 0
 
-    from jobs.config import dump_config, explain_config, load_config
+    import models  # noqa: F401  (installs the task registry that the config checks a job against)
+    from config import dump_config, explain_config, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.verb == "config":

@@ -1,9 +1,9 @@
 """`rayformers submit`: runs `train`, `predict` or `serve` as a Ray job on a cluster, through the
 dashboard's Jobs API, and follows its logs until it ends.
 
-What travels: rayformers' own packages (models/, pipelines/, jobs/) and the config file, as the job's
-working_dir; no virtualenv, data, outputs or caches, so the upload stays far below Ray's 100 MiB
-limit. On the cluster the job runs `python -m jobs.cli VERB config/NAME.yaml KEY=VALUE ...`: the
+What travels: rayformers' own code (jobs/, pipelines/, models/, config/, errors.py) and the config file,
+as the job's working_dir; no virtualenv, data, outputs or caches, so the upload stays far below Ray's 100 MiB
+limit. On the cluster the job runs `python -m jobs.cli VERB job_config/NAME.yaml KEY=VALUE ...`: the
 code comes from the upload, its dependencies from the nodes' Python (the image in infra/docker
 installs them; the nodes of infra/local run the project's venv). Inside a job Ray sets RAY_ADDRESS
 to the cluster, so the verb joins it instead of starting a Ray of its own.
@@ -35,14 +35,15 @@ import requests
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
-from jobs.config import JobConfig, without_api_key
-from models.spec import UserError
+from config import JobConfig, without_api_key
+from errors import UserError
 from pipelines.serve_http import API_KEY_ENV, API_KEY_FILE_ENV
 
 PROJECT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "pipelines", "jobs")  # what the job imports; everything else stays home
+PACKAGES = ("jobs", "pipelines", "models", "config")  # what the job imports; everything else stays home
+MODULES = ("errors.py",)
 SKIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-CONFIG_DIR = "config"
+CONFIG_DIR = "job_config"  # the job's YAML (and a Serve API key file); not `config`, which is a package
 
 
 def stage(directory: Path, config_path: str) -> Path:
@@ -50,6 +51,8 @@ def stage(directory: Path, config_path: str) -> Path:
     config's path relative to it."""
     for package in PACKAGES:
         shutil.copytree(PROJECT / package, directory / package, ignore=SKIPPED)
+    for module in MODULES:
+        shutil.copyfile(PROJECT / module, directory / module)
     shipped = Path(CONFIG_DIR) / Path(config_path).name
     (directory / CONFIG_DIR).mkdir()
     shutil.copyfile(config_path, directory / shipped)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from models.spec import TaskSpec, UserError
+from config import tasks as config_tasks
+from errors import UserError
+from models.spec import TaskSpec
 
 TASK_MODULES = {
     "audio-classification": "models.audio_classification",
@@ -35,3 +37,6 @@ def get_task(name: str) -> TaskSpec:
     if name not in TASK_MODULES:
         raise UserError(f"task: unknown task {name!r} (known: {', '.join(task_names())})")
     return importlib.import_module(TASK_MODULES[name]).TASK
+
+
+config_tasks.install(get_task, task_names)  # the config schema checks a job against its task through these

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, Wav2Vec2ForSequenceClassification
 
+from config import ModelConfig
 from models.audio import (
     ALIGN,
     AUDIO_SUFFIXES,
@@ -76,12 +77,12 @@ class AudioClassification(TaskSpec):
     media_suffixes = AUDIO_SUFFIXES
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return AutoFeatureExtractor.from_pretrained(source_dir)
         return feature_extractor()
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForAudioClassification.from_pretrained(

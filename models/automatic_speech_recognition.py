@@ -30,6 +30,8 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
+from config import ModelConfig
+from errors import UserError
 from models.audio import (
     ALIGN,
     AUDIO_SUFFIXES,
@@ -47,7 +49,7 @@ from models.audio import (
     with_noise,
 )
 from models.parameters import sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 PAD, UNK, DELIMITER = "[PAD]", "[UNK]", "|"
 
@@ -142,14 +144,14 @@ class SpeechRecognition(TaskSpec):
     media_suffixes = AUDIO_SUFFIXES
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir and os.path.exists(os.path.join(source_dir, "vocab.json")):
             return AutoProcessor.from_pretrained(source_dir)  # a fine-tuned checkpoint: its own vocabulary
         extractor = AutoFeatureExtractor.from_pretrained(source_dir) if source_dir else feature_extractor()
         tokenizer = build_tokenizer((row.get("text") for row in train_rows), model_cfg.tokenizer.max_train_rows)
         return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         head = dict(
             vocab_size=len(processor.tokenizer),
             pad_token_id=processor.tokenizer.pad_token_id,

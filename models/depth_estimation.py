@@ -26,9 +26,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoImageProcessor, GLPNConfig, GLPNForDepthEstimation, GLPNImageProcessorPil
 
+from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest
 from models.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
     decode_image,
     encode_png,
@@ -144,7 +144,7 @@ class DepthEstimation(TaskSpec):
         return folder_pairs(files, {"depth": "depth"}, IMAGE_SUFFIXES)
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return AutoImageProcessor.from_pretrained(source_dir)
         init = model_cfg.init
@@ -152,7 +152,7 @@ class DepthEstimation(TaskSpec):
         # GLPN's processor keeps the image's size (rounded down to 32); `size` is the one we train and predict at.
         return GLPNImageProcessorPil(size={"height": side, "width": side})
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if source_dir:
             return GLPNForDepthEstimation.from_pretrained(
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
+from config import ModelConfig
 from models.parameters import Number, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 from models.text import BERT_SIZES, check_text, pad
@@ -102,7 +103,7 @@ class FillMask(TaskSpec):
     Options = Options
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return load_tokenizer(source_dir, model_cfg.max_length)
         texts = (row["text"] for row in train_rows if isinstance(row.get("text"), str))
@@ -110,7 +111,7 @@ class FillMask(TaskSpec):
             texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512
         )
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if source_dir:
             return AutoModelForMaskedLM.from_pretrained(
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True

@@ -28,9 +28,9 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
 from models.classification import TOP_K_TYPE, label_maps, label_value, ranked_labels, top_k_columns
 from models.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
     decode_image,
     encode_png,
@@ -124,7 +124,7 @@ class ImageClassification(TaskSpec):
     media_suffixes = IMAGE_SUFFIXES
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return AutoImageProcessor.from_pretrained(source_dir)
         init = model_cfg.init
@@ -135,7 +135,7 @@ class ImageClassification(TaskSpec):
             )
         return ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForImageClassification.from_pretrained(

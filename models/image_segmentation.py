@@ -38,10 +38,11 @@ from transformers import (
     SwinConfig,
 )
 
+from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
+from errors import UserError
 from models.classification import label_maps
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest, rle_encode
 from models.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
     decode_image,
     encode_png,
@@ -51,7 +52,7 @@ from models.images import (
     to_png_base64,
 )
 from models.parameters import THRESHOLD, Choice, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 IGNORE = (
     255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
@@ -310,7 +311,7 @@ class ImageSegmentation(TaskSpec):
         return folder_pairs(files, {"masks": "mask", "instances": "instances"}, IMAGE_SUFFIXES)
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return AutoImageProcessor.from_pretrained(source_dir)
         init = model_cfg.init
@@ -324,7 +325,7 @@ class ImageSegmentation(TaskSpec):
             size={"height": side, "width": side}, size_divisor=32, do_reduce_labels=False, ignore_index=IGNORE
         )
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if len(labels) > 255:
             raise UserError(
                 f"data.labels: {len(labels)} classes; image-segmentation takes at most 255 (ids 0..254, 255 = ignore)"

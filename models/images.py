@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # data.max_image_pixels unless set: Pillow's own bomb limit
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

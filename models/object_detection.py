@@ -23,22 +23,23 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from pydantic import BaseModel, ConfigDict
 from transformers import (
     AutoImageProcessor,
     AutoModelForObjectDetection,
     DetrConfig,
     DetrForObjectDetection,
+    DetrImageProcessorPil,
     ResNetConfig,
 )
-from transformers import DetrImageProcessorPil
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
+from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
+from errors import UserError
 from models.classification import label_maps
 from models.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
     decode_image,
     encode_png,
@@ -47,7 +48,7 @@ from models.images import (
     resize,
 )
 from models.parameters import THRESHOLD, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
 
 # From-scratch sizes: a ResNet backbone (its last stage feeds the transformer) and a DETR on top.
 DETR_SIZES = {
@@ -311,13 +312,13 @@ class ObjectDetection(TaskSpec):
         }
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return AutoImageProcessor.from_pretrained(source_dir)
         side = int(model_cfg.init.overrides.get("image_size", DEFAULT_IMAGE_SIZE[model_cfg.init.size]))
         return DetrImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForObjectDetection.from_pretrained(

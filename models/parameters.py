@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from models.spec import UserError
+from errors import UserError
 
 
 class ParameterError(UserError, ValueError):

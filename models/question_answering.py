@@ -26,8 +26,10 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
 
+from config import ModelConfig
+from errors import UserError
 from models.parameters import Flag, Number, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec
 from models.text import BERT_SIZES, check_text
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -231,7 +233,7 @@ class QuestionAnswering(TaskSpec):
     format_suffixes = {".json": "squad"}
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return load_tokenizer(source_dir, model_cfg.max_length)
 
@@ -245,7 +247,7 @@ class QuestionAnswering(TaskSpec):
             texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 384
         )
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if source_dir:
             return AutoModelForQuestionAnswering.from_pretrained(
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True

@@ -24,8 +24,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from config import ModelConfig
+from errors import UserError
 from models.generation import check_parameters, generate_kwargs, merge_settings
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec
 from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe, train_unigram
 
@@ -171,7 +173,7 @@ class Seq2SeqTask(TaskSpec):
     Options = Seq2SeqOptions
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return load_tokenizer(source_dir, model_cfg.max_length)
 
@@ -186,7 +188,7 @@ class Seq2SeqTask(TaskSpec):
             return train_unigram(texts(), size, length)
         return train_bpe(texts(), size, length, "bart")
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if source_dir:
             return AutoModelForSeq2SeqLM.from_pretrained(
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True

@@ -19,15 +19,14 @@ The flow for every task, in training, batch prediction and serving alike:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
+from pydantic import BaseModel
 
-
-class UserError(Exception):
-    """A mistake the user can fix (config, data, location). Reported as one line, no traceback."""
+from config import DataConfig, ModelConfig
+from errors import UserError
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,8 @@ class Context:
 
     labels: dict | None = None
     train: bool = False
-    options: Any = None
-    data: Any = None
+    options: BaseModel | None = None
+    data: DataConfig | None = None
 
 
 @dataclass
@@ -126,7 +125,7 @@ class TaskSpec(ABC):
     best_metric: str = "loss"  # eval metric that picks the best checkpoint
     best_metric_mode: str = "min"  # "max" or "min"
     output_columns: dict[str, Any] = {}  # Parquet prediction columns: name -> arrow type alias or pa.DataType
-    Options: Any = None  # a pydantic model for `task_options` in the YAML, or None
+    Options: type[BaseModel] | None = None  # the pydantic model of `task_options` in the YAML, or None
     # Data formats this task adds to the generic ones (parquet, jsonl, csv, text, folder):
     # name -> parser(data: bytes, path: str) -> iterator of rows (dicts). Media paths in rows may be
     # relative to the parsed file's folder. `format_suffixes` maps file suffixes to those names.
@@ -161,13 +160,15 @@ class TaskSpec(ABC):
 
     # --- processor and model ----------------------------------------------------------------
     @abstractmethod
-    def build_processor(self, model_cfg: Any, source_dir: str | None, train_rows: Iterator[dict]) -> Any:
+    def build_processor(self, model_cfg: ModelConfig, source_dir: str | None, train_rows: Iterator[dict]) -> Any:
         """The checkpoint's processor, or one derived from training data for from-scratch runs.
         Must have `save_pretrained(dir)`; `load` reads it back."""
         raise NotImplementedError
 
     @abstractmethod
-    def build_model(self, model_cfg: Any, source_dir: str | None, labels: list, processor: Any) -> torch.nn.Module:
+    def build_model(
+        self, model_cfg: ModelConfig, source_dir: str | None, labels: list, processor: Any
+    ) -> torch.nn.Module:
         raise NotImplementedError
 
     @abstractmethod
@@ -175,14 +176,14 @@ class TaskSpec(ABC):
         """A saved model and its processor, for prediction and serving."""
         raise NotImplementedError
 
-    def augments(self, options: Any) -> bool:
+    def augments(self, options: BaseModel | None) -> bool:
         """True when `preprocess` draws random augmentations for the training split: each epoch must
         then preprocess afresh rather than reuse a cached pass."""
         return False
 
     # --- the three steps, shared by train, predict and serve ---------------------------------
     @abstractmethod
-    def sanitize_parameters(self, parameters: dict, options: Any) -> dict:
+    def sanitize_parameters(self, parameters: dict, options: BaseModel | None) -> dict:
         """A request's `parameters` (or `predict.parameters`) -> the checked, normalised parameters that
         `forward`/`postprocess` receive; called before any work (Serve: before batching; predict: before
         Ray starts). Raises UserError naming the parameter and its allowed range; unknown keys are refused
@@ -224,7 +225,7 @@ class TaskSpec(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def metrics(self, labels: list, options: Any) -> StreamingMetric:
+    def metrics(self, labels: list, options: BaseModel | None) -> StreamingMetric:
         raise NotImplementedError
 
     @abstractmethod

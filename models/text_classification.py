@@ -19,9 +19,11 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
+from config import ModelConfig
+from errors import UserError
 from models.classification import ClassificationMetric, label_maps, ranked_labels
 from models.parameters import TOP_K, sanitize
-from models.spec import Column, Features, TaskSpec, UserError
+from models.spec import Column, Features, TaskSpec
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -51,7 +53,7 @@ class TextClassification(TaskSpec):
     output_columns = {"label": "string", "score": "float64"}
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return load_tokenizer(source_dir, model_cfg.max_length)
 
@@ -65,7 +67,7 @@ class TextClassification(TaskSpec):
             texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512
         )
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         id2label, label2id = label_maps(labels)
         if source_dir:
             return AutoModelForSequenceClassification.from_pretrained(

@@ -28,8 +28,10 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, StoppingCriteria, TextIteratorStreamer
 
+from config import ModelConfig
+from errors import UserError
 from models.generation import check_parameters, cut_at_stop, generate_kwargs, held_back, merge_settings
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec
 from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe
 
@@ -149,7 +151,7 @@ class TextGeneration(TaskSpec):
     Options = Options
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             tokenizer = load_tokenizer(source_dir, model_cfg.max_length)
         else:
@@ -168,7 +170,7 @@ class TextGeneration(TaskSpec):
         tokenizer.padding_side = "left"  # as generation wants it (our collate pads by hand either way)
         return tokenizer
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if source_dir:
             model = AutoModelForCausalLM.from_pretrained(
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True

@@ -20,9 +20,11 @@ import torch.distributed as dist
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification
 
+from config import ModelConfig
+from errors import UserError
 from models.classification import label_maps
 from models.parameters import Strings, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, UserError
+from models.spec import Column, Features, StreamingMetric, TaskSpec
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -188,7 +190,7 @@ class TokenClassification(TaskSpec):
         return {tag for tags in values if tags is not None for tag in tags if tag is not None}
 
     # --- processor and model ----------------------------------------------------------------
-    def build_processor(self, model_cfg, source_dir, train_rows):
+    def build_processor(self, model_cfg: ModelConfig, source_dir, train_rows):
         if source_dir:
             return load_tokenizer(source_dir, model_cfg.max_length)
 
@@ -202,7 +204,7 @@ class TokenClassification(TaskSpec):
             texts(), model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.lowercase, model_cfg.max_length or 512
         )
 
-    def build_model(self, model_cfg, source_dir, labels, processor):
+    def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if any(not isinstance(label, str) for label in labels):
             raise UserError("data.labels: ner_tags holds tag ids; list the tag names in data.labels (index = id)")
         id2label, label2id = label_maps(labels)

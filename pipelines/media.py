@@ -15,7 +15,7 @@ import posixpath
 import re
 import time
 
-from models.spec import UserError
+from errors import UserError
 from pipelines.storage import Storage, storage_errors
 
 MAX_MEDIA_BYTES = 512 * 1024 * 1024  # one file; anything larger is surely not one image or clip

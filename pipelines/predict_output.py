@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.spec import UserError
+from errors import UserError
 from pipelines.storage import Location, Storage, storage_errors
 
 MANIFEST, MARKER, NEXT, TMP = "_manifest", "_SUCCESS", "_next", "_tmp"

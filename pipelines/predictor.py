@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from errors import UserError
 from models import get_task
-from models.spec import Context, Features, TaskSpec, UserError
+from models.spec import Context, Features, TaskSpec
 from pipelines.media import decode_request_value, resolve_paths
 from pipelines.readers import READ_ERROR, SOURCE
 from pipelines.storage import Storage
@@ -121,7 +122,7 @@ class Preprocessor:
         keep: tuple[str, ...] = (),
         data_uri: str | None = None,
     ):
-        from jobs.config import JobConfig
+        from config import JobConfig
 
         torch.set_num_threads(1)
         cfg = JobConfig.model_validate(job)
@@ -280,7 +281,7 @@ class PredictStage:
     -> a block of prediction columns."""
 
     def __init__(self, job: dict, model_uri: str, keep: tuple[str, ...], preprocess: dict | None = None):
-        from jobs.config import JobConfig
+        from config import JobConfig
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # raw rows in: preprocess here (built first: it pins torch to one thread, the predictor then sets its own)

@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
+from errors import UserError
 from models import get_task
-from models.spec import TaskSpec, UserError
+from models.spec import TaskSpec
 from pipelines.storage import Storage, storage_errors
 
 FORMATS = {

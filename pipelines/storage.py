@@ -19,7 +19,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.fs as pafs
 
-from models.spec import UserError
+from errors import UserError
 
 
 @dataclass(frozen=True)

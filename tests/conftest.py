@@ -21,6 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import models  # noqa: E402,F401  (installs the task registry that config.validate checks jobs against)
+
 # Credentials for the loopback endpoint only; set before Ray starts so its workers inherit them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -136,7 +138,7 @@ def put(fs, uri: str, data: bytes) -> None:
 
 def job_config(**sections):
     """A validated JobConfig for text-classification with test-sized defaults, plus overrides."""
-    from jobs.config import validate
+    from config import validate
 
     data = {
         "task": "text-classification",

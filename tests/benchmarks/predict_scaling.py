@@ -58,7 +58,7 @@ def tree_rss(root: int) -> tuple[int, int]:
 
 
 def write_model(directory: Path) -> None:
-    from jobs.config import validate
+    from config import validate
     from models import get_task
 
     task = get_task("text-classification")

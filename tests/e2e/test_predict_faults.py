@@ -238,7 +238,7 @@ def test_predict_refuses_to_write_over_its_input_model_or_run(s3_endpoint, tiny_
 
 
 def test_an_earlier_output_survives_a_refused_and_a_failed_run(ray_session, tiny_model, bucket, monkeypatch):
-    from models.spec import UserError
+    from errors import UserError
     from pipelines.predict import predict
     from pipelines.predict_output import Commits
 

@@ -318,7 +318,7 @@ class FlakyS3Proxy:
 def test_a_failed_upload_while_writing_the_model_leaves_no_model_and_the_rerun_writes_one(
     ray_session, small_data, bucket, s3_endpoint
 ):
-    from models.spec import UserError
+    from errors import UserError
     from pipelines.storage import Storage
     from pipelines.train import train
 

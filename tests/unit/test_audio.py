@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jobs.config import DataConfig
-from models.audio import AudioError, decode, read_clip, window_plan, windows, feature_extractor
+from config import DataConfig
+from models.audio import AudioError, decode, feature_extractor, read_clip, window_plan, windows
 
 
 def encoded(samples: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:

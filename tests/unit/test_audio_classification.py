@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.config import DataConfig
+from config import DataConfig
+from errors import UserError
 from models.audio import AudioOptions, decode, wav_bytes
 from models.audio_classification import TASK
-from models.spec import Context, UserError
+from models.spec import Context
 from pipelines.media import decode_request_value
 
 LABELS = ["beeps", "high", "low", "rising"]

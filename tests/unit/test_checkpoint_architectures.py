@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from jobs.config import validate
+from config import validate
 from models import get_task
 from pipelines.checkpoints import load_checkpoint, save_checkpoint
 from pipelines.predictor import to_device

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import load_config, validate
-from models.spec import UserError
+from config import load_config, validate
+from errors import UserError
 
 BASE = {"task": "text-classification", "model": {"init": {"architecture": "bert"}}}
 
@@ -147,7 +147,7 @@ def test_the_training_split_is_cached_only_where_each_epoch_would_preprocess_the
 
 
 def test_a_model_source_given_on_the_command_line_replaces_the_examples_model_init(capsys):
-    from jobs.config import load_config
+    from config import load_config
 
     example = str(EXAMPLES[0].parent / "text-classification.yaml")
     cfg = load_config(example, ["model.source=s3://models/minilm"])
@@ -165,7 +165,7 @@ def test_a_model_source_given_on_the_command_line_replaces_the_examples_model_in
 
 
 def test_every_key_explains_itself():
-    from jobs.config import JobConfig, Section, explain_config
+    from config import JobConfig, Section, explain_config
 
     def keys(prefix, model):
         for name, info in model.model_fields.items():

@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.config import ModelConfig
+from config import ModelConfig
+from errors import UserError
 from models.depth_estimation import TASK, DepthMetric, Options
 from models.images import encode_png
-from models.spec import Context, UserError
+from models.spec import Context
 
 DATA = SimpleNamespace(max_image_pixels=100_000)
 

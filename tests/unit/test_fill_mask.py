@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.config import validate
+from config import validate
+from errors import UserError
 from models.fill_mask import IGNORE, TASK, Options, mask_tokens
-from models.spec import Context, UserError
+from models.spec import Context
 
 CFG = validate(
     {

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.config import ModelConfig
+from config import ModelConfig
+from errors import UserError
 from models.image_classification import TASK, Options, shape_image
 from models.images import encode_png
-from models.spec import Context, UserError
+from models.spec import Context
 
 LABELS = ["blue", "green", "red", "yellow"]
 LABEL_IDS = {name: i for i, name in enumerate(LABELS)}

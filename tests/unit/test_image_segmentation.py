@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.config import ModelConfig
+from config import ModelConfig
+from errors import UserError
 from models.image_maps import rle_decode
 from models.image_segmentation import DEMO_LABELS, TASK, Options, SegmentationMetric, segments
 from models.images import encode_png
-from models.spec import Context, UserError
+from models.spec import Context
 
 LABEL_IDS = {name: i for i, name in enumerate(DEMO_LABELS)}
 DATA = SimpleNamespace(max_image_pixels=100_000)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.config import ModelConfig
+from config import ModelConfig
+from errors import UserError
 from models.images import encode_png
 from models.object_detection import TASK, Options, parse_coco, shapes_scene, transform_boxes
-from models.spec import Context, UserError
+from models.spec import Context
 
 LABELS = ["circle", "square", "triangle"]
 LABEL_IDS = {name: i for i, name in enumerate(LABELS)}

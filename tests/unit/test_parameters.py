@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from errors import UserError
 from models import get_task, task_names
-from models.spec import UserError
 
 
 @pytest.mark.parametrize("name", task_names())
@@ -68,7 +68,7 @@ def test_parameters_come_back_normalised_and_nulls_leave_the_default():
 def test_a_bad_predict_parameter_stops_predict_before_ray_starts(monkeypatch, tmp_path):
     import ray
 
-    from jobs.config import validate
+    from config import validate
     from pipelines.predict import predict
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from errors import UserError
 from models import get_task
-from models.spec import UserError
 from pipelines.media import fetch_file, resolve_paths
 from pipelines.predict_output import (
     MARKER,

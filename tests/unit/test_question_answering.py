@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.config import validate
+from config import validate
+from errors import UserError
 from models.question_answering import TASK, Options, squad_scores
-from models.spec import Context, UserError
+from models.spec import Context
 
 CFG = validate(
     {

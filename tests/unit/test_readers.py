@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.spec import UserError
+from errors import UserError
 from pipelines.readers import READ_ERROR, format_of, parse_lines, parse_parquet
 from pipelines.storage import Storage
 

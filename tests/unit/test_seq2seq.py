@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.config import validate
+from config import validate
+from errors import UserError
 from models.generation import ParameterError
 from models.seq2seq import Seq2SeqOptions
-from models.spec import Context, UserError
+from models.spec import Context
 from models.summarization import TASK as SUMMARIZATION
 from models.translation import TASK as TRANSLATION
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.config import DataConfig
+from config import DataConfig
+from errors import UserError
 from models.audio import WINDOWS_PER_FORWARD, decode, wav_bytes
 from models.automatic_speech_recognition import LETTERS, TASK, SpeechOptions, build_tokenizer
-from models.spec import Context, UserError
+from models.spec import Context
 
 MODEL_CFG = SimpleNamespace(
     init=SimpleNamespace(architecture="wav2vec2", size="tiny", overrides={}),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.spec import UserError
+from errors import UserError
 from pipelines.storage import Storage
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")

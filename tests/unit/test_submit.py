@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from config import load_config
 from jobs import submit as submit_module
 from jobs.cli import main, run
-from jobs.config import load_config
 from jobs.submit import entrypoint, find_token, local_paths, runtime_env, stage, tokens_to_try
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,10 +32,18 @@ def test_the_job_ships_the_packages_and_the_config_and_nothing_else(tmp_path):
     staging.mkdir()
     shipped = stage(staging, str(config))
 
-    assert shipped == Path("config/my-job.yaml")
+    assert shipped == Path("job_config/my-job.yaml")
     assert (staging / shipped).read_text() == config.read_text()
-    assert sorted(p.name for p in staging.iterdir()) == ["config", "jobs", "models", "pipelines"]
+    assert sorted(p.name for p in staging.iterdir()) == [
+        "config",
+        "errors.py",
+        "job_config",
+        "jobs",
+        "models",
+        "pipelines",
+    ]
     assert (staging / "jobs/cli.py").is_file() and (staging / "pipelines/train_loop.py").is_file()
+    assert (staging / "config/job.py").is_file()
     files = [p for p in staging.rglob("*") if p.is_file()]
     assert not [p for p in files if "__pycache__" in p.parts or p.suffix == ".pyc"]
     assert sum(p.stat().st_size for p in files) < 5 * 2**20  # Ray refuses working_dirs over 100 MiB
@@ -43,8 +51,8 @@ def test_the_job_ships_the_packages_and_the_config_and_nothing_else(tmp_path):
 
 def test_the_entrypoint_runs_the_verb_on_the_shipped_config_with_each_override_intact():
     overrides = ["train.lr=3e-5", "data.columns={text: body}", "predict.output=s3://b/it's here"]
-    command = entrypoint("predict", Path("config/job.yaml"), overrides)
-    assert shlex.split(command) == ["python", "-m", "jobs.cli", "predict", "config/job.yaml", *overrides]
+    command = entrypoint("predict", Path("job_config/job.yaml"), overrides)
+    assert shlex.split(command) == ["python", "-m", "jobs.cli", "predict", "job_config/job.yaml", *overrides]
 
 
 def test_the_jobs_environment_merges_with_the_one_its_driver_asks_ray_for(monkeypatch, tmp_path):

@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
-from jobs.config import validate
-from models.spec import Context, UserError
+from config import validate
+from errors import UserError
+from models.spec import Context
 from models.text_classification import TASK
 
 CFG = validate(

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from jobs.config import validate
+from config import validate
+from errors import UserError
 from models.generation import ParameterError, cut_at_stop, held_back
-from models.spec import Context, UserError
+from models.spec import Context
 from models.text_generation import TASK, Options
 
 CFG = validate(

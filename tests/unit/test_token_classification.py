@@ -11,8 +11,9 @@ import pytest
 import torch
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-from jobs.config import validate
-from models.spec import Context, UserError
+from config import validate
+from errors import UserError
+from models.spec import Context
 from models.token_classification import IGNORE, TASK
 
 CFG = validate(

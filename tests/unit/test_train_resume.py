@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from models.spec import UserError
+from errors import UserError
 from pipelines.storage import Storage, commit_dir, is_committed
 from pipelines.train import check_same_run, run_identity, start_fresh
 from tests.conftest import job_config
