@@ -12,6 +12,7 @@ import os
 import ray
 
 from models.spec import UserError
+from pipelines.console import attach_log_handlers
 
 
 # Without -v: Ray Data's and Ray Train's info lines (plans, "Reporting training result", checkpoint paths)
@@ -87,3 +88,4 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
             configure_logging=True,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    attach_log_handlers()  # ray.init set up Ray's loggers anew

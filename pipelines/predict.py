@@ -24,6 +24,7 @@ from jobs.config import JobConfig
 from models import get_task
 from models.spec import TaskSpec, UserError
 from pipelines.cluster import connect
+from pipelines.console import job_console, on_terminal, progress
 from pipelines.predict_output import (
     Commits,
     check_no_overlap,
@@ -50,6 +51,7 @@ from pipelines.readers import (
     table_from_rows,
     with_format,
 )
+from pipelines.report import predict_report
 from pipelines.storage import Storage
 
 UNIT_BYTES = 256 * 1024 * 1024  # a Parquet file larger than this is split into units of row groups
@@ -163,6 +165,12 @@ def check_sample_columns(storage: Storage, cfg: JobConfig, task: TaskSpec, units
 
 
 def predict(cfg: JobConfig) -> dict:
+    """`rayformers predict`: the run, inside the console (progress bar or lines) and log file of console.py."""
+    with job_console(cfg, "predict", cfg.predict.output):
+        return score_corpus(cfg)
+
+
+def score_corpus(cfg: JobConfig) -> dict:
     task = get_task(cfg.task)
     p = cfg.predict
     task.sanitize_parameters(p.parameters, cfg.options())  # a bad predict.parameters fails before Ray starts
@@ -223,7 +231,10 @@ def predict(cfg: JobConfig) -> dict:
             commits.add({k: v.item() if hasattr(v, "item") else v for k, v in record.items()})
             progress.update(record["rows"])
         commits.flush()
-    return summarize(out, len(units), len(todo), time.perf_counter() - started, time.perf_counter() - ray_up, actors)
+    summary = summarize(out, len(units), len(todo), time.perf_counter() - started, time.perf_counter() - ray_up, actors)
+    parts = [r["part"] for _, r in sorted(load_commits(out.root).items())]
+    print(f"report: {predict_report(cfg, task, storage, out.root, parts, source, summary)}", flush=True)
+    return summary
 
 
 class Progress:
@@ -237,16 +248,16 @@ class Progress:
         self.done += 1
         self.rows += rows
         now = time.monotonic()
-        if now - self.last < PROGRESS_EVERY_S and self.done < self.units:
+        if now - self.last < PROGRESS_EVERY_S and self.done < self.units and not on_terminal():
             return
         self.last = now
         rate = self.rows / max(now - self.start, 1e-9)
         per_unit = (now - self.start) / max(self.done, 1)
         eta = per_unit * (self.units - self.done)
-        print(
-            f"predict: {self.done}/{self.units} units, {self.rows} rows this run, {rate:.1f} rows/s, "
-            f"ETA {eta:.0f}s",
-            flush=True,
+        progress(
+            self.done,
+            self.units,
+            f"predict: {self.done}/{self.units} units, {self.rows} rows this run, {rate:.1f} rows/s, ETA {eta:.0f}s",
         )
 
 

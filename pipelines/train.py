@@ -9,7 +9,8 @@ to `train.output/checkpoints/` through the same filesystem as the data; running 
 again resumes from the latest one, and so does Ray Train by itself when a worker or a node is lost
 (`train.max_failures`, `train.max_preemption_failures`). A resume whose config or data no longer
 match the run in `train.output` is refused. At the end the best model is copied to
-`train.output/model/` and the figures to `train.output/metrics.json`. Every folder written here
+`train.output/model/`, the figures to `train.output/metrics.json`
+and the run report to `train.output/report.html` (pipelines/report.py). Every folder written here
 (prepared/, model/) is committed with a marker written last, and read only when it has one.
 """
 
@@ -30,8 +31,11 @@ from models import get_task
 from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR, best_model
 from pipelines.cluster import connect, train_log_level
+from pipelines.console import job_console
+from pipelines.history import HISTORY
 from pipelines.predictor import Preprocessor, check_columns
 from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
+from pipelines.report import train_report
 from pipelines.storage import Storage, commit_dir, is_committed, remove
 from pipelines.train_loop import train_loop
 
@@ -104,7 +108,7 @@ def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> 
 def start_fresh(storage: Storage, output: str) -> None:
     """train.fresh: removes what earlier runs wrote to `output` (only those folders and files)."""
     removed = []
-    for name in ("checkpoints", "prepared", "model", "metrics.json"):
+    for name in ("checkpoints", "prepared", "model", "metrics.json", HISTORY, "report.html"):
         if storage.exists(f"{output}/{name}"):
             remove(storage, f"{output}/{name}")
             removed.append(name)
@@ -154,6 +158,12 @@ def cache_train(cfg: JobConfig, task, rows: int) -> bool:
 
 
 def train(cfg: JobConfig) -> dict:
+    """`rayformers train`: the run, inside the console (progress bar or lines) and log file of console.py."""
+    with job_console(cfg, "train", cfg.train.output):
+        return fine_tune(cfg)
+
+
+def fine_tune(cfg: JobConfig) -> dict:
     task = get_task(cfg.task)
     t = cfg.train
     if not t.output:
@@ -301,5 +311,6 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     }
     storage.write_text(f"{out}/metrics.json", json.dumps(summary, indent=2))
     print(f"model: {out}/model", flush=True)
+    print(f"report: {train_report(cfg, storage, summary)}", flush=True)
     print("metrics: " + json.dumps(summary), flush=True)
     return summary

@@ -33,6 +33,7 @@ from models.spec import UserError
 from pipelines.checkpoints import load_checkpoint, save_best, save_checkpoint
 from pipelines.cluster import quiet_logs
 from pipelines.data_order import rounds, window_rows
+from pipelines.history import History
 from pipelines.predictor import to_device
 from pipelines.storage import Storage, remove
 
@@ -154,6 +155,8 @@ def train_loop(config: dict) -> None:
     storage = Storage.from_config(cfg.storage)
     output = config["output"]
     rows_log = RowsLog(storage, f"{output}/rows", rank, state["step"] if checkpoint else 0) if t.log_rows else None
+    # what the run report draws (train.output/history.json), kept by rank 0
+    history = History(storage, output, state["step"] if checkpoint else None) if rank == 0 else None
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     has_eval = config["has_eval"]
@@ -182,6 +185,8 @@ def train_loop(config: dict) -> None:
             return
         if rows_log:  # before the checkpoint: a registered checkpoint has every worker's rows on record
             rows_log.write(state["step"])
+        if history:
+            history.write()
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 # the saved skipped_rows stays None until an epoch is read whole: a resume recounts that epoch
@@ -227,6 +232,7 @@ def train_loop(config: dict) -> None:
                         Path(d, "eval_metrics.json").write_text(json.dumps({**metrics, "step": state["step"]}))
                         save_best(storage, d, f"{output}/checkpoints/best")
             if rank == 0:
+                history.add("eval", state["step"], **metrics)
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(
                     f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step "
@@ -302,12 +308,22 @@ def train_loop(config: dict) -> None:
             if step % t.log_every == 0 and rank == 0:
                 now = time.perf_counter()
                 eta = (total_steps - step) * (now - run_start) / max(step - first_step, 1)  # evals included
+                mean_loss, lr = window_loss / max(window_samples, 1), scheduler.get_last_lr()[0]
+                speed = window_samples * world / (now - window_start)
                 print(
-                    f"step {step}/{total_steps} epoch {state['epoch']} loss {window_loss / max(window_samples, 1):.4f} "
-                    f"samples/s {window_samples * world / (now - window_start):.1f} lr "
-                    f"{scheduler.get_last_lr()[0]:.2e} "
-                    f"elapsed {clock(now - run_start)} ETA {clock(eta)}",
+                    f"step {step}/{total_steps} epoch {state['epoch']} loss {mean_loss:.4f} samples/s {speed:.1f} "
+                    f"lr {lr:.2e} elapsed {clock(now - run_start)} ETA {clock(eta)}",
                     flush=True,
+                )
+                history.add(
+                    "train",
+                    step,
+                    epoch=state["epoch"],
+                    loss=mean_loss,
+                    lr=lr,
+                    samples_per_s=speed,
+                    train_seconds=state["train_seconds"],
+                    total_steps=total_steps,
                 )
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             if step % t.eval_every == 0:

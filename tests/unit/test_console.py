@@ -1,0 +1,65 @@
+"""What a person sees while a job runs: on a terminal one progress bar redrawn in place, elsewhere (CI,
+`ray job logs`) the plain step lines; every line also lands in the job's log file."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+
+from pipelines.console import JobConsole
+
+# what Ray prints on the driver for a line that rank 0 prints (its prefix, coloured on a terminal)
+STEPS = [
+    f"\x1b[36m(RayTrainWorker pid=4242)\x1b[0m step {s}/40 epoch 0 loss 1.{s:04d} samples/s 55.0 lr 1.00e-03 "
+    f"elapsed 0:{s:02d} ETA 0:{40 - s:02d}\n"
+    for s in (10, 20, 30, 40)
+]
+EVAL = "\x1b[36m(RayTrainWorker pid=4242)\x1b[0m eval step 20: eval_loss=0.5000, eval_accuracy=0.9000\n"
+
+
+def feed(console: JobConsole) -> None:
+    for i, line in enumerate(STEPS):
+        # print() writes the text and its newline apart
+        console.write(line[:-1])
+        console.write("\n")
+        if i == 1:
+            console.write(EVAL)
+    console.close()
+
+
+def test_off_a_terminal_every_step_stays_a_plain_line_and_the_log_file_gets_them_without_colours():
+    out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
+    feed(JobConsole(out, err, log, tty=False))
+    assert out.getvalue() == "".join(STEPS[:2]) + EVAL + "".join(STEPS[2:])
+    assert "\r" not in out.getvalue() and "█" not in out.getvalue()
+    assert "\x1b" not in log.getvalue() and log.getvalue().count("(RayTrainWorker pid=4242) step ") == 4
+
+
+def test_on_a_terminal_the_steps_are_one_bar_redrawn_in_place_with_the_eval_line_above_it():
+    leader, follower = pty.openpty()
+    terminal = os.fdopen(follower, "w", encoding="utf-8", buffering=1)
+    assert terminal.isatty()
+    log = io.StringIO()
+    feed(JobConsole(terminal, terminal, log, tty=terminal.isatty()))
+    terminal.close()
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the follower side is closed: all was read
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    text = screen.decode("utf-8")
+    # the bar: redrawn after a carriage return, the last one full and kept on screen with a newline
+    assert text.count("\r\x1b[2Ktrain ") >= 4, text
+    assert "train " + "█" * 28 + " 40/40 epoch 0 loss 1.0040" in text and "0:40<0:00" in text, text
+    assert "train " + "█" * 7 + "░" * 21 + " 10/40" in text, text
+    # no step becomes a line of its own; the eval line scrolls above the bar
+    assert "step 10/40" not in text and "eval step 20: eval_loss=0.5000" in text, text
+    lines = text.replace("\r\n", "\n").split("\n")
+    assert sum("eval step 20" in line for line in lines) == 1
+    assert log.getvalue().count("/40 epoch 0") == 4  # the log file keeps every step line as it came
