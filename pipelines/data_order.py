@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.predictor import ERROR, FLAG, LENGTH, column_values
+from pipelines.features import ERROR, FLAG, LENGTH, column_values
 from pipelines.readers import ROW, SOURCE
 
 KEY_COLUMNS = (SOURCE, ROW)

@@ -1,162 +1,28 @@
-"""One predictor, three runtimes: the preprocessing stage and the model stage used by training,
-`rayformers predict` and the Serve deployment alike.
+"""One predictor, three runtimes: the model stage of `rayformers predict` and of the Serve deployment
+(training moves its batches to the device with the same `to_device`).
 
-`Preprocessor` turns rows in the user's column names into task features (run in Ray Data
-actors). `Predictor` runs the model over features, batching rows of similar length so little
-compute goes into padding, and turns outputs into predictions with the task's `postprocess`.
-Neither knows which task it runs.
+`Predictor` runs the model over features (from the preprocessing stage, `preprocess.py`, or from raw
+request rows), batching rows of similar length so little compute goes into padding, and turns outputs
+into predictions with the task's `postprocess`. `PredictStage` is its Ray Data callable class. Neither
+knows which task it runs.
 """
 
 from __future__ import annotations
 
-import io
 import os
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import BaseModel
 
+from config import DataConfig, JobConfig
 from errors import UserError
 from models import get_task
-from models.spec import Context, Features, TaskSpec
-from pipelines.media import decode_request_value, resolve_paths
-from pipelines.readers import READ_ERROR, SOURCE
+from models.spec import Context, Features
+from pipelines.features import ERROR, FLAG, LENGTH, check_columns, column_values  # noqa: F401  (check_columns: until train.py and predict.py import it from features)
+from pipelines.media import decode_request_value
+from pipelines.preprocess import Preprocessor, fetch_media
 from pipelines.storage import Storage
-
-LENGTH, ERROR, FLAG = "_length", "error", "flag"
-
-
-def check_columns(names: list[str], task: TaskSpec, column_map: dict[str, str], training: bool) -> None:
-    """A required column missing from the data is a user error for the whole job, not per row."""
-    for column in task.columns:
-        if not column.required or (column.training_only and not training):
-            continue
-        theirs = column_map.get(column.name, column.name)
-        if theirs not in names:
-            hint = f" (mapped by data.columns.{column.name})" if column.name in column_map else ""
-            raise UserError(
-                f"data: no column {theirs!r}{hint} for {column.description}; the data has {', '.join(sorted(names))}"
-            )
-
-
-def canonical_rows(table: pa.Table, task: TaskSpec, column_map: dict[str, str], training: bool) -> dict[str, list]:
-    batch = {}
-    for column in task.columns:
-        if column.training_only and not training:
-            continue
-        theirs = column_map.get(column.name, column.name)
-        if theirs in table.column_names:
-            batch[column.name] = column_values(table, theirs)
-    return batch
-
-
-# Arrays travel between stages as Arrow columns; numpy arrays (pixels, waveforms, masks) as .npy bytes,
-# which keep dtype and shape and decode without copying element by element.
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-def _encode(value):
-    if isinstance(value, np.ndarray):
-        buffer = io.BytesIO()
-        np.save(buffer, value, allow_pickle=False)
-        return buffer.getvalue()
-    return value
-
-
-def column_values(table: pa.Table, name: str) -> list:
-    """A column as Python values, with .npy-encoded cells decoded back to numpy arrays."""
-    column = table.column(name)
-    values = column.to_pylist()
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        return [
-            np.load(io.BytesIO(v), allow_pickle=False) if isinstance(v, bytes) and v.startswith(_NPY_MAGIC) else v
-            for v in values
-        ]
-    return values
-
-
-def features_to_arrow(features: Features) -> dict[str, pa.Array]:
-    out = {}
-    for name, values in features.arrays.items():
-        if any(isinstance(v, np.ndarray) for v in values):
-            out[name] = pa.array([_encode(v) for v in values], pa.large_binary())
-        else:
-            out[name] = pa.array(values)
-    out[LENGTH] = pa.array(features.lengths, pa.int64())
-    out[ERROR] = pa.array(features.errors, pa.string())
-    out[FLAG] = pa.array(features.flags or [None] * len(features.errors), pa.string())
-    return out
-
-
-def fetch_media(task: TaskSpec, batch: dict[str, list], fetch) -> list[str | None]:
-    """Media columns of `batch` replaced by file bytes in place; the reason per row where that failed
-    (a null in an optional media column is no error)."""
-    n = len(next(iter(batch.values()))) if batch else 0
-    reasons: list[str | None] = [None] * n
-    for column in task.columns:
-        if column.kind != "media" or column.name not in batch:
-            continue
-        given = batch[column.name]
-        values, errors = fetch(column.name, given)
-        batch[column.name] = values
-        for i, why in enumerate(errors):
-            if why is not None and reasons[i] is None and (column.required or given[i] is not None):
-                reasons[i] = why
-    return reasons
-
-
-class Preprocessor:
-    """Ray Data callable class: a block of raw rows -> a block of features (+ pass-through columns).
-
-    The processor comes as the folder it was saved in (`processor_dir`: a model folder, or a training
-    run's prepared/), read by each actor: constructor arguments that small travel inline, not through
-    the object store (where Ray warns that a restarted actor could lose them)."""
-
-    def __init__(
-        self,
-        job: dict,
-        processor_dir: str,
-        labels: list | None,
-        train: bool = False,
-        keep: tuple[str, ...] = (),
-        data_uri: str | None = None,
-    ):
-        from config import JobConfig
-
-        torch.set_num_threads(1)
-        cfg = JobConfig.model_validate(job)
-        self.task = get_task(cfg.task)
-        self.storage = Storage.from_config(cfg.storage)
-        self.processor = self.task.build_processor(cfg.model, self.storage.model_path(processor_dir), iter(()))
-        self.column_map = cfg.data.columns
-        label_ids = {label: i for i, label in enumerate(labels)} if labels is not None else None
-        self.ctx = Context(labels=label_ids, train=train, options=cfg.options(), data=cfg.data)
-        self.keep = keep
-        self.fs = self.storage.resolve(data_uri).fs if data_uri else None
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        columns = features_to_arrow(self.features(table))
-        for name in self.keep:
-            if name in table.column_names:
-                columns[name] = table.column(name)
-        return pa.table(columns)
-
-    def features(self, table: pa.Table) -> Features:
-        batch = canonical_rows(table, self.task, self.column_map, training=self.ctx.labels is not None)
-        sources = table.column(SOURCE).to_pylist() if SOURCE in table.column_names else [None] * table.num_rows
-        media_errors = fetch_media(
-            self.task, batch, lambda name, values: resolve_paths(values, sources, self.storage, self.fs, name)
-        )
-        features = self.task.preprocess(batch, self.processor, self.ctx)
-        read_errors = table.column(READ_ERROR).to_pylist() if READ_ERROR in table.column_names else []
-        for reasons in (media_errors, read_errors):
-            for i, why in enumerate(reasons):
-                if why is not None:
-                    features.errors[i] = why
-        if not features.flags:
-            features.flags = [None] * len(features.errors)
-        return features
 
 
 def to_device(value, device: torch.device):
@@ -188,8 +54,8 @@ class Predictor:
         quantize: str = "none",
         threads: int | None = None,
         parameters: dict | None = None,
-        options: Any = None,
-        data: Any = None,
+        options: BaseModel | None = None,
+        data: DataConfig | None = None,
         storage: Storage | None = None,
         allow_uris: bool = False,
         max_batch_cost: int | None = None,
@@ -281,8 +147,6 @@ class PredictStage:
     -> a block of prediction columns."""
 
     def __init__(self, job: dict, model_uri: str, keep: tuple[str, ...], preprocess: dict | None = None):
-        from config import JobConfig
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # raw rows in: preprocess here (built first: it pins torch to one thread, the predictor then sets its own)
         self.preprocessor = Preprocessor(**preprocess) if preprocess else None

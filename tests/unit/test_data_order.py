@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.data_order import rounds, window_rows
-from pipelines.predictor import ERROR, LENGTH
+from pipelines.features import ERROR, LENGTH
 from pipelines.readers import ROW, SOURCE
 
 BATCH, BUCKETS = 4, 2
