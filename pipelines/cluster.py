@@ -11,9 +11,8 @@ import os
 
 import ray
 
-from models.spec import UserError
+from errors import UserError
 from pipelines.console import attach_log_handlers
-
 
 # Without -v: Ray Data's and Ray Train's info lines (plans, "Reporting training result", checkpoint paths)
 # and transformers' progress bars stay in Ray's log files under /tmp/ray/session_latest/logs; the console

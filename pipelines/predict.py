@@ -20,11 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from jobs.config import JobConfig
+from config import JobConfig
+from errors import UserError
 from models import get_task
-from models.spec import TaskSpec, UserError
+from models.spec import TaskSpec
 from pipelines.cluster import connect
 from pipelines.console import job_console, on_terminal, progress
+from pipelines.features import ERROR, FLAG, check_columns
 from pipelines.predict_output import (
     Commits,
     check_no_overlap,
@@ -37,7 +39,8 @@ from pipelines.predict_output import (
     open_output,
     write_part,
 )
-from pipelines.predictor import ERROR, FLAG, PredictStage, Preprocessor, check_columns
+from pipelines.predictor import PredictStage
+from pipelines.preprocess import Preprocessor
 from pipelines.readers import (
     READ_ERROR,
     ROW,

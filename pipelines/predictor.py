@@ -19,7 +19,7 @@ from config import DataConfig, JobConfig
 from errors import UserError
 from models import get_task
 from models.spec import Context, Features
-from pipelines.features import ERROR, FLAG, LENGTH, check_columns, column_values  # noqa: F401  (check_columns: until train.py and predict.py import it from features)
+from pipelines.features import ERROR, FLAG, LENGTH, column_values
 from pipelines.media import decode_request_value
 from pipelines.preprocess import Preprocessor, fetch_media
 from pipelines.storage import Storage

@@ -26,9 +26,10 @@ import yaml
 from ray import serve
 from ray.serve import metrics
 
-from jobs.config import JobConfig, load_config, without_api_key
+from config import JobConfig, load_config, without_api_key
+from errors import UserError
 from models import get_task
-from models.spec import Features, UserError
+from models.spec import Features
 from pipelines.cluster import connect, verbose
 from pipelines.predictor import Predictor
 from pipelines.serve_http import URI, RequestError, row_errors

@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from models.spec import TaskSpec, UserError
+from errors import UserError
+from models.spec import TaskSpec
 
 API_KEY_ENV = "RAYFORMERS_API_KEY"
 API_KEY_FILE_ENV = "RAYFORMERS_API_KEY_FILE"  # a file holding the key (what `rayformers submit` ships)

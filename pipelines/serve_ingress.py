@@ -18,9 +18,9 @@ from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from jobs.config import JobConfig
+from config import JobConfig
+from errors import UserError
 from models import get_task
-from models.spec import UserError
 from pipelines.serve_http import API_KEY_ENV, API_KEY_FILE_ENV, RequestError, http_app
 
 

@@ -26,14 +26,15 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from jobs.config import JobConfig
+from config import JobConfig
+from errors import UserError
 from models import get_task
-from models.spec import UserError
 from pipelines.checkpoints import MODEL_DIR, best_model
 from pipelines.cluster import connect, train_log_level
 from pipelines.console import job_console
+from pipelines.features import check_columns
 from pipelines.history import HISTORY
-from pipelines.predictor import Preprocessor, check_columns
+from pipelines.preprocess import Preprocessor
 from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
 from pipelines.report import train_report
 from pipelines.storage import Storage, commit_dir, is_committed, remove

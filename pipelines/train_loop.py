@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from transformers import get_linear_schedule_with_warmup
 
-from jobs.config import JobConfig
+from config import JobConfig
+from errors import UserError
 from models import get_task
-from models.spec import UserError
 from pipelines.checkpoints import load_checkpoint, save_best, save_checkpoint
 from pipelines.cluster import quiet_logs
 from pipelines.data_order import rounds, window_rows

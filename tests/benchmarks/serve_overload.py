@@ -239,7 +239,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from jobs.config import validate
+    from config import validate
     from pipelines.serve import app_for
     from tests.benchmarks.serve_latency import minilm_classifier, tiny_classifier
     from tests.conftest import free_port

@@ -32,7 +32,7 @@ TEXT = "the match ended with a late goal and the team celebrated with the fans "
 
 def save_tiny_model(task_name: str, architecture: str, folder: str) -> str:
     """An untrained tiny model of the task, with its processor, saved where `task.load` reads it."""
-    from jobs.config import ModelConfig
+    from config import ModelConfig
     from models import get_task
 
     task = get_task(task_name)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.config import validate
+from config import validate
 from models import get_task
 from models.audio import read_clip, wav_bytes
 from pipelines.serve import PredictorDeployment, serving_limits
