@@ -5,6 +5,7 @@
     rayformers serve   CONFIG [k=v ...]    run the Ray Serve app (--export-config writes a Serve config)
     rayformers submit  CONFIG --address http://HOST:8265 [--verb train|predict|serve]
     rayformers config  CONFIG [k=v ...]    print the resolved, validated config
+    rayformers report  CONFIG [k=v ...]    write train.output/report.html again from what the run left
     rayformers tasks                       list tasks, architectures, input columns
     rayformers demo-data TASK URI          write a small learnable dataset to URI/train and URI/eval
 
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         ("predict", "batch inference to Parquet"),
         ("config", "print the resolved config"),
         ("serve", "run the Ray Serve application"),
+        ("report", "write train.output/report.html again from the run's history.json and metrics.json"),
     ):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("config", metavar="CONFIG", help="job YAML")
@@ -93,6 +95,11 @@ def run(argv: list[str]) -> int:
         from pipelines.train import train
 
         train(cfg)
+        return 0
+    if args.verb == "report":
+        from pipelines.report import rebuild
+
+        print(f"report: {rebuild(cfg)}")
         return 0
     if args.verb == "predict":
         from pipelines.predict import predict

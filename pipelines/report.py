@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from collections import Counter
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from datetime import datetime, timezone
 import pyarrow.parquet as pq
 import yaml
 
+from errors import UserError
 from pipelines.history import read_history
 from pipelines.storage import Storage, storage_errors
 
@@ -200,6 +202,17 @@ def metrics_section(summary: dict) -> str:
     rows = [[name.removeprefix("eval_"), best.get(name, ""), final.get(name, "")] for name in names]
     header = ["metric", f"best model (step {best.get('step', '?')})", f"last eval (step {final.get('step', '?')})"]
     return '<h2>Final metrics</h2><div id="metrics">' + table(header, rows) + "</div>"
+
+
+def rebuild(cfg) -> str:
+    """`rayformers report`: train.output/report.html again, from the run's history.json and metrics.json."""
+    if not cfg.train.output:
+        raise UserError("train.output: required by `rayformers report` (the run to draw)")
+    storage = Storage.from_config(cfg.storage)
+    out = cfg.train.output.rstrip("/")
+    if not storage.exists(f"{out}/metrics.json"):
+        raise UserError(f"train.output: {out} holds no finished run (no metrics.json); `rayformers train` writes one")
+    return train_report(cfg, storage, json.loads(storage.read_text(f"{out}/metrics.json")))
 
 
 # --- rayformers predict --------------------------------------------------------------------------
