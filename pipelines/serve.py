@@ -1,5 +1,7 @@
 """`rayformers serve`: the configured model(s) behind a Ray Serve deployment, reached through a light
-FastAPI ingress deployment (`serve_ingress`) that answers health probes, docs and bad requests itself.
+FastAPI ingress deployment (`serve_ingress`) that answers docs and bad requests itself, with `/healthz` an
+application of its own (`run_apps`). Overload is shed by Serve's proxy in front of the ingress
+(`ingress_options`).
 
 Each model replica holds the default model (`serve.model`, else `train.output/model`, else `model.source`)
 and loads the models of `serve.models` on demand, evicting the least recently used (Serve model
@@ -14,6 +16,7 @@ broken is replaced. `build_app` is the application builder that `serve deploy` i
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import time
@@ -33,13 +36,15 @@ from models.spec import Features
 from pipelines.cluster import connect, verbose
 from pipelines.predictor import Predictor
 from pipelines.serve_http import URI, RequestError, row_errors
-from pipelines.serve_ingress import Ingress, answer_error, api_key
+from pipelines.serve_ingress import Health, Ingress, answer_error, api_key
 from pipelines.storage import Storage, storage_errors
 
 APP_NAME = "rayformers"
 DEPLOYMENT_NAME = "Predictor"  # the models; the HTTP ingress in front of them is INGRESS_NAME
 INGRESS_NAME = "Ingress"
+HEALTH_NAME = "Health"  # `/healthz`, an application of its own (`run_apps`)
 IMPORT_PATH = "pipelines.serve:build_app"
+HEALTH_IMPORT_PATH = "pipelines.serve:build_health_app"
 
 
 def serving_limits(cfg: JobConfig):
@@ -333,9 +338,6 @@ class PredictorDeployment:
         return predictions
 
 
-# Requests the ingress admits beyond all the model deployment can hold (in flight and queued): health
-# probes, /docs and the quick refusals, which Serve's proxy must never queue behind predictions.
-INGRESS_HEADROOM = 64
 MAIN_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
@@ -348,9 +350,9 @@ def deployment_options(cfg: JobConfig) -> dict:
     actor = {"num_cpus": s.threads_per_replica, "runtime_env": {"env_vars": MAIN_LOOP}}
     if s.use_gpu:
         actor["num_gpus"] = 1
-    # Overload is shed at the ingress: each replica takes serve.max_ongoing_requests predictions, the
-    # ingress holds serve.max_queued_requests more waiting for one (Ray Serve's own limits), and past
-    # both its DeploymentHandle raises BackPressureError, answered 503 + Retry-After at once.
+    # Each replica takes serve.max_ongoing_requests predictions. The ingress admits no more than all the
+    # replicas take (`ingress_options`), so the queue below is used only while an autoscaled deployment runs
+    # fewer than serve.max_replicas; past it the ingress's handle raises BackPressureError (503 + Retry-After).
     options = {
         "name": DEPLOYMENT_NAME,
         "max_ongoing_requests": s.max_ongoing_requests,
@@ -378,16 +380,21 @@ def deployment_options(cfg: JobConfig) -> dict:
 
 def ingress_options(cfg: JobConfig) -> dict:
     """The HTTP ingress's Serve options: one replica that reserves no CPU (its work per request is parsing
-    and checking, as the proxy's is) and admits every request the models could hold, plus headroom."""
+    and checking, as the proxy's is) and takes at once as many requests as all the model replicas run.
+
+    Overload is shed by Serve's proxy, before any work: requests past that wait in the proxy
+    (serve.max_queued_requests, Ray Serve's own limit) and past both the proxy answers 503 with
+    `Retry-After: serve.retry_after_s` at once. A refusal there costs ~1.3 ms of CPU; one answered by this
+    replica cost ~13 ms (the proxy's call to it, its ASGI app), which at 4x the models' capacity took
+    a third of 2 cores from the models (tests/benchmarks/RESULTS.md)."""
     s = cfg.serve
-    held = s.max_ongoing_requests * s.max_replicas + max(s.max_queued_requests, 0)
-    # Its cost per request is what a refused request costs, so it runs as Serve's throughput-optimised mode
-    # does: the handle's router on the replica's own loop, no access log (the proxy writes one per request).
+    # It runs as Serve's throughput-optimised mode does: the handle's router on the replica's own loop, no
+    # access log (the proxy writes one per request).
     env = {**MAIN_LOOP, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
     return {
         "name": INGRESS_NAME,
         "num_replicas": 1,
-        "max_ongoing_requests": held + INGRESS_HEADROOM,
+        "max_ongoing_requests": s.max_ongoing_requests * s.max_replicas,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "logging_config": {"enable_access_log": False},
@@ -395,23 +402,64 @@ def ingress_options(cfg: JobConfig) -> dict:
     }
 
 
+def health_options(cfg: JobConfig) -> dict:
+    """The `/healthz` application's Serve options: one replica that reserves no CPU and writes no access log."""
+    return {
+        "name": HEALTH_NAME,
+        "num_replicas": 1,
+        "max_ongoing_requests": 32,
+        "logging_config": {"enable_access_log": False},
+        "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": dict(MAIN_LOOP)}},
+    }
+
+
 def app_for(cfg: JobConfig, cls: type = PredictorDeployment):
-    """The Serve application: the ingress, bound to a handle of the model deployment (`cls`)."""
+    """The Serve application: the ingress, bound to a handle of the model deployment (`cls`). Deployed alone
+    (as `run_apps` does not), its ingress answers `/healthz` too, but only while it is not full."""
     model = serve.deployment(cls).options(**deployment_options(cfg)).bind(cfg)
     ingress = serve.deployment(serve.ingress()(Ingress)).options(**ingress_options(cfg))
     return ingress.bind(cfg, model, default_source(cfg) is not None)
 
 
+def health_app_for(cfg: JobConfig):
+    """The application that answers `<route_prefix>/healthz` in front of `app_for`'s ingress."""
+    return serve.deployment(Health).options(**health_options(cfg)).bind(cfg, default_source(cfg) is not None)
+
+
+def health_route(route_prefix: str) -> str:
+    return route_prefix.rstrip("/") + "/healthz"
+
+
+def run_apps(cfg: JobConfig, name: str, route_prefix: str, logging_config: dict | None = None) -> None:
+    """Deploys the model app as `name` at `route_prefix`, and its `/healthz` app as `name`-health."""
+    serve.run(app_for(cfg), name=name, route_prefix=route_prefix, logging_config=logging_config)
+    serve.run(
+        health_app_for(cfg),
+        name=f"{name}-health",
+        route_prefix=health_route(route_prefix),
+        logging_config=logging_config,
+    )
+
+
 def build_app(args: dict):
     """The application builder `serve deploy` imports: args {"config": YAML path, "overrides": [k=v, ...]}."""
+    cfg = app_config(args)
+    get_task(cfg.task).sanitize_parameters(cfg.predict.parameters, cfg.options())
+    return app_for(cfg)
+
+
+def build_health_app(args: dict):
+    """The builder of the `/healthz` application (HEALTH_IMPORT_PATH), with the same args."""
+    return health_app_for(app_config(args))
+
+
+def app_config(args: dict) -> JobConfig:
     if "config" not in args:
         raise UserError(f"{IMPORT_PATH}: args.config is required (the job YAML)")
     unknown = set(args) - {"config", "overrides"}
     if unknown:
         raise UserError(f"{IMPORT_PATH}: unknown args {sorted(unknown)}; expected config and overrides")
-    cfg = load_config(args["config"], list(args.get("overrides") or []))
-    get_task(cfg.task).sanitize_parameters(cfg.predict.parameters, cfg.options())
-    return app_for(cfg)
+    return load_config(args["config"], list(args.get("overrides") or []))
 
 
 # --- the CLI verb -----------------------------------------------------------------------------------
@@ -449,7 +497,7 @@ def run_serve(cfg: JobConfig) -> None:
     logs = None if verbose() else {"log_level": "WARNING"}
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=logs)
     try:
-        serve.run(app_for(cfg), name=APP_NAME, route_prefix=s.route_prefix, logging_config=logs)
+        run_apps(cfg, APP_NAME, s.route_prefix, logs)
         url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
         print(
             f"serving {cfg.task} at {url}/predict (health {url}/healthz, API docs {url}/docs); Ctrl-C stops", flush=True
@@ -459,6 +507,7 @@ def run_serve(cfg: JobConfig) -> None:
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
+        serve.delete(f"{APP_NAME}-health")
         serve.delete(APP_NAME)
         if local:
             serve.shutdown()
@@ -474,14 +523,23 @@ def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_fi
     args: dict = {"config": os.path.abspath(config_path)}
     if kept:
         args["overrides"] = kept
-    application = {
-        "name": APP_NAME,
-        "route_prefix": s.route_prefix,
-        "import_path": IMPORT_PATH,
-        "args": args,
-        "deployments": [ingress_options(cfg), deployment_options(cfg)],
-    }
-    config = {"http_options": {"host": s.host, "port": s.port}, "applications": [application]}
+    applications = [
+        {
+            "name": APP_NAME,
+            "route_prefix": s.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": args,
+            "deployments": [ingress_options(cfg), deployment_options(cfg)],
+        },
+        {
+            "name": f"{APP_NAME}-health",
+            "route_prefix": health_route(s.route_prefix),
+            "import_path": HEALTH_IMPORT_PATH,
+            "args": copy.deepcopy(args),  # not a YAML alias of the first app's
+            "deployments": [health_options(cfg)],
+        },
+    ]
+    config = {"http_options": {"host": s.host, "port": s.port}, "applications": applications}
     ServeDeploySchema.model_validate(config)
     text = yaml.safe_dump(config, sort_keys=False)
     if s.api_key and s.api_key.get_secret_value() in text:  # a last guard: the key never lands in this file

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -61,8 +60,6 @@ class Backend(Protocol):
     api_key: str | None
     max_request_bytes: int
     max_items_per_request: int
-    max_waiting: int | None  # predictions held at once (at the models or queued for them); more get 503 at once
-    retry_after_s: float
     allow_uris: list[str]  # URI prefixes a media item may name (serve.allow_uris)
 
     def check_model(self, model_id: str | None) -> None: ...  # RequestError(404) when not served
@@ -337,26 +334,9 @@ def http_app(backend: Backend) -> FastAPI:
             {"error": f"{exc.detail}"}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
         )
 
-    waiting = 0  # prediction requests this ingress holds
-
     async def answer(request: Request, model_id: str | None) -> Response:
-        nonlocal waiting
         started = time.monotonic()
-        if backend.max_waiting is not None and waiting >= backend.max_waiting:  # before the body is even read
-            response = error_response(
-                RequestError(
-                    503,
-                    "overloaded: every model replica is busy and the queue is full (serve.max_ongoing_requests, "
-                    "serve.max_queued_requests); retry shortly",
-                    headers={"Retry-After": str(math.ceil(backend.retry_after_s))},
-                )
-            )
-        else:
-            waiting += 1
-            try:
-                response = await checked_answer(request, model_id)
-            finally:
-                waiting -= 1
+        response = await checked_answer(request, model_id)
         backend.record(response.status_code, time.monotonic() - started)
         return response
 

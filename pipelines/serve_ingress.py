@@ -1,22 +1,25 @@
-"""The HTTP ingress of `rayformers serve`: a light Serve deployment apart from the models.
+"""The HTTP ingress of `rayformers serve`: a light Serve deployment apart from the models, and `/healthz`.
 
-It answers `/healthz`, `/docs`, the API key and every check that needs no model (`serve_http`), and hands
-the rest to the model deployment (`pipelines/serve.py`) through a DeploymentHandle. That deployment
-bounds its own work (serve.max_ongoing_requests per replica, serve.max_queued_requests waiting at this
-ingress); past both, the handle raises BackPressureError and the request is answered 503 + Retry-After at
-once. Health probes and refusals never wait in the models' queue or share a process with a forward pass;
-what they still share with the models is the CPU (a refusal costs Serve's proxy and this replica ~9 ms of it
-on 2 cores: tests/benchmarks/RESULTS.md).
+`Ingress` answers `/docs`, the API key and every check that needs no model (`serve_http`), and hands
+predictions to the model deployment (`pipelines/serve.py`) through a DeploymentHandle. It takes at once
+only as many requests as the model replicas can run (`serve.ingress_options`): the rest wait in Serve's
+proxy (serve.max_queued_requests) and past that the proxy itself answers 503 + Retry-After, before this
+replica or the models do any work (a refusal there costs ~1.3 ms of CPU; one answered here cost ~13 ms:
+tests/benchmarks/RESULTS.md). `Health` answers `/healthz` as an application of its own, so that a full
+ingress never delays a health probe.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.requests import Request
+from starlette.responses import Response
 
 from config import JobConfig
 from errors import UserError
@@ -56,6 +59,24 @@ def raise_error(answer: dict) -> None:
 QUEUE_FULL = "every model replica is busy and the queue is full (serve.max_queued_requests)"
 
 
+def health_answer(task: str, has_default: bool, models: list[str]) -> dict:
+    return {"status": "ok", "task": task, "default_model": has_default, "models": models}
+
+
+class Health:
+    """`GET <route_prefix>/healthz`, deployed as an application of its own at that route (Serve's proxy sends
+    a path to the longest route prefix it matches): it answers while the ingress is full and the proxy
+    sheds predictions. It does not see predictions, so it cannot say which named models are loaded."""
+
+    def __init__(self, cfg: JobConfig, has_default: bool):
+        self.body = json.dumps(health_answer(cfg.task, has_default, sorted(cfg.serve.models))).encode()
+
+    async def __call__(self, request: Request) -> Response:
+        if request.method == "GET" and request.scope["path"].rstrip("/") == request.scope["root_path"]:
+            return Response(self.body, media_type="application/json")
+        return Response(b'{"error": "Not Found"}', status_code=404, media_type="application/json")
+
+
 class Ingress:
     """One ingress replica: the `serve_http.Backend` that `http_app` calls, forwarding predictions to `model`."""
 
@@ -66,10 +87,6 @@ class Ingress:
         self.api_key = api_key(cfg)
         self.max_request_bytes, self.max_items_per_request = s.max_request_bytes, s.max_items_per_request
         self.retry_after_s = s.retry_after_s
-        # All the model replicas can hold: past it a request is refused here before its body is read (Serve's
-        # router refuses it too, but only after the parsing and a hand-off to its thread).
-        held = s.max_ongoing_requests * s.max_replicas + s.max_queued_requests
-        self.max_waiting = None if s.max_queued_requests < 0 else held
         self.allow_uris = s.allow_uris
         self.models, self.has_default = sorted(s.models), has_default
         self.model = model  # the DeploymentHandle of the model deployment
@@ -104,14 +121,9 @@ class Ingress:
             raise RequestError(404, f"unknown model {model_id!r} ({served})")
 
     def health(self) -> dict:
-        """Answered here, never by the models: Serve's health check runs them (`check_health`)."""
-        return {
-            "status": "ok",
-            "task": self.task.name,
-            "default_model": self.has_default,
-            "models": self.models,
-            "loaded": self.loaded,
-        }
+        """Answered here (where `Health` does not stand in front), never by the models: Serve's health check
+        runs them (`check_health`)."""
+        return {**health_answer(self.task.name, self.has_default, self.models), "loaded": self.loaded}
 
     def record(self, status: int, seconds: float) -> None:
         self.responses.inc(tags={"status": str(status)})

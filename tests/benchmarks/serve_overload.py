@@ -51,16 +51,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Client:
-    """POSTs one JSON body to one path over pooled keep-alive connections; answers (status, seconds, headers
-    with lower-case names), status 0 when no answer came."""
+    """POSTs one JSON body (GETs, without one) to one path over pooled keep-alive connections; answers (status,
+    seconds, headers with lower-case names), status 0 when no answer came."""
 
-    def __init__(self, port: int, path: str, body: dict):
+    def __init__(self, port: int, path: str, body: dict | None = None):
         self.port = port
-        payload = json.dumps(body).encode()
-        self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n"
-        ).encode() + payload
+        if body is None:
+            self.request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        else:
+            payload = json.dumps(body).encode()
+            self.request = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n"
+            ).encode() + payload
         self.idle: list = []
         self.failures: dict[str, int] = {}  # why a request got no answer (status 0)
 
@@ -139,6 +142,17 @@ async def open_loop(client: Client, rate: float, seconds: float) -> list[tuple[f
     return shots
 
 
+async def probe_health(port: int, done: asyncio.Event) -> list[tuple[float, int]]:
+    """(seconds, status) of a GET /healthz every 0.2 s until `done`, as a load balancer probes."""
+    client, answers = Client(port, "/healthz"), []
+    while not done.is_set():
+        status, took, _ = await client.post()
+        answers.append((took, status))
+        await asyncio.sleep(0.2)
+    client.close()
+    return answers
+
+
 async def recovery(client: Client, unloaded_p50: float, limit_s: float = 30) -> float:
     """Seconds until a lone request is answered within 1.5x the unloaded p50 (+10 ms) again."""
     begin = time.monotonic()
@@ -152,7 +166,7 @@ async def recovery(client: Client, unloaded_p50: float, limit_s: float = 30) -> 
 
 # --- CPU by part, from /proc --------------------------------------------------------------------
 
-PARTS = {"model replicas": ":Predictor", "ingress": ":Ingress", "proxy": "ProxyActor"}
+PARTS = {"model replicas": ":Predictor", "ingress": ":Ingress", "health": ":Health", "proxy": "ProxyActor"}
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -190,9 +204,12 @@ async def measure(port: int, texts: int, seconds: float, clients: int) -> dict:
     print(json.dumps(results), flush=True)
     for factor in (1, 2, 4):
         client.failures = {}
-        before, begin = cpu_seconds(), time.monotonic()
+        before, begin, done = cpu_seconds(), time.monotonic(), asyncio.Event()
+        health = asyncio.ensure_future(probe_health(port, done))
         shots = await open_loop(client, factor * capacity, seconds)
         took, after = time.monotonic() - begin, cpu_seconds()
+        done.set()
+        health = await health
         ok = [s[1] for s in shots if s[2] == 200]
         statuses: dict[int, int] = {}
         for s in shots:
@@ -207,6 +224,8 @@ async def measure(port: int, texts: int, seconds: float, clients: int) -> dict:
             "share_503": round(statuses.get(503, 0) / max(1, len(shots)), 3),
             "statuses": statuses,
             **({"no_answer": client.failures} if client.failures else {}),
+            "healthz_slowest_ms": round(1000 * max(h[0] for h in health), 1),
+            "healthz_not_200": sum(h[1] != 200 for h in health),
             "cpu_cores": {part: round((after[part] - before[part]) / took, 2) for part in after},
             "cpu_ms_per_request": {
                 part: round(1000 * (after[part] - before[part]) / max(1, len(shots)), 2) for part in after
@@ -240,7 +259,7 @@ def main() -> None:
     from ray import serve
 
     from config import validate
-    from pipelines.serve import app_for
+    from pipelines.serve import run_apps
     from tests.benchmarks.serve_latency import minilm_classifier, tiny_classifier
     from tests.conftest import free_port
 
@@ -259,7 +278,7 @@ def main() -> None:
         cfg = validate(
             {"task": "text-classification", "model": {"source": model, "max_length": 128}, "serve": serve_cfg}
         ).with_absolute_paths()
-        serve.run(app_for(cfg), name="overload", route_prefix="/")
+        run_apps(cfg, "overload", "/")
         print(
             f"model {args.model}, {args.texts} texts per request, {args.replicas} replicas, "
             f"max_ongoing_requests {cfg.serve.max_ongoing_requests}, max_queued_requests "

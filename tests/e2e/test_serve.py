@@ -237,11 +237,12 @@ def test_the_exported_config_deploys_with_serve_deploy(endpoint, trained_text_mo
     text = exported.read_text()
     assert "hidden" not in text  # the key never lands in a file that gets committed or pasted
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
-    (app,) = schema.applications
+    app, health = schema.applications
     assert app.import_path == "pipelines.serve:build_app" and app.args["config"] == str(config)
     ingress, deployment = app.deployments
     assert ingress.name == "Ingress" and ingress.num_replicas == 1
     assert deployment.name == "Predictor" and deployment.autoscaling_config["max_replicas"] == 2
+    assert health.route_prefix == "/exported/healthz" and health.import_path == "pipelines.serve:build_health_app"
 
     dashboard = "http://" + ray._private.worker.get_dashboard_url()
     deployed = subprocess.run(
@@ -260,7 +261,11 @@ def test_the_exported_config_deploys_with_serve_deploy(endpoint, trained_text_mo
         )
         response = httpx.post(f"{endpoint}/exported/predict", json={"inputs": "flight hotel"}, timeout=30)
         assert response.status_code == 200 and set(response.json()) == {"label", "score"}
+        wait_until(
+            lambda: httpx.get(f"{endpoint}/exported/healthz", timeout=10).status_code == 200, 60, "the health app"
+        )
     finally:
+        serve.delete("rayformers-health")
         serve.delete("rayformers")
 
 
@@ -301,7 +306,7 @@ def test_rayformers_serve_serves_until_interrupted_and_then_removes_its_app(endp
     output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert f"serving text-classification at {endpoint}/cli/predict" in output
-    assert "rayformers" not in serve.status().applications
+    assert not {"rayformers", "rayformers-health"} & set(serve.status().applications)
     assert replicas(APP)["RUNNING"] == 1  # the cluster's other apps keep running
 
 

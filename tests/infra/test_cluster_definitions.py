@@ -184,17 +184,19 @@ def test_rayservice_serve_config_validates_against_serve_schema():
 
     # Serve's schemas accept unknown keys (forward compatibility); a typo must still fail here.
     assert set(serve_config) <= set(ServeDeploySchema.model_fields)
-    (app,) = serve_config["applications"]
-    assert set(app) <= set(ServeApplicationSchema.model_fields)
-    for deployment in app["deployments"]:
-        assert set(deployment) <= set(DeploymentSchema.model_fields)
-        if "autoscaling_config" in deployment:  # a plain dict in the schema; Serve checks it at deploy time
-            AutoscalingConfig(**deployment["autoscaling_config"])
+    app, health = serve_config["applications"]
+    for application in (app, health):
+        assert set(application) <= set(ServeApplicationSchema.model_fields)
+        for deployment in application["deployments"]:
+            assert set(deployment) <= set(DeploymentSchema.model_fields)
+            if "autoscaling_config" in deployment:  # a plain dict in the schema; Serve checks it at deploy time
+                AutoscalingConfig(**deployment["autoscaling_config"])
+        assert repo_path_of_image_path(application["args"]["config"]).is_file()
 
     assert app["name"] == "rayformers"
     assert app["route_prefix"] == "/"
     assert app["import_path"] == "pipelines.serve:build_app"
-    assert repo_path_of_image_path(app["args"]["config"]).is_file()
+    assert health["route_prefix"] == "/healthz" and health["import_path"] == "pipelines.serve:build_health_app"
     assert serve_config["http_options"]["host"] == "0.0.0.0"
 
 
@@ -244,5 +246,6 @@ def test_rayservice_serve_config_is_what_export_config_writes_for_its_documented
     local_config = str(repo_path_of_image_path(image_config))
     export_config(load_config(local_config, overrides), local_config, overrides, str(tmp_path / "serve.yaml"))
     written = yaml.safe_load((tmp_path / "serve.yaml").read_text())
-    written["applications"][0]["args"]["config"] = image_config
+    for application in written["applications"]:  # the model app and its /healthz app
+        application["args"]["config"] = image_config
     assert yaml.safe_load(load_yaml("k8s/rayservice.yaml")["spec"]["serveConfigV2"]) == written

@@ -32,8 +32,6 @@ class ImageBackend:
     api_key = None
     max_request_bytes = 200_000
     max_items_per_request = 4
-    max_waiting = 8
-    retry_after_s = 1.5
 
     def __init__(self, allow_uris=ALLOWED, fail=None):
         self.allow_uris, self.fail, self.calls, self.recorded = allow_uris, fail, [], []
@@ -223,15 +221,18 @@ def ingress(handle):
     return backend
 
 
-def test_an_ingress_holding_all_the_models_can_take_answers_503_before_reading_the_body_and_healthz_still_answers():
-    backend = ImageBackend()
-    backend.max_waiting = 0  # as if every replica were busy and the queue full
-    client = TestClient(http_app(backend))
-    response = client.post("/predict", content=b"not even JSON")
-    assert response.status_code == 503 and response.headers["retry-after"] == "2"
-    assert "serve.max_queued_requests" in response.json()["error"]
-    assert client.get("/healthz").status_code == 200 and backend.calls == []
-    assert backend.recorded == [503]  # counted: rayformers_responses{status="503"}
+def test_the_ingress_takes_what_the_model_replicas_run_and_serves_proxy_queues_and_refuses_the_rest():
+    from pipelines.serve import deployment_options, health_route, ingress_options
+
+    serve_cfg = {"min_replicas": 1, "max_replicas": 3, "max_ongoing_requests": 8, "max_queued_requests": 5}
+    cfg = validate(
+        {"task": "image-classification", "model": {"source": "x"}, "serve": {**serve_cfg, "retry_after_s": 1.5}}
+    )
+    ingress, model = ingress_options(cfg), deployment_options(cfg)
+    assert ingress["max_ongoing_requests"] == 8 * 3  # as many as all the model replicas run at once
+    assert ingress["max_queued_requests"] == 5  # then waiting in Serve's proxy, and past it 503 from the proxy
+    assert ingress["backpressure_config"] == model["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.5}
+    assert health_route("/") == "/healthz" and health_route("/text") == "/text/healthz"  # an app of its own
 
 
 def test_with_the_models_busy_and_their_queue_full_the_ingress_answers_503_and_healthz_still_answers():

@@ -18,8 +18,6 @@ class Backend:
     task = get_task("text-classification")
     options = None
     allow_uris: list = []
-    max_waiting = None
-    retry_after_s = 1.5
 
     def __init__(self, api_key=None, result=None, fail=None):
         self.api_key = api_key
