@@ -107,7 +107,7 @@ def run(argv: list[str]) -> int:
         predict(cfg)
         return 0
     if args.verb == "serve":
-        from pipelines.serve import export_config, run_serve
+        from jobs.serve import export_config, run_serve
 
         if args.export_config:
             export_config(cfg, args.config, args.overrides, args.export_config)

@@ -238,7 +238,7 @@ def test_dockerfile_builds_from_the_installed_ray_version():
 def test_rayservice_serve_config_is_what_export_config_writes_for_its_documented_command(tmp_path):
     """serveConfigV2 is generated, never hand-edited: the command in its comment gives it back."""
     from config import load_config
-    from pipelines.serve import export_config
+    from jobs.serve import export_config
 
     text = (REPO_ROOT / "infra/k8s/rayservice.yaml").read_text()
     command = re.search(r"rayformers serve (\S+) \\\n\s*#\s*(.*?) --export-config", text)
