@@ -14,6 +14,7 @@ complete copy of it.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,7 +25,57 @@ from pipelines.storage import COMPLETE, Storage, commit_dir, is_committed, remov
 MODEL_DIR = "model"
 
 
-def save_checkpoint(directory: str, model, processor, optimizer, scheduler, state: dict) -> None:
+@dataclass
+class TrainState:
+    """Where a training run stands; saved as `state.json` in every checkpoint, and read back on resume.
+
+    `position` is where the epoch stands: with exact data order the batches of the epoch dealt to all
+    workers, else the batches this worker took from its own shard. `samples` and `skipped_rows` are totals
+    over all workers at the checkpoint (`skipped_rows` is None until a whole epoch has been read). `best`
+    is the best eval value of the task's `best_metric` so far, at `best_step`, with `best_loss` breaking
+    ties. `resumed_at` lists the steps the run was resumed from.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    skipped_rows: int | None = None
+    best: float | None = None
+    best_step: int | None = None
+    best_loss: float | None = None
+    labels: list | None = None
+    resumed_at: list[int] = field(default_factory=list)
+
+    def best_loss_or_inf(self) -> float:
+        """The eval loss at the best step; infinite when unknown (checkpoints older than best_loss)."""
+        return self.best_loss if self.best_loss is not None else float("inf")
+
+    def to_json(self) -> str:
+        """The state.json text; best_loss and resumed_at only once they are set, as earlier versions wrote it."""
+        data = asdict(self)
+        if data["best_loss"] is None:
+            del data["best_loss"]
+        if not data["resumed_at"]:
+            del data["resumed_at"]
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        """A state.json of this version or an earlier one: keys it lacks take their defaults (a state without
+        `position` restarts its epoch)."""
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_state(directory: str) -> TrainState:
+    """The training state of a checkpoint folder, without loading its weights."""
+    return TrainState.from_json((Path(directory) / "state.json").read_text())
+
+
+def save_checkpoint(directory: str, model, processor, optimizer, scheduler, state: TrainState) -> None:
     d = Path(directory)
     model.save_pretrained(d / MODEL_DIR)
     processor.save_pretrained(d / MODEL_DIR)
@@ -32,14 +83,14 @@ def save_checkpoint(directory: str, model, processor, optimizer, scheduler, stat
     save_file(tensors, str(d / "optimizer.safetensors"))
     (d / "optimizer.json").write_text(json.dumps(meta))
     (d / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    (d / "state.json").write_text(json.dumps(state, indent=2))
+    (d / "state.json").write_text(state.to_json())
     sizes = {
         str(f.relative_to(d)): f.stat().st_size for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE
     }
     (d / COMPLETE).write_text(json.dumps({"files": sizes}))
 
 
-def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
+def load_checkpoint(directory: str, model, optimizer, scheduler) -> TrainState:
     """Restores model, optimizer and scheduler in place; returns the saved training state."""
     d = Path(directory)
     check_complete(d)
@@ -53,7 +104,7 @@ def load_checkpoint(directory: str, model, optimizer, scheduler) -> dict:
     meta = json.loads((d / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((d / "scheduler.json").read_text()))
-    return json.loads((d / "state.json").read_text())
+    return read_state(directory)
 
 
 def _saved_weights(model_dir: Path, model) -> dict:

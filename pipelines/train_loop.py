@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import ray.train
@@ -30,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 from config import JobConfig
 from errors import UserError
 from models import get_task
-from pipelines.checkpoints import load_checkpoint, save_best, save_checkpoint
+from pipelines.checkpoints import TrainState, load_checkpoint, read_state, save_best, save_checkpoint
 from pipelines.cluster import quiet_logs
 from pipelines.data_order import rounds, window_rows
 from pipelines.history import History
@@ -116,47 +117,32 @@ def train_loop(config: dict) -> None:
     ]
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     exact = t.data_order == "exact"
-    # `position` is where the epoch stands: with exact data order the batches of the epoch dealt to all
-    # workers, else the batches this worker took from its own shard
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "position": 0,
-        "samples": 0,
-        "train_seconds": 0.0,
-        "skipped_rows": None,
-        "best": None,
-        "best_step": None,
-        "labels": labels,
-    }
-    # samples and skipped_rows in `state` are totals over all workers at the last checkpoint (or None
-    # for skipped_rows until a whole epoch has been read); `seen` is what this worker added since.
+    state = TrainState(labels=labels)
+    # `seen` is what this worker added to state.samples and state.skipped_rows since the last checkpoint
     seen = {"samples": 0, "skipped_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext() as d:
         if d:
-            state = json.loads(Path(d, "state.json").read_text())
-            state.setdefault("position", 0)  # checkpoints of older versions: the epoch restarts
+            state = read_state(d)
         # the schedule covers what is left: after an elastic resume, more or fewer steps than first planned
         batches_per_epoch = max(1, math.ceil(config["train_rows"] / t.batch_size))
-        done = state["epoch"] * batches_per_epoch + state["position"] * (1 if exact else world)
+        done = state.epoch * batches_per_epoch + state.position * (1 if exact else world)
         left = max(1, math.ceil((t.epochs * batches_per_epoch - done) / (world * t.grad_accum)))
-        total_steps = t.max_steps or state["step"] + left
+        total_steps = t.max_steps or state.step + left
         scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
         if d:
             state = load_checkpoint(d, model, optimizer, scheduler)
-            state.setdefault("position", 0)
-            state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
+            state.resumed_at.append(state.step)
             if rank == 0:
                 print(
-                    f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['position']})",
+                    f"resuming from step {state.step} (epoch {state.epoch}, batch {state.position})",
                     flush=True,
                 )
     storage = Storage.from_config(cfg.storage)
     output = config["output"]
-    rows_log = RowsLog(storage, f"{output}/rows", rank, state["step"] if checkpoint else 0) if t.log_rows else None
+    rows_log = RowsLog(storage, f"{output}/rows", rank, state.step if checkpoint else 0) if t.log_rows else None
     # what the run report draws (train.output/history.json), kept by rank 0
-    history = History(storage, output, state["step"] if checkpoint else None) if rank == 0 else None
+    history = History(storage, output, state.step if checkpoint else None) if rank == 0 else None
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     has_eval = config["has_eval"]
@@ -164,11 +150,11 @@ def train_loop(config: dict) -> None:
 
     def totals() -> dict:
         """Samples and rows with errors over every worker (a collective: every rank calls it)."""
-        samples = state["samples"] + reduced(seen["samples"], dist.ReduceOp.SUM, device)
+        samples = state.samples + reduced(seen["samples"], dist.ReduceOp.SUM, device)
         epoch_skipped = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
         return {
             "samples": samples,
-            "skipped_rows": state["skipped_rows"] if state["skipped_rows"] is not None else epoch_skipped,
+            "skipped_rows": state.skipped_rows if state.skipped_rows is not None else epoch_skipped,
         }
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
@@ -176,35 +162,35 @@ def train_loop(config: dict) -> None:
         metrics = {
             **metrics,
             **counts,
-            "samples_per_s": counts["samples"] / max(state["train_seconds"], 1e-9),
-            "step": state["step"],
-            "epoch": state["epoch"],
+            "samples_per_s": counts["samples"] / max(state.train_seconds, 1e-9),
+            "step": state.step,
+            "epoch": state.epoch,
         }
         if not with_checkpoint:
             ray.train.report(metrics)
             return
         if rows_log:  # before the checkpoint: a registered checkpoint has every worker's rows on record
-            rows_log.write(state["step"])
+            rows_log.write(state.step)
         if history:
             history.write()
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 # the saved skipped_rows stays None until an epoch is read whole: a resume recounts that epoch
-                saved = {**state, "samples": counts["samples"]}
+                saved = replace(state, samples=counts["samples"])
                 save_checkpoint(d, core, processor, optimizer, scheduler, saved)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None,
-                checkpoint_dir_name=f"step-{state['step']:08d}",
+                checkpoint_dir_name=f"step-{state.step:08d}",
             )
 
     def checkpoint_now(metrics: dict) -> None:
         report(
             {
                 **metrics,
-                "best": state["best"],
-                "best_step": state["best_step"],
-                "resumed_at": state.get("resumed_at", []),
+                "best": state.best,
+                "best_step": state.best_step,
+                "resumed_at": list(state.resumed_at),
                 "worker_nodes": worker_nodes,
             },
             True,
@@ -219,24 +205,24 @@ def train_loop(config: dict) -> None:
             score = metrics.get(f"eval_{task.best_metric}")
             loss = metrics["eval_loss"]
             better = score is not None and (
-                state["best"] is None
-                or sign * score > sign * state["best"]
-                or (score == state["best"] and loss < state.get("best_loss", float("inf")))
+                state.best is None
+                or sign * score > sign * state.best
+                or (score == state.best and loss < state.best_loss_or_inf())
             )  # ties go to the lower loss
             if better:
-                state["best"], state["best_step"], state["best_loss"] = score, state["step"], loss
+                state.best, state.best_step, state.best_loss = score, state.step, loss
                 if rank == 0:  # the best model so far, kept apart from the rotating checkpoints
                     with tempfile.TemporaryDirectory() as d:
                         core.save_pretrained(d)
                         processor.save_pretrained(d)
-                        Path(d, "eval_metrics.json").write_text(json.dumps({**metrics, "step": state["step"]}))
+                        Path(d, "eval_metrics.json").write_text(json.dumps({**metrics, "step": state.step}))
                         save_best(storage, d, f"{output}/checkpoints/best")
             if rank == 0:
-                history.add("eval", state["step"], **metrics)
+                history.add("eval", state.step, **metrics)
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(
-                    f"eval step {state['step']}: {shown} (best {task.best_metric}={state['best']:.4f} at step "
-                    f"{state['best_step']})",
+                    f"eval step {state.step}: {shown} (best {task.best_metric}={state.best:.4f} at step "
+                    f"{state.best_step})",
                     flush=True,
                 )
         checkpoint_now(metrics)
@@ -245,24 +231,24 @@ def train_loop(config: dict) -> None:
     window = window_rows(t.batch_size, t.length_buckets, t.shuffle_rows)
     window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
     tick = time.perf_counter()  # train_seconds: wall time of training, waits for data included, evals left out
-    last_eval_step = state["step"] if checkpoint else -1
-    stop_at = min(total_steps, state["step"] + t.stop_after_steps) if t.stop_after_steps else total_steps
+    last_eval_step = state.step if checkpoint else -1
+    stop_at = min(total_steps, state.step + t.stop_after_steps) if t.stop_after_steps else total_steps
     saved_for_preemption = False
-    run_start, first_step = time.perf_counter(), state["step"]
+    run_start, first_step = time.perf_counter(), state.step
     # a run of whole epochs ends with its last epoch (rows with errors make the planned steps an estimate)
-    while state["step"] < stop_at and (t.max_steps or state["epoch"] < t.epochs):
+    while state.step < stop_at and (t.max_steps or state.epoch < t.epochs):
         # exact: every worker reads the whole split in file order and takes its batches by number; streaming:
         # each reads its own shard (see data_order.py)
         windows = ray.train.get_dataset_shard("train").iter_batches(batch_size=window, batch_format="pyarrow")
         epoch_rounds = rounds(
             windows,
             seed=t.seed,
-            epoch=state["epoch"],
+            epoch=state.epoch,
             batch_size=t.batch_size,
             length_buckets=t.length_buckets,
             world=world if exact else 1,
             rank=rank if exact else 0,
-            start=state["position"],
+            start=state.position,
         )
         micro = 0
         exhausted = False  # streaming: some worker ran out of data, so this epoch ends for everyone
@@ -272,7 +258,7 @@ def train_loop(config: dict) -> None:
                 seen["skipped_in_epoch"] += r.skipped
             if (r.batch is None and r.spare is None) or exhausted:
                 continue  # only rows with errors left; or draining the shard so the next epoch starts cleanly
-            if state["step"] >= stop_at:
+            if state.step >= stop_at:
                 break
             if not exact and not all_have(True, device):
                 exhausted = True
@@ -284,16 +270,16 @@ def train_loop(config: dict) -> None:
                 loss = model(**inputs).loss / t.grad_accum
             (loss * weight).backward()
             micro += 1
-            state["position"] = r.position
+            state.position = r.position
             if r.batch is not None:
                 n = len(r.keys) or len(next(iter(batch.values())))
                 window_loss += float(loss.detach()) * t.grad_accum * n
                 window_samples += n
                 seen["samples"] += n
                 if rows_log:
-                    rows_log.add(state["epoch"], r.keys)
+                    rows_log.add(state.epoch, r.keys)
             if micro % t.grad_accum:
-                state["train_seconds"] += time.perf_counter() - tick
+                state.train_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
                 continue
             if t.max_grad_norm:
@@ -301,28 +287,28 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["train_seconds"] += time.perf_counter() - tick
+            state.step += 1
+            state.train_seconds += time.perf_counter() - tick
             tick = time.perf_counter()
-            step = state["step"]
+            step = state.step
             if step % t.log_every == 0 and rank == 0:
                 now = time.perf_counter()
                 eta = (total_steps - step) * (now - run_start) / max(step - first_step, 1)  # evals included
                 mean_loss, lr = window_loss / max(window_samples, 1), scheduler.get_last_lr()[0]
                 speed = window_samples * world / (now - window_start)
                 print(
-                    f"step {step}/{total_steps} epoch {state['epoch']} loss {mean_loss:.4f} samples/s {speed:.1f} "
+                    f"step {step}/{total_steps} epoch {state.epoch} loss {mean_loss:.4f} samples/s {speed:.1f} "
                     f"lr {lr:.2e} elapsed {clock(now - run_start)} ETA {clock(eta)}",
                     flush=True,
                 )
                 history.add(
                     "train",
                     step,
-                    epoch=state["epoch"],
+                    epoch=state.epoch,
                     loss=mean_loss,
                     lr=lr,
                     samples_per_s=speed,
-                    train_seconds=state["train_seconds"],
+                    train_seconds=state.train_seconds,
                     total_steps=total_steps,
                 )
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
@@ -338,14 +324,14 @@ def train_loop(config: dict) -> None:
                     checkpoint_now({})
                     saved_for_preemption = True
                     tick = time.perf_counter()
-        if not exact and not exhausted and state["step"] < stop_at:
+        if not exact and not exhausted and state.step < stop_at:
             all_have(False, device)  # this worker ran out: release workers waiting in `all_have`
-        if state["step"] < stop_at:  # the epoch ended, not the run
-            if state["skipped_rows"] is None:  # the first epoch read whole: its rows with errors, over all workers
-                state["skipped_rows"] = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
-            state["epoch"] += 1
-            state["position"] = 0
-    if state["step"] != last_eval_step:
+        if state.step < stop_at:  # the epoch ended, not the run
+            if state.skipped_rows is None:  # the first epoch read whole: its rows with errors, over all workers
+                state.skipped_rows = reduced(seen["skipped_in_epoch"], dist.ReduceOp.SUM, device)
+            state.epoch += 1
+            state.position = 0
+    if state.step != last_eval_step:
         eval_and_checkpoint()
 
 

@@ -9,7 +9,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from config import validate
 from models import get_task
-from pipelines.checkpoints import load_checkpoint, save_checkpoint
+from pipelines.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from pipelines.predictor import to_device
 
 
@@ -46,7 +46,7 @@ def test_a_checkpoint_brings_back_the_same_model(tmp_path, task_name, init):
     without_labels = {k: v for k, v in inputs.items() if k != "labels"}
     with torch.no_grad():
         before = model(**without_labels).logits
-    save_checkpoint(str(tmp_path), model, processor, optimizer, scheduler, {"step": 2})
+    save_checkpoint(str(tmp_path), model, processor, optimizer, scheduler, TrainState(step=2))
 
     torch.manual_seed(1)
     fresh = task.build_model(cfg.model, None, labels, processor)
@@ -57,5 +57,5 @@ def test_a_checkpoint_brings_back_the_same_model(tmp_path, task_name, init):
     fresh.eval()
     with torch.no_grad():
         after = fresh(**without_labels).logits
-    assert state["step"] == 2
+    assert state.step == 2
     torch.testing.assert_close(after, before)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
-from pipelines.checkpoints import load_checkpoint, save_checkpoint
+from pipelines.checkpoints import TrainState, load_checkpoint, read_state, save_checkpoint
 
 
 class Processor:
@@ -38,12 +38,12 @@ def test_a_checkpoint_restores_model_optimizer_and_scheduler(tmp_path):
     for _ in range(3):
         model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([1])).loss.backward()
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
-    save_checkpoint(str(tmp_path), model, Processor(), optimizer, scheduler, {"step": 3, "epoch": 0})
+    save_checkpoint(str(tmp_path), model, Processor(), optimizer, scheduler, TrainState(step=3, epoch=0))
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))  # safetensors only
 
     fresh, fresh_opt, fresh_sched = tiny()
     state = load_checkpoint(str(tmp_path), fresh, fresh_opt, fresh_sched)
-    assert state == {"step": 3, "epoch": 0}
+    assert state == TrainState(step=3, epoch=0)
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert fresh_sched.get_last_lr() == scheduler.get_last_lr()
@@ -58,7 +58,7 @@ def test_a_checkpoint_restores_model_optimizer_and_scheduler(tmp_path):
 
 def test_a_checkpoint_missing_a_file_or_holding_a_truncated_one_is_refused(tmp_path):
     model, optimizer, scheduler = tiny()
-    save_checkpoint(str(tmp_path), model, Processor(), optimizer, scheduler, {"step": 1})
+    save_checkpoint(str(tmp_path), model, Processor(), optimizer, scheduler, TrainState(step=1))
     weights = tmp_path / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="incomplete: \\['model/model.safetensors'\\]"):
@@ -66,6 +66,45 @@ def test_a_checkpoint_missing_a_file_or_holding_a_truncated_one_is_refused(tmp_p
     (tmp_path / "_COMPLETE.json").unlink()
     with pytest.raises(RuntimeError, match="not written completely"):
         load_checkpoint(str(tmp_path), *tiny())
+
+
+def test_a_state_json_written_before_train_state_existed_loads_and_is_written_back_the_same(tmp_path):
+    # as the string-keyed dict of earlier versions wrote it: best_loss and resumed_at appended once set
+    written = {
+        "step": 40,
+        "epoch": 1,
+        "position": 3,
+        "samples": 640,
+        "train_seconds": 12.5,
+        "skipped_rows": 2,
+        "best": 0.75,
+        "best_step": 30,
+        "labels": ["neg", "pos"],
+        "best_loss": 0.41,
+        "resumed_at": [20],
+    }
+    (tmp_path / "state.json").write_text(json.dumps(written, indent=2))
+    state = read_state(str(tmp_path))
+    assert (state.step, state.epoch, state.position, state.samples, state.skipped_rows) == (40, 1, 3, 640, 2)
+    assert (state.best, state.best_step, state.best_loss, state.resumed_at) == (0.75, 30, 0.41, [20])
+    assert state.labels == ["neg", "pos"] and state.train_seconds == 12.5
+    assert json.loads(state.to_json()) == written
+
+
+def test_a_state_from_before_data_positions_restarts_its_epoch_and_has_no_best_loss():
+    older = {
+        "step": 10,
+        "epoch": 2,
+        "samples": 160,
+        "train_seconds": 3.0,
+        "skipped_rows": None,
+        "best": 0.5,
+        "best_step": 10,
+        "labels": None,
+    }
+    state = TrainState.from_json(json.dumps(older))
+    assert state.position == 0 and state.resumed_at == [] and state.best_loss_or_inf() == float("inf")
+    assert json.loads(state.to_json()) == {**older, "position": 0}
 
 
 def test_a_folder_is_committed_by_its_marker_and_an_interrupted_write_reads_as_missing(tmp_path):
