@@ -212,6 +212,20 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
     console = again.stdout + again.stderr
     assert not [line for line in console.splitlines() if any(i in line for i in internals)], console[-3000:]
     assert "step 30/" in console and " ETA " in console and "metrics: {" in console, console[-3000:]
+    # the header, then the log file and the report, each named once; Ray Data's plans went to the log file
+    assert console.startswith("rayformers train: text-classification | model bert tiny"), console[:500]
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    assert console.count(f"report: {output}/report.html") == 1 and console.count("log: s3://") == 1, console[-3000:]
+    logs = fs.ls(f"{bucket}/killed-driver/logs")
+    assert len(logs) == 1 and "Starting execution of Dataset" in fs.cat(logs[0]).decode()  # the re-run's (-v: none)
+    # the report shows the whole run: history.json kept the first attempt's steps up to the checkpoint resumed
+    history = json.loads(fs.cat(f"{bucket}/killed-driver/history.json"))["records"]
+    resumed = [r["step"] for r in history if r["kind"] == "resume"]
+    logged = [r["step"] for r in history if r["kind"] == "train"]
+    # every 10th step once, whichever attempt logged it (the steps after the checkpoint were trained again)
+    assert len(resumed) == 1 and logged == [10, 20, 30] and "eval" in {r["kind"] for r in history}, history
+    report = fs.cat(f"{bucket}/killed-driver/report.html").decode()
+    assert f"resumed at steps [{resumed[0]}]" in report and report.count("data:image/png;base64,") >= 6
     metrics = json.loads(s3fs.S3FileSystem().cat(f"{bucket}/killed-driver/metrics.json"))
     assert (
         metrics["final"]["step"] == 32 and metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 8
