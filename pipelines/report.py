@@ -65,6 +65,7 @@ def plot(title: str, series: dict[str, tuple[list, list]], ylabel: str = "", mar
     if kind != "barh":
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)  # 1.3962, not "+1.396" and 0.0002
     ax.set_ylabel(ylabel)
     if len(series) > 1:
         ax.legend()
