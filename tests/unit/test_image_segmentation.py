@@ -16,7 +16,8 @@ from PIL import Image
 from config import ModelConfig
 from errors import UserError
 from models.image_maps import rle_decode
-from models.image_segmentation import DEMO_LABELS, TASK, Options, SegmentationMetric, segments
+from models.image_segmentation import DEMO_LABELS, TASK, Options
+from models.segments import SegmentationMetric, segments
 from models.images import encode_png
 from models.spec import Context
 
