@@ -85,6 +85,8 @@ def test_predict_keeps_every_row_and_marks_the_bad_ones(trained_text_model, buck
     )
     assert summary["errors"] == 4 and summary["flagged"] == 1
     # its page: errors by reason (the file's line number left out) and the predicted labels, drawn
+    from tests.e2e.browser import open_in_browser, plotted_pixels
+
     fs = s3fs.S3FileSystem()
     assert len(fs.ls(f"{bucket}/predictions/_logs")) == 1
     images, dom, screenshot = open_in_browser(fs.cat(f"{bucket}/predictions/_report.html").decode(), tmp_path)
@@ -154,86 +156,3 @@ def test_fine_tuning_the_pretrained_minilm_named_by_its_s3_uri(ray_session, demo
         predictor.model.config.model_type == "bert" and predictor.model.config.hidden_size == 384
     )  # MiniLM's, not a tiny init
     assert predictor.processor.vocab_size == 30522  # the checkpoint's own WordPiece vocabulary
-
-
-# --- the pages a person opens after the run, in a real headless browser ----------------------------
-
-PROBE = (
-    '<script>addEventListener("load", () => document.body.setAttribute("data-images", JSON.stringify('
-    "[...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight]))))</script>"
-)
-
-
-def chromium() -> str:
-    import shutil
-
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not found:
-        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the report page is not rendered")
-    return found
-
-
-def open_in_browser(page: str, tmp_path) -> tuple[dict, str, "object"]:
-    """What Chromium shows of `page`: each image's decoded size by its alt text (from a copy of the page with
-    a probe script), the rendered DOM, and a screenshot (a PIL image); fails on any console message."""
-    import html
-    import subprocess
-
-    from PIL import Image
-
-    browser = chromium()
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", PROBE + "</body>"))
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
-    dom = subprocess.run(
-        [*flags, "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "CONSOLE" not in dom.stderr, [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    decoded = json.loads(html.unescape(dom.stdout.split('data-images="', 1)[1].split('"', 1)[0]))
-    shot = tmp_path / "shot.png"
-    plain = tmp_path / "page.html"
-    plain.write_text(page)
-    done = subprocess.run(
-        [*flags, "--hide-scrollbars", "--window-size=1200,2600", f"--screenshot={shot}", plain.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
-    return {alt: (w, h) for alt, w, h in decoded}, dom.stdout, Image.open(shot).convert("RGB")
-
-
-def plotted_pixels(screenshot) -> int:
-    """Pixels in matplotlib's first line colour (#1f77b4) or bar colour (#4c72b0): drawn curves and bars."""
-    return sum(1 for r, g, b in screenshot.getdata() if abs(r - 31) + abs(g - 119) + abs(b - 180) < 40) + sum(
-        1 for r, g, b in screenshot.getdata() if abs(r - 76) + abs(g - 114) + abs(b - 176) < 30
-    )
-
-
-def test_the_run_report_opens_in_a_browser_with_its_curves_drawn_and_the_runs_own_numbers(trained_text_model, tmp_path):
-    fs = s3fs.S3FileSystem()
-    out = trained_text_model["output"].removeprefix("s3://")
-    metrics = json.loads(fs.cat(f"{out}/metrics.json"))
-    logs = fs.ls(f"{out}/logs")
-    assert len(logs) == 1 and "Starting execution of Dataset" in fs.cat(logs[0]).decode()  # Ray Data's, in the file
-    images, dom, screenshot = open_in_browser(fs.cat(f"{out}/report.html").decode(), tmp_path)
-    assert set(images) == {
-        "training loss",
-        "learning rate",
-        "throughput",
-        "eval_loss",
-        "eval_accuracy",
-        "eval_macro_f1",
-    }, images
-    assert all(w >= 300 and h >= 200 for w, h in images.values()), images  # each image decoded in the browser
-    assert plotted_pixels(screenshot) > 500  # the curves are on screen, not blank boxes
-    table = dom.split('<div id="metrics">', 1)[1].split("</div>", 1)[0]
-    best = metrics["best"]
-    assert f"best model (step {best['step']})" in table
-    for name in ("accuracy", "macro_f1", "loss"):
-        assert f'<td>{name}</td><td class="num">{best["eval_" + name]:.4f}</td>' in table, table
-    assert trained_text_model["model"] in dom and "text-classification" in dom
