@@ -11,6 +11,20 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from config.section import Section
 
 
+class PeftConfig(Section):
+    method: Literal["lora"] = Field("lora", description="The adapter kind (LoRA, with the peft library).")
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank: the inner size of each adapter's two matrices.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto",
+        description=(
+            "Module names (suffixes) that get adapters. auto: PEFT's choice for known architectures (BERT "
+            "query/value, GPT-2 c_attn, T5 q/v, BART q_proj/v_proj, ...), else every linear layer of the base model"
+        ),
+    )
+
+
 class TrainConfig(Section):
     output: str | None = Field(
         None, description="Where checkpoints, prepared/, model/ and metrics.json go (URI or path)."
@@ -113,6 +127,14 @@ class TrainConfig(Section):
         ),
     )
     stop_after_steps: int | None = Field(None, ge=1, description="End this run early (the next run resumes)")
+    peft: PeftConfig | None = Field(
+        None,
+        description=(
+            "Parameter-efficient fine-tuning, e.g. {method: lora, r: 8}: the model is frozen and LoRA adapters are "
+            "trained, with the task head trained in full. model/ then holds the adapter (PEFT's format) and points "
+            "at the base model; from-scratch (model.init) runs keep their base under train.output/base/"
+        ),
+    )
 
     @field_validator("num_workers", mode="before")
     @classmethod

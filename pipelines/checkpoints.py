@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.adapters import is_adapter_model, load_adapter_weights, save_model
 from pipelines.storage import COMPLETE, Storage, commit_dir, is_committed, remove
 
 MODEL_DIR = "model"
@@ -77,7 +78,7 @@ def read_state(directory: str) -> TrainState:
 
 def save_checkpoint(directory: str, model, processor, optimizer, scheduler, state: TrainState) -> None:
     d = Path(directory)
-    model.save_pretrained(d / MODEL_DIR)
+    save_model(model, str(d / MODEL_DIR))
     processor.save_pretrained(d / MODEL_DIR)
     tensors, meta = _split_optimizer_state(optimizer.state_dict())
     save_file(tensors, str(d / "optimizer.safetensors"))
@@ -94,13 +95,16 @@ def load_checkpoint(directory: str, model, optimizer, scheduler) -> TrainState:
     """Restores model, optimizer and scheduler in place; returns the saved training state."""
     d = Path(directory)
     check_complete(d)
-    missing, unexpected = model.load_state_dict(_saved_weights(d / MODEL_DIR, model), strict=False)
-    tied = {k for k in missing if k.endswith(("decoder.weight", "lm_head.weight", "position_ids"))}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(
-            f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, unexpected "
-            f"{unexpected[:5]}"
-        )
+    if is_adapter_model(model):  # train.peft: the checkpoint holds the adapter and the head
+        load_adapter_weights(model, str(d / MODEL_DIR))
+    else:
+        missing, unexpected = model.load_state_dict(_saved_weights(d / MODEL_DIR, model), strict=False)
+        tied = {k for k in missing if k.endswith(("decoder.weight", "lm_head.weight", "position_ids"))}
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(
+                f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
     meta = json.loads((d / "optimizer.json").read_text())
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(d / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((d / "scheduler.json").read_text()))

@@ -19,6 +19,7 @@ from config import DataConfig, JobConfig
 from errors import UserError
 from models import get_task
 from models.spec import Context, Features
+from pipelines.adapters import base_source, is_adapter_dir, load_model
 from pipelines.features import ERROR, FLAG, LENGTH, column_values
 from pipelines.media import decode_request_value
 from pipelines.preprocess import Preprocessor, fetch_media
@@ -64,7 +65,11 @@ class Predictor:
             torch.set_num_threads(threads)
         self.task = get_task(task_name)
         self.device = pick_device(use_gpu)
-        model, self.processor = self.task.load(model_dir)
+        if is_adapter_dir(model_dir):  # a LoRA run's model/: its base model with the adapter merged in
+            base = (storage or Storage()).model_path(base_source(model_dir))
+            model, self.processor = load_model(self.task, model_dir, base, merge=True)
+        else:
+            model, self.processor = self.task.load(model_dir)
         model.eval()
         if quantize == "int8":
             if self.device.type != "cpu":

@@ -81,6 +81,7 @@ def run_identity(cfg: JobConfig, train_files: list) -> dict:
         "train.seed": cfg.train.seed,
         "train.shuffle_rows": cfg.train.shuffle_rows,
         "train.length_buckets": cfg.train.length_buckets,
+        "train.peft": cfg.train.peft.model_dump(mode="json") if cfg.train.peft else None,
     }
 
 
@@ -109,7 +110,7 @@ def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> 
 def start_fresh(storage: Storage, output: str) -> None:
     """train.fresh: removes what earlier runs wrote to `output` (only those folders and files)."""
     removed = []
-    for name in ("checkpoints", "prepared", "model", "metrics.json", HISTORY, "report.html"):
+    for name in ("checkpoints", "prepared", "model", "base", "metrics.json", HISTORY, "report.html"):
         if storage.exists(f"{output}/{name}"):
             remove(storage, f"{output}/{name}")
             removed.append(name)
@@ -308,6 +309,7 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
         "skipped_rows": final.get("skipped_rows"),
         "resumed_at_steps": final.get("resumed_at", []),
         "worker_nodes": final.get("worker_nodes"),  # Ray node id of each worker, by rank
+        "parameters": final.get("parameters"),  # trainable and total (they differ with train.peft)
         "wall_seconds": round(seconds, 1),
     }
     storage.write_text(f"{out}/metrics.json", json.dumps(summary, indent=2))

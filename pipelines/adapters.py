@@ -1,0 +1,214 @@
+"""LoRA adapters (`train.peft`), for any task's model, with the `peft` library.
+
+The task builds its model as for full fine-tuning; `with_lora` freezes it, puts LoRA matrices on the
+base model's attention (or all its linear layers) and keeps the task head trained in full. Which
+modules are "the head" is read off the model, not named per task: the top-level modules next to the
+base model (`model.base_model`) that share no weights with it. A language-model head tied to the
+input embeddings stays frozen.
+
+An adapter folder holds PEFT's own files (`adapter_config.json`, `adapter_model.safetensors`, whose
+`base_model_name_or_path` points at the base model's source), the processor, and `head_config.json`:
+the fine-tuned model's config (labels, head sizes), which the base model's own config lacks when it is
+a bare encoder. `load_model` rebuilds base + adapter from such a folder for predict and serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+HEAD_CONFIG = "head_config.json"
+PEFT_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", HEAD_CONFIG, "README.md")
+
+
+def is_adapter_dir(model_dir: str) -> bool:
+    return os.path.isfile(os.path.join(model_dir, ADAPTER_CONFIG))
+
+
+def is_adapter_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the top-level modules that make up the task head: those beside the base model, with
+    weights of their own (a head tied to the embeddings is left out)."""
+    base = model.base_model
+    children = dict(model.named_children())
+    if base is model:  # models without a separate base module (T5): only their heads are apart
+        candidates = {n: c for n, c in children.items() if re.search(r"head|classifier|predictor", n)}
+    else:
+        candidates = {n: c for n, c in children.items() if c is not base}
+    others = {id(p) for n, c in children.items() if n not in candidates for p in c.parameters()}
+    heads = []
+    for name, child in candidates.items():
+        params = list(child.parameters())
+        if params and not any(id(p) in others for p in params):
+            heads.append(name)
+    return heads
+
+
+def save_names(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """The heads as PEFT's `modules_to_save` must name them. PEFT takes every module whose dotted name ends
+    with one given (plain string suffix): a head called `head` holding a `head` (GLPN) would be wrapped
+    twice. Such a name is replaced by its sub-modules' names, down to names nothing else ends with."""
+    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    out, todo = [], list(heads)
+    while todo:
+        name = todo.pop(0)
+        if not any(other != name and other.endswith(name) for other in names):
+            out.append(name)
+            continue
+        children = [f"{name}.{c}" for c, m in modules[name].named_children() if any(True for _ in m.parameters())]
+        if not children or any(True for _ in modules[name].parameters(recurse=False)):
+            raise ValueError(f"train.peft: cannot name the head module {name} apart from the others for LoRA")
+        todo.extend(children)
+    return out
+
+
+def auto_targets(model: torch.nn.Module, heads: list[str]) -> str:
+    """`target_modules: auto`: PEFT's per-architecture choice (query/value, c_attn, q_proj/v_proj, ...),
+    else every linear layer of the base model; as a pattern that never reaches into the head."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
+
+    suffixes = KNOWN.get(getattr(model.config, "model_type", ""))
+    if not suffixes:
+        suffixes = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if is_linear(module) and name.split(".", 1)[0] not in heads
+            }
+        )
+    inside = "|".join(re.escape(h) for h in heads)
+    not_head = rf"(?!(?:{inside})\.)" if heads else ""
+    return rf"{not_head}(?:.*\.)?(?:{'|'.join(re.escape(s) for s in suffixes)})"
+
+
+@contextmanager
+def peft_quietly():
+    """peft asks transformers a deprecated question (`is_gradient_checkpointing`): nothing for the user to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def with_lora(model: torch.nn.Module, peft_cfg) -> tuple[torch.nn.Module, str]:
+    """The model wrapped for LoRA training, and a line saying what is trained."""
+    from peft import LoraConfig, get_peft_model
+
+    heads = head_modules(model)
+    for name, module in model.named_modules():
+        # a frozen base keeps its normalisation statistics too: they are not part of the adapter
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and name.split(".", 1)[0] not in heads:
+            module.momentum = 0.0
+    targets = auto_targets(model, heads) if peft_cfg.target_modules == "auto" else list(peft_cfg.target_modules)
+    lora = LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        modules_to_save=save_names(model, heads) or None,
+    )
+    try:
+        with peft_quietly():
+            wrapped = get_peft_model(model, lora)
+    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+        from errors import UserError
+
+        raise UserError(f"train.peft.target_modules: {exc}") from None
+    adapted = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in wrapped.named_modules() if hasattr(m, "lora_A") and "." in name}
+    )
+    trainable, total = parameter_counts(wrapped)
+    line = (
+        f"LoRA r={peft_cfg.r} on {', '.join(adapted)}; trained in full: {', '.join(heads) or 'nothing'}; "
+        f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)"
+    )
+    return wrapped, line
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; the copies PEFT keeps of the head count once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters() if "original_module" not in n)
+    return trainable, total
+
+
+def point_at_base(model, base_source: str) -> None:
+    """Records where the base model lives (a URI, hub id or folder): saved adapters point there."""
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = base_source
+
+
+def save_model(model, directory: str) -> None:
+    """`save_pretrained`, and for an adapter also the fine-tuned model's config (labels, head sizes)."""
+    model.save_pretrained(directory)
+    if is_adapter_model(model):
+        Path(directory, HEAD_CONFIG).write_text(model.get_base_model().config.to_json_string())
+
+
+def load_adapter_weights(model, adapter_dir: str) -> None:
+    """Restores a checkpoint's adapter (and head) weights into the wrapped `model` in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise RuntimeError(f"adapter {adapter_dir} does not fit the model: unexpected {result.unexpected_keys[:5]}")
+
+
+def base_source(adapter_dir: str) -> str:
+    return json.loads(Path(adapter_dir, ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def load_model(task, model_dir: str, base_dir: str, merge: bool = False):
+    """An adapter folder -> (model, processor): the base model's weights under the fine-tuned config,
+    loaded by the task as any saved model, then the adapter on top (merged into the weights if asked).
+    `base_dir` is the base model's local folder (or hub id)."""
+    from peft import PeftModel
+
+    if not os.path.isdir(base_dir):  # a hub id
+        from huggingface_hub import snapshot_download
+
+        base_dir = snapshot_download(base_dir, allow_patterns=["*.safetensors", "*.safetensors.index.json"])
+    with tempfile.TemporaryDirectory() as view:
+        # a folder that looks like the fine-tuned model: the base's weights, the adapter's config and processor
+        for f in Path(base_dir).glob("*.safetensors"):
+            os.symlink(f.resolve(), Path(view, f.name))
+        index = Path(base_dir, "model.safetensors.index.json")
+        if index.is_file():
+            shutil.copy(index, view)
+        for f in Path(model_dir).iterdir():
+            if f.is_file() and f.name not in PEFT_FILES:
+                shutil.copy(f, view)
+        shutil.copy(Path(model_dir, HEAD_CONFIG), Path(view, "config.json"))
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the head is missing from the base on purpose: the adapter brings it
+        try:
+            base, processor = task.load(view)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    with peft_quietly():
+        model = PeftModel.from_pretrained(base, model_dir)
+    return (model.merge_and_unload() if merge else model), processor

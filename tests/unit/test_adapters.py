@@ -1,0 +1,102 @@
+"""LoRA (train.peft) on every task's model: the base stays frozen, the task head trains in full, and the saved
+adapter folder loads back (base + adapter, or merged) to the same outputs as the model that was trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from config import validate
+from models import get_task, task_names
+from models.spec import Context
+from pipelines.adapters import (
+    head_modules,
+    is_adapter_dir,
+    load_model,
+    parameter_counts,
+    point_at_base,
+    save_model,
+    with_lora,
+)
+from pipelines.predictor import to_device
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
+LORA = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="auto")
+
+
+def example_model(task_name: str, tmp_path: Path):
+    """The task's example model (tiny, from config) with its processor, labels and a training batch."""
+    example = yaml.safe_load((EXAMPLES / f"{task_name}.yaml").read_text())
+    labels = example.get("data", {}).get("labels")
+    cfg = validate(
+        {"task": task_name, "model": example["model"], "task_options": example.get("task_options", {})}
+        | ({"data": {"labels": labels}} if labels else {})
+    )
+    task = get_task(task_name)
+    rows = task.demo_data(8, seed=0)
+    if not labels:
+        labels = sorted(task.labels_in(r[task.label_column] for r in rows)) if task.label_column else []
+    processor = task.build_processor(cfg.model, None, iter(rows))
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model, None, labels, processor)
+    columns = [c.name for c in task.columns if c.name in rows[0]]
+    features = task.preprocess(
+        {c: [r[c] for r in rows] for c in columns},
+        processor,
+        Context(labels={n: i for i, n in enumerate(labels)}, options=cfg.options(), train=True),
+    )
+    inputs = to_device(task.collate(features.arrays, processor), torch.device("cpu"))
+    return task, model, processor, inputs
+
+
+def first_output(model, inputs) -> torch.Tensor:
+    outputs = model(**inputs)
+    values = [v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v)]
+    return values[0]
+
+
+@pytest.mark.parametrize("task_name", task_names())
+def test_lora_trains_the_adapter_and_head_only_and_the_saved_adapter_gives_the_same_outputs(task_name, tmp_path):
+    task, model, processor, inputs = example_model(task_name, tmp_path)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)  # what a from-scratch run keeps as the adapter's base
+    heads = head_modules(model)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.split(".")[0] not in heads}
+
+    wrapped, line = with_lora(model, LORA)
+    trainable, total = parameter_counts(wrapped)
+    assert 0 < trainable < total / 2, line
+    assert "LoRA r=4 on " in line and f"{trainable:,} of {total:,}" in line
+    trained = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trained), trained
+    for head in heads:  # the task head trains in full
+        assert any(f".{head}." in n and "modules_to_save" in n for n in trained), (head, trained)
+
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        wrapped(**inputs).loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+    wrapped.eval()
+    for name, p in wrapped.get_base_model().named_parameters():  # the base's own weights did not move
+        plain = name.replace("base_layer.", "")
+        if plain in frozen_before:
+            torch.testing.assert_close(p, frozen_before[plain], msg=name)
+    with torch.no_grad():  # labels kept: seq2seq models take their decoder inputs from them
+        expected = first_output(wrapped, inputs)
+
+    adapter_dir = tmp_path / "adapter"
+    point_at_base(wrapped, str(base_dir))
+    save_model(wrapped, str(adapter_dir))
+    processor.save_pretrained(adapter_dir)
+    assert is_adapter_dir(str(adapter_dir)) and not (adapter_dir / "config.json").exists()
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    for merge in (False, True):
+        loaded, _ = load_model(task, str(adapter_dir), str(base_dir), merge=merge)
+        loaded.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(first_output(loaded, inputs), expected, atol=1e-4, rtol=1e-4)
