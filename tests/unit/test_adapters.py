@@ -100,3 +100,29 @@ def test_lora_trains_the_adapter_and_head_only_and_the_saved_adapter_gives_the_s
         loaded.eval()
         with torch.no_grad():
             torch.testing.assert_close(first_output(loaded, inputs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_from_scratch_runs_adapter_loads_unchanged_in_a_transformers_pipeline(tmp_path):
+    """With the base kept as a from-scratch run keeps it (config with the labels), `transformers.pipeline` takes
+    the adapter folder as it is and agrees with the model that was trained."""
+    from transformers import pipeline
+
+    task, model, processor, inputs = example_model("text-classification", tmp_path)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    wrapped, _ = with_lora(model, LORA)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        wrapped(**inputs).loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+    point_at_base(wrapped, str(base_dir))
+    save_model(wrapped, str(tmp_path / "adapter"))
+    processor.save_pretrained(tmp_path / "adapter")
+    texts = ["goal match team", "pasta oven sauce"]
+    answers = pipeline("text-classification", model=str(tmp_path / "adapter"))(texts)
+    wrapped.eval()
+    with torch.no_grad():
+        probs = wrapped(**processor(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert [a["label"] for a in answers] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
+    assert [round(a["score"], 4) for a in answers] == [round(float(p.max()), 4) for p in probs]
