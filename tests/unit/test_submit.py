@@ -213,7 +213,7 @@ def test_a_submitted_serve_job_gets_the_api_key_in_a_file_never_in_its_command_l
 
 
 def test_replicas_read_the_api_key_from_the_file_a_submitted_job_names(monkeypatch, tmp_path):
-    from pipelines.serve import api_key
+    from pipelines.serve_ingress import api_key
 
     monkeypatch.delenv("RAYFORMERS_API_KEY", raising=False)
     key_file = tmp_path / "key"
