@@ -172,6 +172,9 @@ def render_train(cfg, records: list[dict], summary: dict, model_uri: str) -> str
         ["throughput", f"{summary.get('throughput_samples_per_s') or 0:.1f} samples/s"],
         ["the trained model", model_uri],
     ]
+    if summary.get("parameters"):  # train.peft trains a part of them
+        counts = summary["parameters"]
+        header.insert(2, ["parameters", f"{counts['trainable']:,} trained of {counts['total']:,}"])
     sections = ['<h2>Run</h2><div id="run">' + facts(header) + "</div>"]
     sections.append(metrics_section(summary))
     curves = []
