@@ -101,6 +101,7 @@ def peft_quietly():
     """peft asks transformers a deprecated question (`is_gradient_checkpointing`): nothing for the user to do."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")  # the pool switches per call
         yield
 
 
@@ -180,7 +181,7 @@ def base_source(adapter_dir: str) -> str:
     return json.loads(Path(adapter_dir, ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
-def load_model(task, model_dir: str, base_dir: str, merge: bool = False):
+def load_model(task, model_dir: str, base_dir: str, merge: bool = False, adapter_name: str = "default"):
     """An adapter folder -> (model, processor): the base model's weights under the fine-tuned config,
     loaded by the task as any saved model, then the adapter on top (merged into the weights if asked).
     `base_dir` is the base model's local folder (or hub id)."""
@@ -210,5 +211,101 @@ def load_model(task, model_dir: str, base_dir: str, merge: bool = False):
         finally:
             hf_logging.set_verbosity(verbosity)
     with peft_quietly():
-        model = PeftModel.from_pretrained(base, model_dir)
+        model = PeftModel.from_pretrained(base, model_dir, adapter_name=adapter_name)
     return (model.merge_and_unload() if merge else model), processor
+
+
+class AdapterView(torch.nn.Module):
+    """One adapter of a shared base model, as a model of its own: its forward passes (and `generate`) run with
+    it as the base's active adapter, under the base's lock, so requests for another adapter never get its
+    weights, whatever batches or threads they share. `config` is the adapter's own (its labels)."""
+
+    def __init__(self, shared: SharedBase, name: str, config):
+        super().__init__()
+        self.shared, self.name, self.config = shared, name, config
+        self.peft = shared.model  # registered as a sub-module: .to(), .eval() reach the shared model
+
+    def forward(self, *args, **kwargs):
+        with self.shared.lock:
+            self.peft.set_adapter(self.name)
+            return self.peft(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.shared.lock:
+            self.peft.set_adapter(self.name)
+            return self.peft.generate(*args, **kwargs)
+
+    @property
+    def device(self):
+        return next(self.peft.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.peft.parameters()).dtype
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.peft.get_base_model(), name)
+
+
+class SharedBase:
+    """A base model loaded once, with the adapters of its users loaded onto it (PEFT's multi-adapter model)."""
+
+    def __init__(self, model):
+        import threading
+
+        self.model, self.lock, self.adapters = model, threading.RLock(), set()
+        self.unused: str | None = None  # PEFT keeps at least one adapter: the last one released stays loaded
+
+
+class AdapterPool:
+    """The adapters a Serve replica holds, over base models it loads once each. `view` loads one adapter onto
+    its base (loading the base the first time); `release` drops the adapter, the base stays. Adapters over one
+    base must share its head's shape (e.g. the same number of labels)."""
+
+    def __init__(self):
+        self.bases: dict[str, SharedBase] = {}
+
+    def view(self, task, model_id: str, adapter_dir: str, base_dir: str, load_processor):
+        """(the adapter as a model, its processor); `load_processor(folder)` reads a saved processor."""
+        from transformers import AutoConfig
+
+        name = peft_name(model_id)
+        shared = self.bases.get(base_dir)
+        if shared is None:
+            model, processor = load_model(task, adapter_dir, base_dir, merge=False, adapter_name=name)
+            shared = self.bases[base_dir] = SharedBase(model.eval())
+        elif shared.unused == name:  # released last, still loaded
+            shared.unused = None
+            processor = load_processor(adapter_dir)
+        else:
+            with shared.lock, peft_quietly():
+                shared.model.load_adapter(adapter_dir, adapter_name=name)
+                shared.model.eval()
+                if shared.unused is not None:
+                    shared.model.delete_adapter(shared.unused)
+                    shared.unused = None
+            processor = load_processor(adapter_dir)
+        shared.adapters.add(name)
+        return AdapterView(shared, name, AutoConfig.from_pretrained(Path(adapter_dir, HEAD_CONFIG))), processor
+
+    def release(self, model_id: str, base_dir: str) -> None:
+        name = peft_name(model_id)
+        shared = self.bases.get(base_dir)
+        if shared is None or name not in shared.adapters:
+            return
+        with shared.lock:
+            shared.adapters.discard(name)
+            if shared.adapters:
+                shared.model.delete_adapter(name)
+            else:
+                shared.unused = name
+
+
+def peft_name(model_id: str) -> str:
+    """The adapter's name inside PEFT's model: one per model id (hex spells it out: `a-b` and `a_b` stay apart),
+    a Python identifier, and never a part of PEFT's own `lora_` prefix (a model called `a` would be, and PEFT
+    may then re-initialise its weights on loading)."""
+    return "adapter_" + model_id.encode().hex()

@@ -60,12 +60,17 @@ class Predictor:
         storage: Storage | None = None,
         allow_uris: bool = False,
         max_batch_cost: int | None = None,
+        loaded: tuple | None = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.task = get_task(task_name)
         self.device = pick_device(use_gpu)
-        if is_adapter_dir(model_dir):  # a LoRA run's model/: its base model with the adapter merged in
+        if loaded is not None:  # (model, processor) already loaded: an adapter over a base Serve shares
+            model, self.processor = loaded
+            if quantize != "none":
+                raise UserError("predict.quantize: not for adapters served over a shared base model")
+        elif is_adapter_dir(model_dir):  # a LoRA run's model/: its base model with the adapter merged in
             base = (storage or Storage()).model_path(base_source(model_dir))
             model, self.processor = load_model(self.task, model_dir, base, merge=True)
         else:

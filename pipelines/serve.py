@@ -28,6 +28,7 @@ from config import JobConfig, load_config
 from errors import UserError
 from models import get_task
 from models.spec import Features
+from pipelines.adapters import AdapterPool, base_source, is_adapter_dir
 from pipelines.predictor import Predictor
 from pipelines.serve_http import URI, RequestError, row_errors
 from pipelines.serve_ingress import Health, Ingress, answer_error
@@ -125,8 +126,10 @@ class PredictorDeployment:
         source = default_source(cfg)
         self.default = self.load("the default model", source) if source else None
 
+        self.adapters = AdapterPool()  # LoRA adapters among serve.models: one copy of each base model
+
         async def load_named(model_id: str) -> Predictor:
-            predictor = await asyncio.to_thread(self.load, f"model {model_id!r}", s.models[model_id])
+            predictor = await asyncio.to_thread(self.load, f"model {model_id!r}", s.models[model_id], model_id)
             self.loaded[model_id] = predictor  # until the multiplexer evicts it
             return predictor
 
@@ -142,11 +145,17 @@ class PredictorDeployment:
         self.predict_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     # --- models ---------------------------------------------------------------------------------
-    def load(self, name: str, source: str) -> Predictor:
+    def load(self, name: str, source: str, model_id: str | None = None) -> Predictor:
         s, p = self.cfg.serve, self.cfg.predict
+        local, loaded, base = self.storage.model_path(source), None, None
+        if model_id is not None and is_adapter_dir(local):  # loaded onto its base, which adapters share
+            base = self.storage.model_path(base_source(local))
+            loaded = self.adapters.view(
+                self.task, model_id, local, base, lambda d: self.task.build_processor(self.cfg.model, d, iter(()))
+            )
         predictor = Predictor(
             self.cfg.task,
-            self.storage.model_path(source),
+            local,
             batch_size=p.batch_size,
             use_gpu=s.use_gpu,
             quantize=p.quantize,
@@ -155,7 +164,11 @@ class PredictorDeployment:
             options=self.options,
             data=serving_limits(self.cfg),
             max_batch_cost=p.max_batch_cost,
+            loaded=loaded,
+            storage=self.storage,
         )
+        if loaded is not None:  # Serve's multiplexer calls it when it evicts the model: the adapter goes
+            predictor.__del__ = lambda: self.adapters.release(model_id, base)
         self.check(name, predictor)  # a model that cannot answer never takes traffic
         return predictor
 

@@ -126,3 +126,66 @@ def test_a_from_scratch_runs_adapter_loads_unchanged_in_a_transformers_pipeline(
         probs = wrapped(**processor(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
     assert [a["label"] for a in answers] == [model.config.id2label[int(i)] for i in probs.argmax(-1)]
     assert [round(a["score"], 4) for a in answers] == [round(float(p.max()), 4) for p in probs]
+
+
+def two_adapters(tmp_path):
+    """A base model and two adapters over it that disagree: B's head is A's with its rows reversed, so on any
+    input B answers the label at the mirrored index."""
+    task, model, processor, inputs = example_model("text-classification", tmp_path)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    wrapped, _ = with_lora(model, LORA)
+    point_at_base(wrapped, str(base_dir))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: move it, so that the adapter changes the answers
+                p.add_(torch.randn_like(p) * 0.5)
+    dirs = {}
+    for name in ("a", "b"):
+        if name == "b":
+            with torch.no_grad():
+                for n, p in wrapped.named_parameters():
+                    if "modules_to_save" in n and "classifier" in n:
+                        p.copy_(p.flip(0))
+        dirs[name] = tmp_path / name
+        save_model(wrapped, str(dirs[name]))
+        processor.save_pretrained(dirs[name])
+    return task, processor, base_dir, dirs
+
+
+def test_adapters_over_one_base_share_its_weights_and_each_answers_as_it_would_alone(tmp_path):
+    from pipelines.adapters import AdapterPool
+    from pipelines.predictor import Predictor
+
+    task, processor, base_dir, dirs = two_adapters(tmp_path)
+    texts = [{"text": t} for t in ("goal match team", "pasta oven sauce", "cloud server code", "flight hotel")]
+    merged = {n: Predictor(task.name, str(d)) for n, d in dirs.items()}  # each alone, merged into its base
+    alone = {n: p.predict_rows(texts)[0] for n, p in merged.items()}
+    config = merged["a"].model.config
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    mirror = dict(zip(names, reversed(names)))
+    assert [mirror[p["label"]] for p in alone["a"]] == [p["label"] for p in alone["b"]]
+
+    pool = AdapterPool()
+    model_cfg = validate({"task": task.name, "model": {"source": str(base_dir)}}).model
+    load = lambda d: task.build_processor(model_cfg, d, iter(()))  # noqa: E731
+    views = {
+        n: Predictor(task.name, str(d), loaded=pool.view(task, n, str(d), str(base_dir), load)) for n, d in dirs.items()
+    }
+    assert len(pool.bases) == 1 and views["a"].model.peft is views["b"].model.peft  # one copy of the base
+    for _ in range(2):  # alternating, as requests for both arrive
+        for name in ("b", "a"):
+            got = views[name].predict_rows(texts)[0]
+            assert [p["label"] for p in got] == [p["label"] for p in alone[name]]
+            for g, e in zip(got, alone[name]):
+                assert abs(g["score"] - e["score"]) < 1e-4
+
+    pool.release("a", str(base_dir))  # evicted: B still answers as B
+    assert [p["label"] for p in views["b"].predict_rows(texts)[0]] == [p["label"] for p in alone["b"]]
+    pool.release("b", str(base_dir))
+    again = Predictor(task.name, str(dirs["a"]), loaded=pool.view(task, "a", str(dirs["a"]), str(base_dir), load))
+    assert len(pool.bases) == 1 and [p["label"] for p in again.predict_rows(texts)[0]] == [
+        p["label"] for p in alone["a"]
+    ]
