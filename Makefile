@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-unit lint bench clean
+.PHONY: install browser demo test test-fast test-unit lint bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,16 @@ demo: $(STAMP)
 		predict.model=$(DEMO_DIR)/run/model predict.input=$(DEMO_DIR)/data/eval predict.output=$(DEMO_DIR)/predictions
 	$(PY) -m jobs.demo_endpoint jobs/examples/text-classification.yaml serve.model=$(DEMO_DIR)/run/model
 
+# The report pages' browser tests render them in Debian's headless Chromium: installed when missing and
+# apt-get is at hand as root; elsewhere those tests are skipped and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
+		echo "no Chromium (apt-get install chromium): the report pages' browser tests will be skipped"
+
 # Starts a real S3 endpoint (moto's server) on a free loopback port for the whole run, and stops it.
-test: $(STAMP)
+test: $(STAMP) browser
 	@set -e; \
 	port=$$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
 	$(PY) -m moto.server -H 127.0.0.1 -p $$port > .s3-server.log 2>&1 & s3pid=$$!; \

@@ -1,7 +1,7 @@
 """Opens a report page the way a person would: in a real headless Chromium (Debian's `chromium`).
 
 A test that calls `open_in_browser` is skipped, saying why, when no Chromium is on PATH; `make test`
-does not install one."""
+installs one when it can (apt-get, as root: `make browser`)."""
 
 from __future__ import annotations
 
