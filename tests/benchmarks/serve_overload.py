@@ -10,8 +10,9 @@ the answers take, as independent clients arrive in production. Reported per leve
 second), p50/p99 of the successful requests, the share of 503s, any other status, the slowest
 `/healthz` (probed every 0.2 s meanwhile), the time the endpoint takes after the load stops to answer at
 its unloaded p50 again, and the CPU each part used (model replicas, ingress, the /healthz app, Serve's
-proxy, this load generator; from /proc), which says what a refused request costs. Targets at 4x:
-goodput >= 0.9x the 1x goodput, p99 of successes <= 3x the 1x p99, no 5xx but 503.
+proxy, the rest of the Ray this run started, this load generator; from /proc, other Rays on the machine
+left out), which says what a refused request costs. Targets at 4x: goodput >= 0.9x the 1x goodput, p99
+of successes <= 3x the 1x p99, no 5xx but 503.
 
 Two replicas by default: on a 2-core machine the models share both cores with Serve's proxy, the
 ingress and this generator, so every refused request's CPU is taken from them (`--replicas 1` leaves a
@@ -172,21 +173,32 @@ PARTS = {"model replicas": ":Predictor", "ingress": ":Ingress", "health": ":Heal
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by the Serve processes of each part, and by this process."""
+    """CPU seconds (user + system) used so far by the Serve processes of each part, and by this process. Only
+    the processes descended from this one (the Ray it started): other Rays on the machine are not counted."""
     tick = os.sysconf("SC_CLK_TCK")
-    used = dict.fromkeys([*PARTS, "load generator"], 0.0)
+    used = dict.fromkeys([*PARTS, "rest of this Ray", "load generator"], 0.0)
+    stats: dict[int, tuple[int, float, str]] = {}  # pid -> (parent pid, CPU seconds, command line)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        if int(pid) == os.getpid():
+        stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, title)
+
+    def ours(pid: int) -> bool:
+        while pid > 1 and pid in stats:
+            if pid == os.getpid():
+                return True
+            pid = stats[pid][0]
+        return False
+
+    for pid, (_, seconds, title) in stats.items():
+        if pid == os.getpid():
             used["load generator"] += seconds
-        for part, marker in PARTS.items():
-            if title.startswith("ray::") and marker in title.split()[0]:
-                used[part] += seconds
+        elif ours(pid):  # the GCS, the raylet, Serve's controller, idle workers are the rest
+            part = next((p for p, m in PARTS.items() if title.startswith("ray::") and m in title.split()[0]), None)
+            used[part or "rest of this Ray"] += seconds
     return used
 
 
