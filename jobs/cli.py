@@ -6,6 +6,7 @@
     rayformers submit  CONFIG --address http://HOST:8265 [--verb train|predict|serve]
     rayformers config  CONFIG [k=v ...]    print the resolved, validated config
     rayformers report  CONFIG [k=v ...]    write train.output/report.html again from what the run left
+    rayformers merge-adapter CONFIG OUT [k=v ...]  write predict.model's LoRA adapter merged into its base
     rayformers tasks                       list tasks, architectures, input columns
     rayformers demo-data TASK URI          write a small learnable dataset to URI/train and URI/eval
 
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
             )
         if verb == "config":
             p.add_argument("--explain", action="store_true", help="every key with its value, default and meaning")
+    p = verbs.add_parser("merge-adapter", help="write a LoRA adapter (predict.model) merged into its base model")
+    p.add_argument("config", metavar="CONFIG", help="job YAML")
+    p.add_argument("output", metavar="OUT", help="a new folder or URI for the full model")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. predict.model=s3://...")
     p = verbs.add_parser("submit", help="submit a verb as a Ray job to a cluster")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -100,6 +105,11 @@ def run(argv: list[str]) -> int:
         from pipelines.report import rebuild
 
         print(f"report: {rebuild(cfg)}")
+        return 0
+    if args.verb == "merge-adapter":
+        from pipelines.adapters import merge_adapter
+
+        print(f"model: {merge_adapter(cfg, args.output)}")
         return 0
     if args.verb == "predict":
         from pipelines.predict import predict

@@ -309,3 +309,27 @@ def peft_name(model_id: str) -> str:
     a Python identifier, and never a part of PEFT's own `lora_` prefix (a model called `a` would be, and PEFT
     may then re-initialise its weights on loading)."""
     return "adapter_" + model_id.encode().hex()
+
+
+def merge_adapter(cfg, output: str) -> str:
+    """`rayformers merge-adapter`: the adapter of `predict.model` (else train.output/model) merged into its base,
+    written to `output` as a full model (with its processor) that any `from_pretrained` loads."""
+    from errors import UserError
+    from models import get_task
+    from pipelines.storage import Storage, commit_dir
+
+    storage = Storage.from_config(cfg.storage)
+    source = cfg.predict.model or (f"{cfg.train.output.rstrip('/')}/model" if cfg.train.output else None)
+    if not source:
+        raise UserError("predict.model: set it to the adapter to merge (or set train.output, whose model/ it is)")
+    local = storage.model_path(source)
+    if not is_adapter_dir(local):
+        raise UserError(f"predict.model: {source} is a full model already, not a LoRA adapter (no {ADAPTER_CONFIG})")
+    if storage.exists(output):
+        raise UserError(f"{output}: exists already; merge into a new folder (nothing is overwritten)")
+    model, processor = load_model(get_task(cfg.task), local, storage.model_path(base_source(local)), merge=True)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        processor.save_pretrained(d)
+        commit_dir(storage, d, output)
+    return output

@@ -189,3 +189,27 @@ def test_adapters_over_one_base_share_its_weights_and_each_answers_as_it_would_a
     assert len(pool.bases) == 1 and [p["label"] for p in again.predict_rows(texts)[0]] == [
         p["label"] for p in alone["a"]
     ]
+
+
+def test_merge_adapter_writes_a_full_model_that_answers_as_the_adapter_and_overwrites_nothing(tmp_path, capsys):
+    from transformers import pipeline
+
+    from errors import UserError
+    from jobs.cli import run
+    from pipelines.predictor import Predictor
+
+    task, processor, base_dir, dirs = two_adapters(tmp_path)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"task": task.name, "model": {"source": str(base_dir)}}))
+    out = tmp_path / "merged"
+    assert run(["merge-adapter", str(config), str(out), f"predict.model={dirs['b']}"]) == 0
+    assert f"model: {out}" in capsys.readouterr().out
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    texts = ["goal match team", "pasta oven sauce"]
+    expected = Predictor(task.name, str(dirs["b"])).predict_rows([{"text": t} for t in texts])[0]
+    answers = pipeline("text-classification", model=str(out))(texts)
+    assert [a["label"] for a in answers] == [e["label"] for e in expected]
+    with pytest.raises(UserError, match="exists already"):
+        run(["merge-adapter", str(config), str(out), f"predict.model={dirs['b']}"])
+    with pytest.raises(UserError, match="not a LoRA adapter"):
+        run(["merge-adapter", str(config), str(tmp_path / "again"), f"predict.model={out}"])
