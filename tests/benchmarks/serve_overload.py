@@ -264,7 +264,8 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4, help="texts per request")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--max-ongoing", type=int, default=4, help="serve.max_ongoing_requests (>= the batch, 4)")
+    parser.add_argument("--batch", type=int, default=4, help="serve.max_batch_size (requests per forward pass)")
+    parser.add_argument("--max-ongoing", type=int, default=4, help="serve.max_ongoing_requests (>= --batch)")
     parser.add_argument("--max-queued", type=int, default=4, help="serve.max_queued_requests (-1: no limit)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -285,7 +286,7 @@ def main() -> None:
         serve_cfg = {
             "min_replicas": args.replicas,
             "max_replicas": args.replicas,
-            "max_batch_size": 4,
+            "max_batch_size": args.batch,
             "max_ongoing_requests": args.max_ongoing,
             "max_queued_requests": args.max_queued,
         }
@@ -303,6 +304,7 @@ def main() -> None:
         results["setup"] = {
             "model": args.model,
             "texts": args.texts,
+            "max_batch_size": args.batch,
             "replicas": args.replicas,
             "max_ongoing_requests": cfg.serve.max_ongoing_requests,
             "max_queued_requests": cfg.serve.max_queued_requests,
