@@ -421,8 +421,9 @@ def health_options(cfg: JobConfig) -> dict:
 
 
 def app_for(cfg: JobConfig, cls: type = PredictorDeployment):
-    """The Serve application: the ingress, bound to a handle of the model deployment (`cls`). Deployed alone
-    (as `run_apps` does not), its ingress answers `/healthz` too, but only while it is not full."""
+    """The Serve application: the ingress, bound to a handle of the model deployment (`cls`). Without the
+    `health_app_for` application that `run_apps` puts in front, its ingress answers `/healthz` itself, and a
+    probe then waits in the proxy's queue while the ingress is full."""
     model = serve.deployment(cls).options(**deployment_options(cfg)).bind(cfg)
     ingress = serve.deployment(serve.ingress()(Ingress)).options(**ingress_options(cfg))
     return ingress.bind(cfg, model, default_source(cfg) is not None)

@@ -2,7 +2,7 @@
 
 `Ingress` answers `/docs`, the API key and every check that needs no model (`serve_http`), and hands
 predictions to the model deployment (`pipelines/serve.py`) through a DeploymentHandle. It takes at once
-only as many requests as the model replicas can run (`serve.ingress_options`): the rest wait in Serve's
+only as many requests as the model replicas can run (`pipelines.serve.ingress_options`): the rest wait in Serve's
 proxy (serve.max_queued_requests) and past that the proxy itself answers 503 + Retry-After, before this
 replica or the models do any work (a refusal there costs ~1.3 ms of CPU; one answered here cost ~13 ms:
 tests/benchmarks/RESULTS.md). `Health` answers `/healthz` as an application of its own, so that a full
