@@ -227,13 +227,18 @@ class AdapterView(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         with self.shared.lock:
-            self.peft.set_adapter(self.name)
+            self.activate()
             return self.peft(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         with self.shared.lock:
-            self.peft.set_adapter(self.name)
+            self.activate()
             return self.peft.generate(*args, **kwargs)
+
+    def activate(self) -> None:
+        """Makes this adapter the active one; a walk over every module, so only when another one is."""
+        if self.peft.active_adapter != self.name:
+            self.peft.set_adapter(self.name)
 
     @property
     def device(self):
