@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
 
+from tests.adapters import save_adapters_that_disagree
 from tests.conftest import job_config, served
 
 pytestmark = pytest.mark.e2e
@@ -19,30 +19,16 @@ TEXTS = ["the striker scored a goal", "bake the pasta in the oven", "deploy the 
 
 
 def adapters_that_disagree(base_uri: str, tmp_path) -> dict:
-    """Two adapters over the trained model at `base_uri`: `a` moves its LoRA matrices off zero; `b` is `a` with
-    its head's rows reversed, so it answers the label at the mirrored index."""
+    """Two adapters over the trained model at `base_uri` (`tests/adapters.py`): `b` answers the mirrored label."""
     from models import get_task
-    from pipelines.adapters import point_at_base, save_model, with_lora
+    from pipelines.adapters import point_at_base, with_lora
     from pipelines.storage import Storage
 
     model, processor = get_task("text-classification").load(Storage().model_path(base_uri))
     wrapped, _ = with_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="auto"))
     point_at_base(wrapped, base_uri)
-    torch.manual_seed(0)
-    dirs = {}
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn_like(p) * 0.05)
-        for name in ("a", "b"):
-            if name == "b":
-                for n, p in wrapped.named_parameters():
-                    if "modules_to_save" in n:
-                        p.copy_(p.flip(0))
-            dirs[name] = str(tmp_path / name)
-            save_model(wrapped, dirs[name])
-            processor.save_pretrained(dirs[name])
-    return dirs
+    dirs = save_adapters_that_disagree(wrapped, processor, tmp_path, seed=0, scale=0.05)
+    return {name: str(path) for name, path in dirs.items()}
 
 
 def test_two_adapters_share_one_base_and_each_request_gets_its_own_adapters_answer(

@@ -24,6 +24,7 @@ from pipelines.adapters import (
     with_lora,
 )
 from pipelines.predictor import to_device
+from tests.adapters import save_adapters_that_disagree
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
 LORA = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="auto")
@@ -137,21 +138,7 @@ def two_adapters(tmp_path):
     processor.save_pretrained(base_dir)
     wrapped, _ = with_lora(model, LORA)
     point_at_base(wrapped, str(base_dir))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero: move it, so that the adapter changes the answers
-                p.add_(torch.randn_like(p) * 0.5)
-    dirs = {}
-    for name in ("a", "b"):
-        if name == "b":
-            with torch.no_grad():
-                for n, p in wrapped.named_parameters():
-                    if "modules_to_save" in n and "classifier" in n:
-                        p.copy_(p.flip(0))
-        dirs[name] = tmp_path / name
-        save_model(wrapped, str(dirs[name]))
-        processor.save_pretrained(dirs[name])
+    dirs = save_adapters_that_disagree(wrapped, processor, tmp_path, seed=3, scale=0.5)
     return task, processor, base_dir, dirs
 
 
