@@ -158,7 +158,7 @@ class AudioClassification(TaskSpec):
         return top_k_columns(predictions)
 
     def metrics(self, labels, options):
-        return ClipClassificationMetric(len(labels))
+        return ClipClassificationMetric(labels)
 
     def request_inputs(self, inputs):
         return one_field_rows(inputs, "audio", "'audio' (base64 or a data: URL)")

@@ -9,6 +9,7 @@ import pyarrow as pa
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from models.eval_views import Confusion, class_views
 from models.spec import StreamingMetric
 
 TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
@@ -26,14 +27,18 @@ def label_value(value):
 
 
 class ClassificationMetric(StreamingMetric):
-    """Accuracy and macro-F1 of the argmax class against `labels`."""
+    """Accuracy and macro-F1 of the argmax class against `labels`; the report shows the confusion matrix
+    and each class's precision and recall."""
 
-    def __init__(self, num_labels: int):
-        self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.macro_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+    def __init__(self, labels: list):
+        self.labels = labels
+        self.accuracy = MulticlassAccuracy(num_classes=len(labels), average="micro")
+        self.macro_f1 = MulticlassF1Score(num_classes=len(labels), average="macro")
+        self.confusion, self.counts = Confusion(len(labels)), None
 
     def to(self, device):
         self.accuracy, self.macro_f1 = self.accuracy.to(device), self.macro_f1.to(device)
+        self.confusion.to(device)
         return self
 
     def update(self, outputs, inputs, arrays):
@@ -42,9 +47,14 @@ class ClassificationMetric(StreamingMetric):
     def add(self, predicted: torch.Tensor, truth: torch.Tensor) -> None:
         self.accuracy.update(predicted, truth)
         self.macro_f1.update(predicted, truth)
+        self.confusion.add(predicted, truth)
 
     def compute(self):
+        self.counts = self.confusion.total()
         return {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
+
+    def views(self):
+        return class_views(self.counts, self.labels) if self.counts is not None else []
 
 
 def ranked_labels(probs: torch.Tensor, id2label: dict, k: int) -> list[list[dict]]:

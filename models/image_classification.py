@@ -30,6 +30,7 @@ from transformers import (
 
 from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
 from models.classification import TOP_K_TYPE, label_maps, label_value, ranked_labels, top_k_columns
+from models.eval_views import Confusion, Examples, class_views, picture_grid
 from models.images import (
     IMAGE_SUFFIXES,
     decode_image,
@@ -40,7 +41,7 @@ from models.images import (
     resize,
 )
 from models.parameters import TOP_K, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
 
 # From-scratch sizes; "tiny" learns the demo set in a minute on a laptop CPU.
 VIT_SIZES = {
@@ -87,22 +88,48 @@ def eval_pixels(image: Image.Image, processor) -> np.ndarray:
 
 
 class AccuracyTop5Metric(StreamingMetric):
-    """Accuracy and top-5 accuracy (top-k of all classes when there are fewer than five)."""
+    """Accuracy and top-5 accuracy (top-k of all classes when there are fewer than five); the report
+    shows the confusion matrix, per-class precision and recall, and a few images with their labels."""
 
-    def __init__(self, num_labels: int):
+    def __init__(self, labels: list):
+        self.labels, num_labels = labels, len(labels)
         self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.top5 = MulticlassAccuracy(num_classes=num_labels, average="micro", top_k=min(5, num_labels))
+        self.confusion, self.counts, self.examples = Confusion(num_labels), None, Examples()
 
     def to(self, device):
         self.accuracy, self.top5 = self.accuracy.to(device), self.top5.to(device)
+        self.confusion.to(device)
         return self
 
     def update(self, outputs, inputs, arrays):
         self.accuracy.update(outputs.logits, inputs["labels"])
         self.top5.update(outputs.logits, inputs["labels"])
+        predicted = outputs.logits.argmax(-1)
+        self.confusion.add(predicted, inputs["labels"])
+        pixels = arrays.get("pixels", [])
+        for i in range(min(self.examples.room(), len(pixels))):
+            truth, guess = int(inputs["labels"][i]), int(predicted[i])
+            self.examples.add({"image": np.asarray(pixels[i]), "truth": truth, "guess": guess})
 
     def compute(self):
+        self.counts = self.confusion.total()
         return {"accuracy": float(self.accuracy.compute()), "top5_accuracy": float(self.top5.compute())}
+
+    def views(self):
+        if self.counts is None:
+            return []
+        panels = [
+            {
+                "image": e["image"],
+                "title": f"true {self.labels[e['truth']]}, predicted {self.labels[e['guess']]}"
+                + ("" if e["truth"] == e["guess"] else " (wrong)"),
+            }
+            for e in self.examples.items
+        ]
+        note = "The first eval images as the model saw them, with the true and the predicted class."
+        shown = [View("Examples", note, figures=[("example images", picture_grid(panels))])] if panels else []
+        return class_views(self.counts, self.labels) + shown
 
 
 class ImageClassification(TaskSpec):
@@ -223,7 +250,7 @@ class ImageClassification(TaskSpec):
         return bool(options.random_resized_crop or options.horizontal_flip)
 
     def metrics(self, labels, options):
-        return AccuracyTop5Metric(len(labels))
+        return AccuracyTop5Metric(labels)
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

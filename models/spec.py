@@ -80,6 +80,19 @@ class Features:
     flags: list[str | None] = field(default_factory=list)
 
 
+@dataclass
+class View:
+    """One part of what the run report shows of the final eval besides its numbers: a title, a line
+    of explanation, a table (`header` and `rows` of str/int/float cells) and figures (caption, PNG bytes).
+    Tasks build them in `StreamingMetric.views` (helpers in models/eval_views.py)."""
+
+    title: str
+    note: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+
+
 class StreamingMetric(ABC):
     """A metric over an eval split with memory bounded by the label count, not the row count."""
 
@@ -98,6 +111,12 @@ class StreamingMetric(ABC):
 
     def to(self, device: torch.device) -> "StreamingMetric":
         return self
+
+    def views(self) -> list[View]:
+        """What the run report shows of this eval besides `compute`'s numbers (a confusion matrix, a few
+        examples with their predictions), called on rank 0 after `compute` for the run's last eval only.
+        What it draws from must stay bounded (counts, a handful of examples); by default nothing."""
+        return []
 
 
 def one_field_rows(inputs: Any, field: str, expected: str) -> list[dict]:

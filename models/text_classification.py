@@ -191,7 +191,7 @@ class TextClassification(TaskSpec):
         return [{"text": r["text"]} for r in rows]
 
     def metrics(self, labels, options):
-        return ClassificationMetric(len(labels))
+        return ClassificationMetric(labels)
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

@@ -5,7 +5,9 @@ taking it for a data file, as with `_SUCCESS`).
 Each page is one self-contained HTML file: plots are drawn with matplotlib's Agg backend and embedded
 as PNG data URIs, so it opens offline and can be mailed or copied anywhere. The training page is built
 from `history.json` (see history.py) and `metrics.json`, which both survive a resume, so a resumed
-run's report shows the whole run.
+run's report shows the whole run, and from `eval_views.json`: what the task's metric shows of the
+run's last eval (confusion matrix, examples with predictions; `StreamingMetric.views`), written by the
+rank-0 worker that ran it. This page renders those views, whatever they are; it names no task.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipelines.storage import Storage, storage_errors
 SECRET = re.compile(r"key|secret|token|password", re.IGNORECASE)
 MAX_REASONS = 1000  # distinct error reasons counted by the predict page; later ones count as "other reasons"
 MAX_CLASSES = 1000
+EVAL_VIEWS = "eval_views.json"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -35,6 +38,7 @@ h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #d
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.25em 0.8em; text-align: left; }
 th { background: #f3f3f3; } tr:nth-child(even) td { background: #fafafa; } td.num { text-align: right; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; } .plots img { width: 520px; border: 1px solid #eee; }
+.views img { max-width: 100%; border: 1px solid #eee; } .views td { max-width: 420px; }
 figure { margin: 0; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; } .muted { color: #777; }
 """
@@ -150,11 +154,59 @@ def train_report(cfg, storage: Storage, summary: dict) -> str:
     """Writes train.output/report.html from history.json and `summary` (metrics.json); returns its URI."""
     out = cfg.train.output.rstrip("/")
     uri = f"{out}/report.html"
-    write_page(storage, uri, render_train(cfg, read_history(storage, out), summary, f"{out}/model"))
+    views = read_views(storage, out)
+    write_page(storage, uri, render_train(cfg, read_history(storage, out), summary, f"{out}/model", views))
     return uri
 
 
-def render_train(cfg, records: list[dict], summary: dict, model_uri: str) -> str:
+def write_views(storage: Storage, output: str, step: int, metric) -> None:
+    """train.output/eval_views.json: the views of the eval at `step` (called by the rank-0 worker). A
+    view that fails to draw is left out with one line saying why: the trained model matters more."""
+    try:
+        views = metric.views()
+    except Exception as exc:  # noqa: BLE001  (a drawing bug must not fail a finished run)
+        print(f"run report: the last eval's views were not drawn ({type(exc).__name__}: {exc})", flush=True)
+        views = []
+    record = {
+        "step": step,
+        "views": [
+            {
+                "title": v.title,
+                "note": v.note,
+                "header": list(v.header),
+                "rows": [list(row) for row in v.rows],
+                "figures": [[caption, base64.b64encode(data).decode()] for caption, data in v.figures],
+            }
+            for v in views
+        ],
+    }
+    with storage_errors(output):
+        storage.write_text(f"{output.rstrip('/')}/{EVAL_VIEWS}", json.dumps(record))
+
+
+def read_views(storage: Storage, output: str) -> dict | None:
+    """What `write_views` wrote for the run in `output`; None for a run without (no eval, an older version)."""
+    uri = f"{output.rstrip('/')}/{EVAL_VIEWS}"
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def views_section(record: dict | None) -> str:
+    """The last eval's views (see `write_views`): each a heading, a note, figures and a table."""
+    if not record or not record["views"]:
+        return ""
+    parts = [f'<h2>Last eval (step {record["step"]})</h2><div id="eval-views" class="views">']
+    for view in record["views"]:
+        parts.append(f"<h3>{html.escape(view['title'])}</h3>")
+        if view["note"]:
+            parts.append(f"<p>{html.escape(view['note'])}</p>")
+        for caption, data in view["figures"]:
+            parts.append(figure(caption, "data:image/png;base64," + data))
+        if view["header"]:
+            parts.append(table(view["header"], view["rows"]))
+    return "".join(parts) + "</div>"
+
+
+def render_train(cfg, records: list[dict], summary: dict, model_uri: str, views: dict | None = None) -> str:
     steps = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     resumes = [r["step"] for r in records if r["kind"] == "resume"]
@@ -177,6 +229,7 @@ def render_train(cfg, records: list[dict], summary: dict, model_uri: str) -> str
         header.insert(2, ["parameters", f"{counts['trainable']:,} trained of {counts['total']:,}"])
     sections = ['<h2>Run</h2><div id="run">' + facts(header) + "</div>"]
     sections.append(metrics_section(summary))
+    sections.append(views_section(views))
     curves = []
     if steps:
         x = [r["step"] for r in steps]

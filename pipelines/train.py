@@ -36,7 +36,7 @@ from pipelines.features import check_columns
 from pipelines.history import HISTORY
 from pipelines.preprocess import Preprocessor
 from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
-from pipelines.report import train_report
+from pipelines.report import EVAL_VIEWS, train_report
 from pipelines.storage import Storage, commit_dir, is_committed, remove
 from pipelines.train_loop import train_loop
 
@@ -110,7 +110,7 @@ def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> 
 def start_fresh(storage: Storage, output: str) -> None:
     """train.fresh: removes what earlier runs wrote to `output` (only those folders and files)."""
     removed = []
-    for name in ("checkpoints", "prepared", "model", "base", "metrics.json", HISTORY, "report.html"):
+    for name in ("checkpoints", "prepared", "model", "base", "metrics.json", HISTORY, EVAL_VIEWS, "report.html"):
         if storage.exists(f"{output}/{name}"):
             remove(storage, f"{output}/{name}")
             removed.append(name)

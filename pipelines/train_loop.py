@@ -37,6 +37,7 @@ from pipelines.cluster import quiet_logs
 from pipelines.data_order import rounds, window_rows
 from pipelines.history import History
 from pipelines.predictor import to_device
+from pipelines.report import write_views
 from pipelines.storage import Storage, commit_dir, is_committed, remove
 
 
@@ -54,7 +55,8 @@ def all_have(flag: bool, device) -> bool:
     return bool(reduced(int(flag), dist.ReduceOp.MIN, device))
 
 
-def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
+def evaluate(model, task, processor, labels, options, device, autocast) -> tuple[dict, object]:
+    """The eval split's loss and metrics, and the metric object (its `views` draw the run report's last eval)."""
     shard = ray.train.get_dataset_shard("eval")
     metric = task.metrics(labels, options).to(device)
     metric.bind(model, processor)
@@ -76,7 +78,7 @@ def evaluate(model, task, processor, labels, options, device, autocast) -> dict:
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
     values = metric.compute() if loss_sum[1] > 0 else {}
-    return {"loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), **values}
+    return {"loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), **values}, (metric if values else None)
 
 
 def train_loop(config: dict) -> None:
@@ -203,12 +205,14 @@ def train_loop(config: dict) -> None:
             True,
         )
 
+    last_eval = {"metric": None}  # the latest eval's metric: what the run report shows of it (rank 0)
+
     def eval_and_checkpoint() -> None:
         metrics = {}
         if has_eval:
-            metrics = {
-                f"eval_{k}": v for k, v in evaluate(core, task, processor, labels, options, device, autocast).items()
-            }
+            values, last_eval["metric"] = evaluate(core, task, processor, labels, options, device, autocast)
+            last_eval["step"] = state.step
+            metrics = {f"eval_{k}": v for k, v in values.items()}
             score = metrics.get(f"eval_{task.best_metric}")
             loss = metrics["eval_loss"]
             better = score is not None and (
@@ -340,6 +344,8 @@ def train_loop(config: dict) -> None:
             state.position = 0
     if state.step != last_eval_step:
         eval_and_checkpoint()
+    if rank == 0 and last_eval["metric"] is not None:
+        write_views(storage, output, last_eval["step"], last_eval["metric"])
 
 
 def lora_model(cfg: JobConfig, task, model, labels, processor, output: str, rank: int):

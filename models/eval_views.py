@@ -1,0 +1,174 @@
+"""What the run report shows of a final eval besides its numbers, built from what a metric kept while it
+ran: a confusion matrix with per-class precision and recall, and a few examples with their predictions
+(drawn as pictures, or laid out as a table). Memory stays bounded: counts, and at most `EXAMPLES`
+examples, whatever the size of the eval split. Figures are drawn with matplotlib's Agg backend (no
+display) and handed on as PNG bytes in `spec.View`s.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.spec import View
+
+EXAMPLES = 6  # examples kept per eval (on rank 0's shard)
+DRAWN_CLASSES = 30  # a confusion matrix with more classes is a table, not a picture
+LISTED_CLASSES = 50  # rows of the per-class table; with more classes, the worst recalls
+
+
+class Examples:
+    """The first `limit` examples an eval saw, as dicts; later ones are not kept."""
+
+    def __init__(self, limit: int = EXAMPLES):
+        self.items: list[dict] = []
+        self.limit = limit
+
+    def room(self) -> int:
+        return self.limit - len(self.items)
+
+    def add(self, item: dict) -> None:
+        if self.room() > 0:
+            self.items.append(item)
+
+
+class Confusion:
+    """Counts of (true class, predicted class) over an eval; `total` sums them over workers."""
+
+    def __init__(self, num_labels: int):
+        self.n = num_labels
+        self.counts = torch.zeros(num_labels, num_labels, dtype=torch.long)
+
+    def to(self, device) -> "Confusion":
+        self.counts = self.counts.to(device)
+        return self
+
+    def add(self, predicted: torch.Tensor, truth: torch.Tensor) -> None:
+        pairs = truth.to(self.counts.device).long() * self.n + predicted.to(self.counts.device).long()
+        self.counts += torch.bincount(pairs, minlength=self.n * self.n).view(self.n, self.n)
+
+    def total(self) -> np.ndarray:
+        """The counts of every worker (a collective under torch.distributed: every rank calls it)."""
+        counts = self.counts.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return counts.cpu().numpy()
+
+
+def per_class(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows: truth); 0 where a
+    class was never predicted or never present."""
+    hits = np.diag(counts).astype(float)
+    support, predicted = counts.sum(1), counts.sum(0)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    return precision, recall, f1, support
+
+
+def class_views(counts: np.ndarray, labels: list) -> list[View]:
+    """The confusion matrix (a picture up to `DRAWN_CLASSES` classes) and per-class precision/recall."""
+    names = [str(label) for label in labels]
+    precision, recall, f1, support = per_class(counts)
+    order = list(range(len(names)))
+    note = f"{int(counts.sum())} eval rows, {len(names)} classes."
+    if len(order) > LISTED_CLASSES:
+        order = sorted(order, key=lambda i: (recall[i], -support[i]))[:LISTED_CLASSES]
+        note += f" The {LISTED_CLASSES} classes with the lowest recall."
+    rows = [
+        [names[i], int(support[i]), int(counts[:, i].sum()), float(precision[i]), float(recall[i]), float(f1[i])]
+        for i in order
+    ]
+    table = View(
+        "Per-class precision and recall",
+        note,
+        ["class", "rows", "predicted", "precision", "recall", "F1"],
+        rows,
+    )
+    if len(names) > DRAWN_CLASSES:
+        return [table]
+    matrix = View(
+        "Confusion matrix",
+        "Rows: the true class; columns: the predicted class; each cell counts eval rows.",
+        figures=[("confusion matrix", confusion_png(counts, names))],
+    )
+    return [matrix, table]
+
+
+# --- drawing -------------------------------------------------------------------------------------
+
+
+def new_figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def confusion_png(counts: np.ndarray, names: list[str]) -> bytes:
+    n = len(names)
+    side = min(8.0, 2.6 + 0.35 * n)
+    fig = new_figure(side + 0.8, side)
+    ax = fig.add_axes((0.25, 0.25, 0.6, 0.65))
+    shown = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(shown, ax=ax, fraction=0.05)
+    ticks = [name[:16] for name in names]
+    ax.set_xticks(range(n), ticks, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), ticks, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 12:
+        high = counts.max() or 1
+        for i in range(n):
+            for j in range(n):
+                colour = "white" if counts[i, j] > high / 2 else "black"
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title("confusion matrix")
+    return png(fig)
+
+
+def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> bytes:
+    """Pictures side by side with a caption each. A panel is {"image": HxWx3 uint8, or HxW floats drawn
+    with "cmap" (and a colour bar), "title": str, optional "boxes": [(x0, y0, x1, y1, text, colour)] in
+    pixels, optional "overlay": HxW ints (a mask drawn translucent, 0 left clear)}."""
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig = new_figure(size * columns, (size + 0.35) * rows)
+    for k, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, k + 1)
+        image = panel["image"]
+        if image.ndim == 2:
+            shown = ax.imshow(image, cmap=panel.get("cmap", "viridis"))
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        else:
+            ax.imshow(image)
+        if panel.get("overlay") is not None:
+            mask = np.ma.masked_equal(np.asarray(panel["overlay"]), 0)
+            ax.imshow(mask, cmap="tab20", alpha=0.55, interpolation="nearest", vmin=0, vmax=19)
+        for x0, y0, x1, y1, text, colour in panel.get("boxes", []):
+            from matplotlib.patches import Rectangle
+
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
+            ax.text(x0, y0, text, color="white", fontsize=7, va="bottom", backgroundcolor=colour)
+        ax.set_title(panel.get("title", ""), fontsize=8)
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.15, hspace=0.3)
+    return png(fig)
+
+
+def clipped(text: str, limit: int = 300) -> str:
+    """A text cell of an examples table, cut at `limit` characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,125 @@
+"""What the run report shows of a final eval besides its numbers, built from what the task's metric kept:
+a confusion matrix whose counts are the eval's, per-class precision and recall, and example pictures
+that are real, non-blank PNGs. No Ray: fake eval batches go straight into the metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models  # noqa: F401  (the task registry the config validates against)
+from models.eval_views import EXAMPLES, per_class
+from models.image_classification import TASK as IMAGES
+from models.text_classification import TASK as TEXTS
+from pipelines.report import read_views, render_train, write_views
+from pipelines.storage import Storage
+from tests.conftest import job_config
+
+
+def decoded(png: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return image.convert("RGB")
+
+
+def non_blank(image: Image.Image) -> bool:
+    return len(set(image.getdata())) > 20
+
+
+def logits_for(predicted: list[int], classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predicted), classes).float() * 5
+
+
+def test_a_classifiers_confusion_matrix_counts_the_eval_and_gives_each_class_its_precision_and_recall():
+    labels = ["food", "sports", "travel"]
+    metric = TEXTS.metrics(labels, None)
+    batches = [([0, 0, 1, 2], [0, 1, 1, 2]), ([2, 2, 0], [2, 1, 0])]  # (truth, predicted)
+    for truth, predicted in batches:
+        metric.update(SimpleNamespace(logits=logits_for(predicted, 3)), {"labels": torch.tensor(truth)}, {})
+    values = metric.compute()
+    assert values["accuracy"] == pytest.approx(5 / 7)
+    matrix, table = metric.views()
+    assert table.header == ["class", "rows", "predicted", "precision", "recall", "F1"]
+    rows = {row[0]: row[1:] for row in table.rows}
+    # food: 3 rows, 2 right, 1 called sports; sports: 1 row, right; travel: 3 rows, 2 right, 1 called sports
+    assert rows["food"][:2] == [3, 2] and rows["food"][2:4] == [pytest.approx(1.0), pytest.approx(2 / 3)]
+    assert rows["sports"][:2] == [1, 3] and rows["sports"][2:4] == [pytest.approx(1 / 3), pytest.approx(1.0)]
+    assert rows["travel"][:2] == [3, 2] and rows["travel"][3] == pytest.approx(2 / 3)
+    assert metric.counts.tolist() == [[2, 1, 0], [0, 1, 0], [0, 1, 2]]  # rows: truth, columns: predicted
+    [(caption, png)] = matrix.figures
+    assert caption == "confusion matrix" and non_blank(decoded(png))
+
+
+def test_per_class_scores_are_zero_not_nan_for_a_class_never_predicted_or_never_present():
+    precision, recall, f1, support = per_class(np.array([[2, 0], [1, 0]]))
+    assert precision.tolist() == [2 / 3, 0.0] and recall.tolist() == [1.0, 0.0] and f1[1] == 0.0
+    assert support.tolist() == [2, 1]
+
+
+def test_many_classes_give_a_table_of_the_worst_recalls_and_no_picture():
+    labels = [f"c{i}" for i in range(60)]
+    metric = TEXTS.metrics(labels, None)
+    truth = torch.arange(60)
+    predicted = torch.where(truth < 5, (truth + 1) % 60, truth)  # classes 0-4 always wrong
+    metric.update(SimpleNamespace(logits=logits_for(predicted.tolist(), 60)), {"labels": truth}, {})
+    metric.compute()
+    [table] = metric.views()
+    assert len(table.rows) == 50 and {row[0] for row in table.rows[:5]} == {f"c{i}" for i in range(5)}
+    assert not table.figures
+
+
+def test_an_image_classifier_keeps_a_few_example_images_however_long_the_eval_and_draws_them():
+    labels = ["blue", "green", "red", "yellow"]
+    metric = IMAGES.metrics(labels, None)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # 40 rows: only the first EXAMPLES are kept
+        truth = rng.integers(0, 4, 8)
+        pixels = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(8)]
+        outputs = SimpleNamespace(logits=logits_for(truth.tolist(), 4))
+        metric.update(outputs, {"labels": torch.as_tensor(truth)}, {"pixels": pixels})
+    assert len(metric.examples.items) == EXAMPLES
+    assert metric.compute()["accuracy"] == 1.0 and int(metric.counts.sum()) == 40
+    titles = [view.title for view in metric.views()]
+    assert titles == ["Confusion matrix", "Per-class precision and recall", "Examples"]
+    [(_, png)] = metric.views()[2].figures
+    grid = decoded(png)
+    assert grid.size[0] > 500 and non_blank(grid)
+
+
+def test_the_run_report_renders_the_views_the_worker_wrote_and_a_run_without_them_still_renders(tmp_path):
+    labels = ["food", "sports"]
+    metric = TEXTS.metrics(labels, None)
+    metric.update(SimpleNamespace(logits=logits_for([0, 1, 1], 2)), {"labels": torch.tensor([0, 1, 0])}, {})
+    metric.compute()
+    storage, output = Storage(), str(tmp_path / "run")
+    write_views(storage, output, 30, metric)
+    record = read_views(storage, output)
+    assert record["step"] == 30 and json.dumps(record)  # plain JSON: `rayformers report` draws it again
+    cfg = job_config(data={"train": "/data/train", "eval": "/data/eval"}, train={"output": output})
+    summary = {"final": {"step": 30, "eval_loss": 0.5}, "best": {"step": 30, "eval_loss": 0.5}}
+    page = render_train(cfg, [], summary, f"{output}/model", record)
+    views = page.split('<div id="eval-views"', 1)[1]
+    assert "Last eval (step 30)" in page and "<h3>Confusion matrix</h3>" in views
+    assert '<td>sports</td><td class="num">1</td><td class="num">2</td><td class="num">0.5000</td>' in views
+    [png] = re.findall(r'alt="confusion matrix" src="data:image/png;base64,([^"]+)"', views)
+    assert non_blank(decoded(base64.b64decode(png)))
+    assert 'id="eval-views"' not in render_train(cfg, [], summary, f"{output}/model", None)
+
+
+def test_a_view_that_fails_to_draw_is_left_out_with_one_line_and_the_run_goes_on(tmp_path, capsys):
+    class Broken:
+        def views(self):
+            raise ValueError("no colour map")
+
+    storage, output = Storage(), str(tmp_path / "run")
+    write_views(storage, output, 10, Broken())
+    assert read_views(storage, output) == {"step": 10, "views": []}
+    assert "views were not drawn (ValueError: no colour map)" in capsys.readouterr().out
