@@ -58,37 +58,30 @@ class Confusion:
         return counts.cpu().numpy()
 
 
-def per_class(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall, F1 and support of each class from a confusion matrix (rows: truth); 0 where a
-    class was never predicted or never present."""
-    hits = np.diag(counts).astype(float)
-    support, predicted = counts.sum(1), counts.sum(0)
+def scores_view(title: str, note: str, what: str, names: list[str], hits, predicted, true) -> View:
+    """A table of precision, recall and F1 per name from counts: right, predicted, present. With more
+    than `LISTED_CLASSES` names, those with the lowest recall."""
+    hits, predicted, true = (np.asarray(a, dtype=float) for a in (hits, predicted, true))
     precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
-    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    recall = np.divide(hits, true, out=np.zeros_like(hits), where=true > 0)
     both = precision + recall
     f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
-    return precision, recall, f1, support
+    order = list(range(len(names)))
+    if len(order) > LISTED_CLASSES:
+        order = sorted(order, key=lambda i: (recall[i], -true[i]))[:LISTED_CLASSES]
+        note += f" The {LISTED_CLASSES} with the lowest recall."
+    rows = [
+        [names[i], int(true[i]), int(predicted[i]), float(precision[i]), float(recall[i]), float(f1[i])] for i in order
+    ]
+    return View(title, note, [what, "in eval", "predicted", "precision", "recall", "F1"], rows)
 
 
 def class_views(counts: np.ndarray, labels: list) -> list[View]:
     """The confusion matrix (a picture up to `DRAWN_CLASSES` classes) and per-class precision/recall."""
     names = [str(label) for label in labels]
-    precision, recall, f1, support = per_class(counts)
-    order = list(range(len(names)))
     note = f"{int(counts.sum())} eval rows, {len(names)} classes."
-    if len(order) > LISTED_CLASSES:
-        order = sorted(order, key=lambda i: (recall[i], -support[i]))[:LISTED_CLASSES]
-        note += f" The {LISTED_CLASSES} classes with the lowest recall."
-    rows = [
-        [names[i], int(support[i]), int(counts[:, i].sum()), float(precision[i]), float(recall[i]), float(f1[i])]
-        for i in order
-    ]
-    table = View(
-        "Per-class precision and recall",
-        note,
-        ["class", "rows", "predicted", "precision", "recall", "F1"],
-        rows,
-    )
+    title = "Per-class precision and recall"
+    table = scores_view(title, note, "class", names, np.diag(counts), counts.sum(0), counts.sum(1))
     if len(names) > DRAWN_CLASSES:
         return [table]
     matrix = View(

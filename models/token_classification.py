@@ -23,8 +23,9 @@ from transformers import AutoModelForTokenClassification, BertConfig, BertForTok
 from config import ModelConfig
 from errors import UserError
 from models.classification import label_maps
+from models.eval_views import Examples, clipped, scores_view
 from models.parameters import Strings, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -132,19 +133,25 @@ def group_entities(tokens: list[dict], ignore: set[str], processor) -> list[dict
 
 
 class EntityMetric(StreamingMetric):
-    """seqeval's entity-level micro precision / recall / F1 from running counts (word-level tags)."""
+    """seqeval's entity-level micro precision / recall / F1 from running counts (word-level tags); the
+    report shows the same counts per entity type and a few sentences with their true and found entities."""
 
     def __init__(self, labels: list):
         self.names = [str(label) for label in labels]
+        self.types = sorted({name.split("-", 1)[-1] for name in self.names if name != "O"})
         self.counts = torch.zeros(5, dtype=torch.float64)  # true positives, predicted, true, words right, words
+        self.per_type = torch.zeros(len(self.types), 3, dtype=torch.float64)  # true positives, predicted, true
+        self.per_type_total, self.examples = None, Examples()
 
     def to(self, device):
-        self.counts = self.counts.to(device)
+        self.counts, self.per_type = self.counts.to(device), self.per_type.to(device)
         return self
 
     def update(self, outputs, inputs, arrays):
         predicted = outputs.logits.argmax(-1).tolist()
         batch = torch.zeros(5, dtype=torch.float64)
+        per_type = torch.zeros_like(self.per_type, device="cpu")
+        column = {name: k for k, name in enumerate(self.types)}
         for row, (tags, first) in enumerate(zip(arrays["tags"], arrays["first_piece"])):
             true = [self.names[t] for t in tags]
             guess = [self.names[predicted[row][p]] if p >= 0 else "O" for p in np.asarray(first).tolist()]
@@ -159,16 +166,44 @@ class EntityMetric(StreamingMetric):
                 ],
                 dtype=torch.float64,
             )
+            for k, entities in enumerate((true_entities & guessed, guessed, true_entities)):
+                for kind, _, _ in entities:
+                    if kind in column:
+                        per_type[column[kind], k] += 1
+            if self.examples.room() and "text" in arrays:
+                self.examples.add({"text": arrays["text"][row], "true": true_entities, "found": guessed})
         self.counts += batch.to(self.counts.device)
+        self.per_type += per_type.to(self.per_type.device)
 
     def compute(self):
-        counts = self.counts.clone()
+        counts = torch.cat([self.counts, self.per_type.flatten()])
         if dist.is_initialized():
             dist.all_reduce(counts)
-        tp, predicted, true, right, words = counts.tolist()
+        self.per_type_total = counts[5:].view(-1, 3).cpu().numpy()
+        tp, predicted, true, right, words = counts[:5].tolist()
         precision, recall = tp / max(predicted, 1), tp / max(true, 1)
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return {"precision": precision, "recall": recall, "f1": f1, "accuracy": right / max(words, 1)}
+
+    def views(self):
+        if self.per_type_total is None:
+            return []
+        tp, predicted, true = self.per_type_total.T
+        note = "Entity level, as seqeval counts: an entity is found when its type and its words both match."
+        views = [scores_view("Per-entity precision and recall", note, "entity", self.types, tp, predicted, true)]
+        if self.examples.items:
+
+            def shown(text: str, entities) -> str:
+                words = text.split(" ")
+                found = sorted(entities, key=lambda e: e[1])
+                return "; ".join(f"{kind}: {' '.join(words[start : end + 1])}" for kind, start, end in found) or "-"
+
+            rows = [
+                [clipped(e["text"]), shown(e["text"], e["true"]), shown(e["text"], e["found"])]
+                for e in self.examples.items
+            ]
+            views.append(View("Examples", "The first eval sentences.", ["sentence", "entities", "found"], rows))
+        return views
 
 
 class TokenClassification(TaskSpec):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import models  # noqa: F401  (the task registry the config validates against)
-from models.eval_views import EXAMPLES, per_class
+from models.eval_views import EXAMPLES, scores_view
 from models.image_classification import TASK as IMAGES
 from models.text_classification import TASK as TEXTS
 from pipelines.report import read_views, render_train, write_views
@@ -47,7 +47,7 @@ def test_a_classifiers_confusion_matrix_counts_the_eval_and_gives_each_class_its
     values = metric.compute()
     assert values["accuracy"] == pytest.approx(5 / 7)
     matrix, table = metric.views()
-    assert table.header == ["class", "rows", "predicted", "precision", "recall", "F1"]
+    assert table.header == ["class", "in eval", "predicted", "precision", "recall", "F1"]
     rows = {row[0]: row[1:] for row in table.rows}
     # food: 3 rows, 2 right, 1 called sports; sports: 1 row, right; travel: 3 rows, 2 right, 1 called sports
     assert rows["food"][:2] == [3, 2] and rows["food"][2:4] == [pytest.approx(1.0), pytest.approx(2 / 3)]
@@ -58,10 +58,9 @@ def test_a_classifiers_confusion_matrix_counts_the_eval_and_gives_each_class_its
     assert caption == "confusion matrix" and non_blank(decoded(png))
 
 
-def test_per_class_scores_are_zero_not_nan_for_a_class_never_predicted_or_never_present():
-    precision, recall, f1, support = per_class(np.array([[2, 0], [1, 0]]))
-    assert precision.tolist() == [2 / 3, 0.0] and recall.tolist() == [1.0, 0.0] and f1[1] == 0.0
-    assert support.tolist() == [2, 1]
+def test_scores_are_zero_not_nan_for_a_class_never_predicted_or_never_present():
+    table = scores_view("t", "", "class", ["a", "b", "c"], [2, 0, 0], [3, 0, 1], [2, 1, 0])
+    assert [row[1:] for row in table.rows] == [[2, 3, 2 / 3, 1.0, 0.8], [1, 0, 0.0, 0.0, 0.0], [0, 1, 0.0, 0.0, 0.0]]
 
 
 def test_many_classes_give_a_table_of_the_worst_recalls_and_no_picture():
@@ -123,3 +122,29 @@ def test_a_view_that_fails_to_draw_is_left_out_with_one_line_and_the_run_goes_on
     write_views(storage, output, 10, Broken())
     assert read_views(storage, output) == {"step": 10, "views": []}
     assert "views were not drawn (ValueError: no colour map)" in capsys.readouterr().out
+
+
+def test_token_classification_scores_each_entity_type_as_seqeval_does_and_shows_the_found_entities():
+    from seqeval.metrics import classification_report
+
+    from models.token_classification import TASK as NER
+
+    labels = ["B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER", "O"]
+    ids = {label: i for i, label in enumerate(labels)}
+    sentences = [("Bob Smith left Oslo", ["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "O", "O", "B-LOC"])]
+    sentences.append(("Acme hired Eve", ["B-ORG", "O", "B-PER"], ["B-ORG", "O", "B-LOC"]))
+    metric = NER.metrics(labels, None)
+    for text, true, guess in sentences:
+        logits = torch.zeros(1, len(true) + 2, len(labels))
+        for w, tag in enumerate(guess):
+            logits[0, w + 1, ids[tag]] = 1.0
+        arrays = {"tags": [[ids[t] for t in true]], "first_piece": [np.arange(1, len(true) + 1)], "text": [text]}
+        metric.update(SimpleNamespace(logits=logits), {}, arrays)
+    metric.compute()
+    table, examples = metric.views()
+    expected = classification_report([s[1] for s in sentences], [s[2] for s in sentences], output_dict=True)
+    for name, support, predicted, precision, recall, _ in table.rows:
+        assert support == expected[name]["support"] and precision == pytest.approx(expected[name]["precision"])
+        assert recall == pytest.approx(expected[name]["recall"])
+    assert [row[:3] for row in table.rows] == [["LOC", 1, 2], ["ORG", 1, 1], ["PER", 2, 1]]
+    assert examples.rows[0] == ["Bob Smith left Oslo", "PER: Bob Smith; LOC: Oslo", "PER: Bob; LOC: Oslo"]
