@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 import torch
 from pydantic import Field
+from torchmetrics.functional.text import word_error_rate
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import (
     AutoFeatureExtractor,
@@ -48,8 +49,9 @@ from models.audio import (
     windows,
     with_noise,
 )
+from models.eval_views import Examples, clipped
 from models.parameters import sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
 
 PAD, UNK, DELIMITER = "[PAD]", "[UNK]", "|"
 
@@ -108,9 +110,12 @@ def transcripts(logits: torch.Tensor, spans: list[np.ndarray], model, tokenizer)
 
 
 class ErrorRates(StreamingMetric):
+    """Word and character error rates over the eval split; the report shows a few transcripts."""
+
     def __init__(self):
         self.wer, self.cer = WordErrorRate(), CharErrorRate()
         self.model = self.tokenizer = None
+        self.examples = Examples()
 
     def bind(self, model, processor):
         self.model, self.tokenizer = model, processor.tokenizer
@@ -124,9 +129,21 @@ class ErrorRates(StreamingMetric):
         predicted = transcripts(logits, arrays["spans"], self.model, self.tokenizer)
         self.wer.update(predicted, list(arrays["reference"]))
         self.cer.update(predicted, list(arrays["reference"]))
+        for reference, transcript in list(zip(arrays["reference"], predicted))[: self.examples.room()]:
+            self.examples.add({"reference": str(reference), "transcript": transcript})
 
     def compute(self):
         return {"wer": float(self.wer.compute()), "cer": float(self.cer.compute())}
+
+    def views(self):
+        if not self.examples.items:
+            return []
+        rows = [
+            [clipped(e["reference"]), clipped(e["transcript"]), float(word_error_rate(e["transcript"], e["reference"]))]
+            for e in self.examples.items
+        ]
+        note = "The first eval clips: what was said, what the model wrote (greedy CTC decoding), and its WER."
+        return [View("Examples", note, ["reference", "transcript", "WER"], rows)]
 
 
 class SpeechRecognition(TaskSpec):

@@ -148,3 +148,22 @@ def test_token_classification_scores_each_entity_type_as_seqeval_does_and_shows_
         assert recall == pytest.approx(expected[name]["recall"])
     assert [row[:3] for row in table.rows] == [["LOC", 1, 2], ["ORG", 1, 1], ["PER", 2, 1]]
     assert examples.rows[0] == ["Bob Smith left Oslo", "PER: Bob Smith; LOC: Oslo", "PER: Bob; LOC: Oslo"]
+
+
+def test_speech_recognition_shows_the_first_transcripts_beside_their_references_with_each_wer(monkeypatch):
+    import models.automatic_speech_recognition as asr
+
+    said = ["the cat sat", "a red door", "go home now"] * 3
+    heard = iter(["the cat sat", "a red dog", "no"] * 3)
+    monkeypatch.setattr(asr, "transcripts", lambda logits, spans, model, tokenizer: [next(heard) for _ in spans])
+    metric = asr.TASK.metrics([], None)
+    for k in range(3):
+        metric.update(torch.zeros(3, 4, 5), {}, {"spans": [None] * 3, "reference": said[3 * k : 3 * k + 3]})
+    assert metric.compute()["wer"] == pytest.approx((0 + 1 + 3) / 9)
+    [examples] = metric.views()
+    assert examples.header == ["reference", "transcript", "WER"] and len(examples.rows) == EXAMPLES
+    assert examples.rows[:3] == [
+        ["the cat sat", "the cat sat", 0.0],
+        ["a red door", "a red dog", pytest.approx(1 / 3)],
+        ["go home now", "no", 1.0],
+    ]
