@@ -26,8 +26,9 @@ from transformers import (
 
 from config import ModelConfig
 from errors import UserError
+from models.eval_views import Examples, clipped
 from models.generation import check_parameters, generate_kwargs, merge_settings
-from models.spec import Column, Features, StreamingMetric, TaskSpec
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe, train_unigram
 
@@ -138,10 +139,12 @@ def generate(model, input_ids, attention_mask, kwargs: dict) -> torch.Tensor:
 
 
 class GeneratedTextMetric(StreamingMetric):
-    """Generates for each eval batch and hands (predictions, references) as text to `add`."""
+    """Generates for each eval batch and hands (predictions, references) as text to `add`; the report
+    shows the first few sources with their reference and the model's output."""
 
     def __init__(self, options: Seq2SeqOptions | None):
         self.options = options or Seq2SeqOptions()
+        self.examples = Examples()
 
     def bind(self, model, processor):
         self.model, self.processor = model, processor
@@ -155,6 +158,17 @@ class GeneratedTextMetric(StreamingMetric):
         predictions = [t.strip() for t in self.processor.batch_decode(generated, skip_special_tokens=True)]
         references = [t.strip() for t in self.processor.batch_decode(labels, skip_special_tokens=True)]
         self.add(predictions, references)
+        if self.examples.room():
+            sources = self.processor.batch_decode(inputs["input_ids"][: self.examples.room()], skip_special_tokens=True)
+            for source, reference, output in zip(sources, references, predictions):
+                self.examples.add({"source": source.strip(), "reference": reference, "output": output})
+
+    def views(self):
+        if not self.examples.items:
+            return []
+        rows = [[clipped(e["source"]), clipped(e["reference"]), clipped(e["output"])] for e in self.examples.items]
+        note = "The first eval rows, generated as the eval does (task_options.eval_num_beams)."
+        return [View("Examples", note, ["source", "reference", "output"], rows)]
 
     def add(self, predictions: list[str], references: list[str]) -> None:
         raise NotImplementedError

@@ -116,6 +116,9 @@ def test_metrics_generate_for_the_batch_and_keep_only_sums(built):
     metric.bind(model, tokenizer)
     metric.update(None, inputs, features.arrays)
     assert set(metric.compute()) == {"rouge1", "rouge2", "rougeL"} and metric.sums[-1] == 3
+    [examples] = metric.views()  # the run report's: source, reference and output of the first rows
+    assert examples.header == ["source", "reference", "output"] and len(examples.rows) == 3
+    assert all(row[0].endswith("river castle") and row[1] == "river castle" for row in examples.rows), examples.rows
 
 
 def test_rouge_and_translation_scores_of_known_answers():
