@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shutil
 import subprocess
 
 import pytest
 
-# appended to a copy of the page: records each image's decoded size once the page has loaded
-PROBE = (
-    '<script>addEventListener("load", () => document.body.setAttribute("data-images", JSON.stringify('
-    "[...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight]))))</script>"
-)
+# appended to a copy of the page: records each image's decoded size once the page has loaded, and how
+# many distinct colours the browser drew of it (sampled on a canvas: a blank image has one or two)
+PROBE = """<script>
+function colours(image) {
+  const canvas = document.createElement("canvas");
+  canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+  const context = canvas.getContext("2d");
+  context.drawImage(image, 0, 0);
+  const data = context.getImageData(0, 0, canvas.width, canvas.height).data, seen = new Set();
+  for (let k = 0; k < data.length; k += 4 * 7) seen.add(data[k] << 16 | data[k + 1] << 8 | data[k + 2]);
+  return seen.size;
+}
+addEventListener("load", () => document.body.setAttribute("data-images", JSON.stringify(
+  [...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight, colours(i)]))));
+</script>"""
 
 
 def chromium() -> str:
@@ -26,9 +37,10 @@ def chromium() -> str:
     return found
 
 
-def open_in_browser(page: str, tmp_path) -> tuple[dict, str, "object"]:
-    """What Chromium shows of `page`: each image's decoded (width, height) by its alt text, the rendered
-    DOM, and a screenshot (a PIL image). Fails on any message in the browser's console."""
+def open_in_browser(page: str, tmp_path, colours: bool = False) -> tuple[dict, str, "object"]:
+    """What Chromium shows of `page`: each image's decoded (width, height) by its alt text (with
+    `colours`: (width, height, distinct colours drawn)), the rendered DOM, and a screenshot (a PIL
+    image). Fails on any message in the browser's console."""
     from PIL import Image
 
     browser = chromium()
@@ -53,7 +65,8 @@ def open_in_browser(page: str, tmp_path) -> tuple[dict, str, "object"]:
         timeout=60,
     )
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
-    return {alt: (w, h) for alt, w, h in decoded}, dom.stdout, Image.open(shot).convert("RGB")
+    images = {alt: (w, h, n) if colours else (w, h) for alt, w, h, n in decoded}
+    return images, dom.stdout, Image.open(shot).convert("RGB")
 
 
 def plotted_pixels(screenshot) -> int:
@@ -63,3 +76,12 @@ def plotted_pixels(screenshot) -> int:
         for r, g, b in screenshot.getdata()
         if abs(r - 31) + abs(g - 119) + abs(b - 180) < 40 or abs(r - 76) + abs(g - 114) + abs(b - 176) < 30
     )
+
+
+def class_rows(dom: str) -> dict[str, tuple[int, int, float, float]]:
+    """The per-class table of a run report's last-eval views as rendered: class -> (eval rows, predicted,
+    precision, recall)."""
+    views = dom.split('<div id="eval-views"', 1)[1]
+    num = r'<td class="num">([\d.]+)</td>'
+    found = re.findall(rf"<tr><td>([^<]+)</td>{num}{num}{num}{num}{num}</tr>", views)
+    return {name: (int(rows), int(predicted), float(p), float(r)) for name, rows, predicted, p, r, _ in found}

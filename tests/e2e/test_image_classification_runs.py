@@ -88,6 +88,21 @@ def test_training_from_an_image_folder_beats_chance(trained):
     )  # the broken training file was left out (counted once), the job went on
 
 
+def test_the_run_report_shows_the_last_evals_confusion_matrix_and_example_images_in_a_browser(trained, tmp_path):
+    from tests.e2e.browser import class_rows, open_in_browser
+
+    page = s3fs.S3FileSystem().cat(f"{trained['root']}/run/report.html".removeprefix("s3://")).decode()
+    images, dom, _ = open_in_browser(page, tmp_path, colours=True)
+    # drawn in the browser, not blank: a matrix of shaded cells, pictures of coloured shapes on noise
+    assert images["confusion matrix"][2] > 20 and images["example images"][2] > 200, images
+    assert images["example images"][0] >= 500, images
+    final, classes = trained["summary"]["final"], class_rows(dom)
+    assert f"Last eval (step {final['step']})" in dom
+    assert set(classes) == set(COLOURS) and sum(rows for rows, *_ in classes.values()) == 80, classes
+    hits = sum(rows * recall for rows, _, _, recall in classes.values())
+    assert hits / 80 == pytest.approx(final["eval_accuracy"], abs=1e-3)
+
+
 @pytest.fixture(scope="module")
 def corpus(trained, session_bucket):
     """A JSONL corpus beside its images: paths relative to the JSONL file, good and bad ones."""
