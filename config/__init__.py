@@ -4,6 +4,7 @@ models → config → errors`): one YAML per job plus dotted `key=value` overrid
     section.py   the base of every section; a validation error as one line naming the key
     inputs.py    model, storage, data: what a job reads
     runtimes.py  train, predict, serve, ray: how each verb runs
+    tracking.py  track: where runs are recorded (MLflow, TensorBoard)
     job.py       the whole job, checked against its task (through `tasks.py`, which the registry fills)
     loading.py   YAML + overrides -> a validated JobConfig; `rayformers config` output
 """
@@ -21,6 +22,7 @@ from config.loading import (
 )
 from config.runtimes import PredictConfig, RayConfig, ServeConfig, TrainConfig
 from config.section import Section
+from config.tracking import TrackConfig
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -34,6 +36,7 @@ __all__ = [
     "ServeConfig",
     "StorageConfig",
     "TokenizerConfig",
+    "TrackConfig",
     "TrainConfig",
     "dump_config",
     "explain_config",

@@ -16,6 +16,7 @@ from config.inputs import DataConfig, ModelConfig, StorageConfig
 from config.runtimes import PredictConfig, RayConfig, ServeConfig, TrainConfig
 from config.section import Section, describe
 from config.tasks import task_info
+from config.tracking import TrackConfig
 
 
 class JobConfig(Section):
@@ -27,6 +28,7 @@ class JobConfig(Section):
     predict: PredictConfig = PredictConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+    track: TrackConfig = TrackConfig()
     task_options: dict[str, Any] = {}  # the task's own settings (its `Options`; see `rayformers tasks`)
 
     @model_validator(mode="after")
@@ -83,6 +85,8 @@ class JobConfig(Section):
         out.predict.input, out.predict.output = fix(out.predict.input), fix(out.predict.output)
         out.serve.model = fix(out.serve.model, model=True)
         out.serve.models = {k: fix(v, model=True) for k, v in out.serve.models.items()}
+        if out.track.mlflow_is_folder():
+            out.track.mlflow = fix(out.track.mlflow)
         return out
 
     def options(self) -> BaseModel | None:

@@ -56,6 +56,7 @@ from pipelines.readers import (
 )
 from pipelines.report import predict_report
 from pipelines.storage import Storage
+from pipelines.tracking import check_tracking, track_predict
 
 UNIT_BYTES = 256 * 1024 * 1024  # a Parquet file larger than this is split into units of row groups
 READ_TRIES = 3  # a unit whose file cannot be read or whose part cannot be written is tried this often
@@ -181,6 +182,7 @@ def score_corpus(cfg: JobConfig) -> dict:
         raise UserError("predict.input: required by `rayformers predict` (the corpus to score)")
     if not p.output:
         raise UserError("predict.output: required by `rayformers predict` (where the Parquet goes)")
+    check_tracking(cfg)
     storage = Storage.from_config(cfg.storage)
     cfg = with_format(cfg, detect_format(storage, p.input, cfg.data.format, task))
     source = model_uri(cfg, p.model)
@@ -237,6 +239,7 @@ def score_corpus(cfg: JobConfig) -> dict:
     summary = summarize(out, len(units), len(todo), time.perf_counter() - started, time.perf_counter() - ray_up, actors)
     parts = [r["part"] for _, r in sorted(load_commits(out.root).items())]
     print(f"report: {predict_report(cfg, task, storage, out.root, parts, source, summary)}", flush=True)
+    track_predict(cfg, storage, summary, source)
     return summary
 
 

@@ -38,6 +38,7 @@ from pipelines.preprocess import Preprocessor
 from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
 from pipelines.report import EVAL_VIEWS, train_report
 from pipelines.storage import Storage, commit_dir, is_committed, remove
+from pipelines.tracking import TENSORBOARD, TRACKING, check_tracking, finish_train
 from pipelines.train_loop import train_loop
 
 
@@ -110,7 +111,9 @@ def check_same_run(cfg: JobConfig, storage: Storage, output: str, run: dict) -> 
 def start_fresh(storage: Storage, output: str) -> None:
     """train.fresh: removes what earlier runs wrote to `output` (only those folders and files)."""
     removed = []
-    for name in ("checkpoints", "prepared", "model", "base", "metrics.json", HISTORY, EVAL_VIEWS, "report.html"):
+    # an MLflow store under train.output (track.mlflow: true) stays: it holds the earlier runs to compare with
+    kinds = ("checkpoints", "prepared", "model", "base", "metrics.json", HISTORY, EVAL_VIEWS, "report.html")
+    for name in (*kinds, TRACKING, TENSORBOARD):
         if storage.exists(f"{output}/{name}"):
             remove(storage, f"{output}/{name}")
             removed.append(name)
@@ -181,6 +184,7 @@ def fine_tune(cfg: JobConfig) -> dict:
     if cfg.model.source:
         storage.model_path(cfg.model.source)  # a wrong model URI fails here, before any worker starts
     run = run_identity(cfg, train_files)
+    check_tracking(cfg)
     if t.fresh:
         start_fresh(storage, t.output.rstrip("/"))
     else:
@@ -316,4 +320,5 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     print(f"model: {out}/model", flush=True)
     print(f"report: {train_report(cfg, storage, summary)}", flush=True)
     print("metrics: " + json.dumps(summary), flush=True)
+    finish_train(cfg, storage, summary)
     return summary

@@ -39,6 +39,7 @@ from pipelines.history import History
 from pipelines.predictor import to_device
 from pipelines.report import write_views
 from pipelines.storage import Storage, commit_dir, is_committed, remove
+from pipelines.tracking import Tracker
 
 
 def reduced(value: int, op, device) -> int:
@@ -151,6 +152,8 @@ def train_loop(config: dict) -> None:
     rows_log = RowsLog(storage, f"{output}/rows", rank, state.step if checkpoint else 0) if t.log_rows else None
     # what the run report draws (train.output/history.json), kept by rank 0
     history = History(storage, output, state.step if checkpoint else None) if rank == 0 else None
+    # track: MLflow and TensorBoard, fed by rank 0 (a thread sends to MLflow; a failure only warns)
+    tracker = Tracker(cfg, storage, output, state.step if checkpoint else None) if rank == 0 else None
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     has_eval = config["has_eval"]
@@ -230,6 +233,7 @@ def train_loop(config: dict) -> None:
                         save_best(storage, d, f"{output}/checkpoints/best")
             if rank == 0:
                 history.add("eval", state.step, **metrics)
+                tracker.log("eval", state.step, metrics)
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 print(
                     f"eval step {state.step}: {shown} (best {task.best_metric}={state.best:.4f} at step "
@@ -322,6 +326,7 @@ def train_loop(config: dict) -> None:
                     train_seconds=state.train_seconds,
                     total_steps=total_steps,
                 )
+                tracker.log("train", step, dict(loss=mean_loss, lr=lr, samples_per_s=speed, epoch=state.epoch))
                 window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
             if step % t.eval_every == 0:
                 eval_and_checkpoint()
@@ -344,6 +349,8 @@ def train_loop(config: dict) -> None:
             state.position = 0
     if state.step != last_eval_step:
         eval_and_checkpoint()
+    if tracker:
+        tracker.close()
     if rank == 0 and last_eval["metric"] is not None:
         write_views(storage, output, last_eval["step"], last_eval["metric"])
 
