@@ -135,7 +135,8 @@ def confusion_png(counts: np.ndarray, names: list[str]) -> bytes:
 def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> bytes:
     """Pictures side by side with a caption each. A panel is {"image": HxWx3 uint8, or HxW floats drawn
     with "cmap" (and a colour bar), "title": str, optional "boxes": [(x0, y0, x1, y1, text, colour)] in
-    pixels, optional "overlay": HxW ints (a mask drawn translucent, 0 left clear)}."""
+    pixels (a seventh item, True, puts the text under the box), optional "overlay": HxW ints (a mask
+    drawn translucent, 0 left clear)}."""
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     fig = new_figure(size * columns, (size + 0.35) * rows)
@@ -150,11 +151,12 @@ def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> byt
         if panel.get("overlay") is not None:
             mask = np.ma.masked_equal(np.asarray(panel["overlay"]), 0)
             ax.imshow(mask, cmap="tab20", alpha=0.55, interpolation="nearest", vmin=0, vmax=19)
-        for x0, y0, x1, y1, text, colour in panel.get("boxes", []):
+        for x0, y0, x1, y1, text, colour, *below in panel.get("boxes", []):
             from matplotlib.patches import Rectangle
 
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
-            ax.text(x0, y0, text, color="white", fontsize=7, va="bottom", backgroundcolor=colour)
+            at, align = (y1, "top") if below and below[0] else (y0, "bottom")
+            ax.text(x0, at, text, color="white", fontsize=7, va=align, backgroundcolor=colour)
         ax.set_title(panel.get("title", ""), fontsize=8)
         ax.set_axis_off()
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.15, hspace=0.3)

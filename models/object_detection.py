@@ -39,6 +39,7 @@ from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
 from errors import UserError
 from models.classification import label_maps
+from models.eval_views import Examples, picture_grid
 from models.images import (
     IMAGE_SUFFIXES,
     decode_image,
@@ -48,7 +49,7 @@ from models.images import (
     resize,
 )
 from models.parameters import THRESHOLD, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
 
 # From-scratch sizes: a ResNet backbone (its last stage feeds the transformer) and a DETR on top.
 DETR_SIZES = {
@@ -194,11 +195,13 @@ class DetectionMetric(StreamingMetric):
     def __init__(self, labels: list):
         self.categories = [{"id": i, "name": str(name)} for i, name in enumerate(labels)]
         self.images, self.truths, self.detections = [], [], []
+        self.examples = Examples()
 
     def update(self, outputs, inputs, arrays):
         probs = outputs.logits.detach().float().softmax(-1)[..., :-1].cpu()
         scores, classes = probs.max(-1)
         boxes = outputs.pred_boxes.detach().float().cpu().numpy()
+        self.keep_examples(arrays, scores, classes, boxes)
         for i, (h, w) in enumerate(target_sizes(arrays)):
             image_id = len(self.images)
             self.images.append({"id": image_id, "height": arrays["size"][i][0], "width": arrays["size"][i][1]})
@@ -257,6 +260,36 @@ class DetectionMetric(StreamingMetric):
             evaluation.accumulate()
             evaluation.summarize()
         return {"map": max(float(evaluation.stats[0]), 0.0), "map_50": max(float(evaluation.stats[1]), 0.0)}
+
+    def keep_examples(self, arrays, scores, classes, boxes) -> None:
+        """The first eval images with their true boxes and the boxes found with a score of 0.5 or more."""
+        height, width = canvas(arrays)
+        for i in range(min(self.examples.room(), len(arrays["pixels"]))):
+            centre, size = boxes[i][:, :2], boxes[i][:, 2:]
+            xyxy = np.concatenate([centre - size / 2, centre + size / 2], axis=1) * [width, height, width, height]
+            found = [
+                (*box, label, score)
+                for box, label, score in zip(xyxy.tolist(), classes[i].tolist(), scores[i].tolist())
+                if score >= 0.5
+            ]
+            truth = np.asarray(arrays["boxes"][i], dtype=np.float64).reshape(-1, 4).tolist()
+            labels = np.asarray(arrays["class_labels"][i]).tolist()
+            self.examples.add({"image": arrays["pixels"][i], "truth": list(zip(truth, labels)), "found": found})
+
+    def views(self):
+        if not self.examples.items:
+            return []
+        name = [c["name"] for c in self.categories]
+        panels = []
+        for e in self.examples.items:
+            true_boxes = [(*box, name[label], "#2ca02c", True) for box, label in e["truth"]]
+            found = [
+                (x0, y0, x1, y1, f"{name[label]} {score:.2f}", "#d62728") for x0, y0, x1, y1, label, score in e["found"]
+            ]
+            title = f"{len(e['truth'])} true (green), {len(found)} found (red)"
+            panels.append({"image": np.asarray(e["image"]), "title": title, "boxes": true_boxes + found})
+        note = "The first eval images as the model saw them; red boxes are those found with a score of 0.5 or more."
+        return [View("Examples", note, figures=[("example detections", picture_grid(panels))])]
 
 
 def parse_coco(data: bytes, path: str):

@@ -188,6 +188,13 @@ def test_map_rewards_right_boxes():
     wrong.update(outputs(torch.tensor([[0.9, 0.9, 0.05, 0.05]] * k), target["class_labels"]), inputs, arrays)
     assert perfect.compute()["map"] > 0.99 and perfect.compute()["map_50"] > 0.99
     assert wrong.compute() == {"map": 0.0, "map_50": 0.0}
+    # the run report's example: the boxes found are drawn where the true ones are, on the image the model saw
+    [example] = perfect.examples.items
+    found, truth = [f[:4] for f in example["found"]], [box for box, _ in example["truth"]]
+    assert len(found) == k and np.allclose(found, truth, atol=0.5), (found, truth)
+    [view] = perfect.views()
+    drawn = Image.open(io.BytesIO(view.figures[0][1]))
+    assert drawn.format == "PNG" and len(set(drawn.convert("RGB").getdata())) > 20
 
 
 def test_a_saved_detr_is_a_source_with_a_new_class_head(tmp_path):
