@@ -135,8 +135,8 @@ def confusion_png(counts: np.ndarray, names: list[str]) -> bytes:
 def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> bytes:
     """Pictures side by side with a caption each. A panel is {"image": HxWx3 uint8, or HxW floats drawn
     with "cmap" (and a colour bar), "title": str, optional "boxes": [(x0, y0, x1, y1, text, colour)] in
-    pixels (a seventh item, True, puts the text under the box), optional "overlay": HxW ints (a mask
-    drawn translucent, 0 left clear)}."""
+    pixels (a seventh item, True, puts the text under the box), optional "overlay": HxW class ids (drawn
+    translucent, a colour per class; negative ids left clear)}."""
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     fig = new_figure(size * columns, (size + 0.35) * rows)
@@ -144,13 +144,15 @@ def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> byt
         ax = fig.add_subplot(rows, columns, k + 1)
         image = panel["image"]
         if image.ndim == 2:
-            shown = ax.imshow(image, cmap=panel.get("cmap", "viridis"))
+            shown = ax.imshow(np.ma.masked_invalid(image), cmap=panel.get("cmap", "viridis"))
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
         else:
             ax.imshow(image)
         if panel.get("overlay") is not None:
-            mask = np.ma.masked_equal(np.asarray(panel["overlay"]), 0)
-            ax.imshow(mask, cmap="tab20", alpha=0.55, interpolation="nearest", vmin=0, vmax=19)
+            overlay = np.asarray(panel["overlay"])
+            # tab20's even entries are its strong colours: ten classes apart before one repeats
+            mask = np.ma.masked_less(np.where(overlay >= 0, (overlay * 2) % 20 + (overlay // 10) % 2, -1), 0)
+            ax.imshow(mask, cmap="tab20", alpha=0.6, interpolation="nearest", vmin=0, vmax=19)
         for x0, y0, x1, y1, text, colour, *below in panel.get("boxes", []):
             from matplotlib.patches import Rectangle
 

@@ -454,7 +454,7 @@ class ImageSegmentation(TaskSpec):
 
     def metrics(self, labels, options):
         options = options or Options()
-        return SegmentationMetric(len(labels), options.subtask == "panoptic", options.pq_threshold)
+        return SegmentationMetric(len(labels), options.subtask == "panoptic", options.pq_threshold, labels)
 
     def request_inputs(self, inputs):
         return one_field_rows(inputs, "image", "'image' (base64 or a data: URL)")

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.spec import StreamingMetric
+from models.eval_views import Examples, picture_grid
+from models.spec import StreamingMetric, View
 
 IGNORE = (
     255  # ignored pixels in the stored targets (SegFormer's semantic_loss_ignore_index, Mask2Former's ignore_value)
@@ -48,10 +49,12 @@ def segments(semantic: np.ndarray, instances: np.ndarray | None, subtask: str) -
 class SegmentationMetric(StreamingMetric):
     """Mean IoU and pixel accuracy from a confusion matrix; panoptic quality from per-class TP/FP/FN/IoU sums."""
 
-    def __init__(self, num_labels: int, panoptic: bool, threshold: float):
+    def __init__(self, num_labels: int, panoptic: bool, threshold: float, labels: list | None = None):
         self.num_labels, self.panoptic, self.threshold = num_labels, panoptic, threshold
+        self.names = [str(label) for label in labels] if labels else [str(i) for i in range(num_labels)]
         self.confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
         self.pq = torch.zeros(4, num_labels, dtype=torch.float64)  # TP, FP, FN, IoU sum per class
+        self.total, self.examples = None, Examples(limit=3)  # what the run report shows of the last eval
 
     def bind(self, model, processor):
         self.processor = processor
@@ -66,6 +69,9 @@ class SegmentationMetric(StreamingMetric):
         valid = target != IGNORE
         index = target[valid] * self.num_labels + predicted[valid]
         self.confusion += torch.bincount(index, minlength=self.num_labels**2).view(self.num_labels, self.num_labels)
+        for i in range(min(self.examples.room(), len(arrays.get("pixels", [])))):
+            truth = np.where(valid[i].cpu().numpy(), target[i].cpu().numpy(), -1)
+            self.examples.add({"image": arrays["pixels"][i], "truth": truth, "found": predicted[i].cpu().numpy()})
         if self.panoptic:
             size = tuple(target.shape[-2:])
             found = self.processor.post_process_panoptic_segmentation(
@@ -101,6 +107,7 @@ class SegmentationMetric(StreamingMetric):
         if dist.is_initialized():
             dist.all_reduce(confusion)
             dist.all_reduce(pq)
+        self.total = confusion.cpu().numpy()
         confusion = confusion.double()
         hits = confusion.diag()
         union = confusion.sum(0) + confusion.sum(1) - hits
@@ -115,6 +122,33 @@ class SegmentationMetric(StreamingMetric):
             present = denominator > 0
             out["pq"] = float((iou[present] / denominator[present]).mean()) if present.any() else 0.0
         return out
+
+    def views(self):
+        if self.total is None:
+            return []
+        hits, true, found = np.diag(self.total), self.total.sum(1), self.total.sum(0)
+        union = true + found - hits
+        rows = [
+            [name, int(true[c]), int(found[c]), float(hits[c] / union[c]) if union[c] else 0.0]
+            for c, name in enumerate(self.names)
+        ]
+        views = [
+            View(
+                "Per-class IoU",
+                "Pixels of each class in the eval and as predicted.",
+                ["class", "pixels", "predicted", "IoU"],
+                rows,
+            )
+        ]
+        panels = []
+        for k, e in enumerate(self.examples.items):
+            panels.append({"image": np.asarray(e["image"]), "title": f"image {k + 1}"})
+            panels.append({"image": np.asarray(e["image"]), "title": "true classes", "overlay": e["truth"]})
+            panels.append({"image": np.asarray(e["image"]), "title": "predicted classes", "overlay": e["found"]})
+        if panels:
+            note = "The first eval images, their true classes per pixel and the predicted ones (a colour per class)."
+            views.append(View("Examples", note, figures=[("example segmentations", picture_grid(panels))]))
+        return views
 
 
 def semantic_map(outputs, size) -> torch.Tensor:

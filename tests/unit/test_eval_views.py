@@ -167,3 +167,26 @@ def test_speech_recognition_shows_the_first_transcripts_beside_their_references_
         ["a red door", "a red dog", pytest.approx(1 / 3)],
         ["go home now", "no", 1.0],
     ]
+
+
+def test_segmentation_shows_each_class_iou_and_the_true_and_predicted_classes_over_the_image():
+    from models.segments import SegmentationMetric
+
+    metric = SegmentationMetric(3, panoptic=False, threshold=0.8, labels=["sky", "road", "car"])
+    target = np.array([[0, 0, 1, 1], [2, 2, 255, 255]], np.uint8)
+    logits = torch.zeros(1, 3, 2, 4)
+    for y, row in enumerate([[0, 1, 1, 1], [2, 0, 0, 0]]):
+        for x, c in enumerate(row):
+            logits[0, c, y, x] = 5.0
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 4, 3), dtype=np.uint8)
+    metric.update(SimpleNamespace(logits=logits), {}, {"labels": [target], "pixels": [pixels]})
+    metric.compute()
+    table, examples = metric.views()
+    assert table.rows == [
+        ["sky", 2, 2, pytest.approx(1 / 3)],
+        ["road", 2, 3, pytest.approx(2 / 3)],
+        ["car", 2, 1, pytest.approx(1 / 2)],
+    ]
+    assert metric.examples.items[0]["truth"].tolist() == [[0, 0, 1, 1], [2, 2, -1, -1]]  # ignored: left clear
+    grid = decoded(examples.figures[0][1])
+    assert grid.size[0] > 500 and non_blank(grid)
