@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoImageProcessor, GLPNConfig, GLPNForDepthEstimation, GLPNImageProcessorPil
 
 from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
+from models.eval_views import Examples, picture_grid
 from models.image_maps import decode_map, fit_to, flip, folder_pairs, resize_nearest
 from models.images import (
     IMAGE_SUFFIXES,
@@ -38,7 +39,7 @@ from models.images import (
     to_png_base64,
 )
 from models.parameters import sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
 
 METRES = {"mm": 0.001, "cm": 0.01, "m": 1.0}
 
@@ -83,10 +84,12 @@ class Options(BaseModel):
 
 
 class DepthMetric(StreamingMetric):
-    """AbsRel, RMSE and δ<1.25 over valid pixels (true depth > 0), from running sums."""
+    """AbsRel, RMSE and δ<1.25 over valid pixels (true depth > 0), from running sums; the report shows
+    a few eval images beside their true and predicted depth maps."""
 
     def __init__(self):
         self.sums = torch.zeros(4, dtype=torch.float64)  # |d - d*| / d*, (d - d*)^2, δ < 1.25, pixel count
+        self.examples = Examples(limit=3)
 
     def to(self, device):
         self.sums = self.sums.to(device)
@@ -100,6 +103,9 @@ class DepthMetric(StreamingMetric):
                 :, 0
             ]
         valid = truth > 0
+        for i in range(min(self.examples.room(), len(arrays.get("pixels", [])))):
+            shown = {"truth": truth[i].where(valid[i], torch.nan), "found": predicted[i]}
+            self.examples.add({"image": arrays["pixels"][i], **{k: v.float().cpu().numpy() for k, v in shown.items()}})
         d, t = predicted[valid].clamp(min=1e-6), truth[valid]
         ratio = torch.maximum(d / t, t / d)
         self.sums += torch.stack(
@@ -121,6 +127,18 @@ class DepthMetric(StreamingMetric):
             "rmse": (float(sums[1]) / count) ** 0.5,
             "delta1": float(sums[2]) / count,
         }
+
+    def views(self):
+        panels = []
+        for k, e in enumerate(self.examples.items):
+            scale = {"cmap": "magma", "vmin": 0.0, "vmax": float(np.nanmax([np.nanmax(e["truth"]), e["found"].max()]))}
+            panels.append({"image": np.asarray(e["image"]), "title": f"image {k + 1}"})
+            panels.append({"image": e["truth"], "title": "true depth (blank: unknown)", **scale})
+            panels.append({"image": e["found"], "title": "predicted depth", **scale})
+        if not panels:
+            return []
+        note = "The first eval images beside their true and predicted depth maps (bright: far)."
+        return [View("Examples", note, figures=[("example depth maps", picture_grid(panels))])]
 
 
 class DepthEstimation(TaskSpec):

@@ -134,9 +134,9 @@ def confusion_png(counts: np.ndarray, names: list[str]) -> bytes:
 
 def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> bytes:
     """Pictures side by side with a caption each. A panel is {"image": HxWx3 uint8, or HxW floats drawn
-    with "cmap" (and a colour bar), "title": str, optional "boxes": [(x0, y0, x1, y1, text, colour)] in
-    pixels (a seventh item, True, puts the text under the box), optional "overlay": HxW class ids (drawn
-    translucent, a colour per class; negative ids left clear)}."""
+    with "cmap" from "vmin" to "vmax" (and a colour bar; NaN left blank), "title": str, optional "boxes":
+    [(x0, y0, x1, y1, text, colour)] in pixels (a seventh item, True, puts the text under the box),
+    optional "overlay": HxW class ids (drawn translucent, a colour per class; negative ids left clear)}."""
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
     fig = new_figure(size * columns, (size + 0.35) * rows)
@@ -144,7 +144,8 @@ def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> byt
         ax = fig.add_subplot(rows, columns, k + 1)
         image = panel["image"]
         if image.ndim == 2:
-            shown = ax.imshow(np.ma.masked_invalid(image), cmap=panel.get("cmap", "viridis"))
+            colours = {"cmap": panel.get("cmap", "viridis"), "vmin": panel.get("vmin"), "vmax": panel.get("vmax")}
+            shown = ax.imshow(np.ma.masked_invalid(image), **colours)
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
         else:
             ax.imshow(image)

@@ -190,3 +190,21 @@ def test_segmentation_shows_each_class_iou_and_the_true_and_predicted_classes_ov
     assert metric.examples.items[0]["truth"].tolist() == [[0, 0, 1, 1], [2, 2, -1, -1]]  # ignored: left clear
     grid = decoded(examples.figures[0][1])
     assert grid.size[0] > 500 and non_blank(grid)
+
+
+def test_depth_estimation_draws_a_few_images_beside_their_true_and_predicted_depth_on_one_scale():
+    from models.depth_estimation import TASK as DEPTH
+
+    metric = DEPTH.metrics([], None)
+    rng = np.random.default_rng(0)
+    ramp = torch.linspace(1.0, 5.0, 32).repeat(32, 1)
+    for _ in range(2):  # 8 images: 3 examples are kept
+        truth = ramp.repeat(4, 1, 1)
+        truth[:, :4, :4] = 0.0  # unknown depth
+        pixels = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+        metric.update(SimpleNamespace(predicted_depth=truth.flip(-1)), {"labels": truth}, {"pixels": pixels})
+    metric.compute()
+    assert len(metric.examples.items) == 3 and np.isnan(metric.examples.items[0]["truth"][:4, :4]).all()
+    [examples] = metric.views()
+    grid = decoded(examples.figures[0][1])
+    assert grid.size[1] > 600 and non_blank(grid)  # three rows: image, true depth, predicted depth
