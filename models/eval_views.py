@@ -162,7 +162,7 @@ def picture_grid(panels: list[dict], columns: int = 3, size: float = 2.6) -> byt
             ax.text(x0, at, text, color="white", fontsize=7, va=align, backgroundcolor=colour)
         ax.set_title(panel.get("title", ""), fontsize=8)
         ax.set_axis_off()
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.15, hspace=0.3)
+    fig.subplots_adjust(left=0.02, right=0.95, bottom=0.02, top=0.92, wspace=0.2, hspace=0.3)
     return png(fig)
 
 

@@ -30,8 +30,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Stop
 
 from config import ModelConfig
 from errors import UserError
+from models.eval_views import Examples, clipped
 from models.generation import check_parameters, cut_at_stop, generate_kwargs, held_back, merge_settings
-from models.spec import Column, Features, StreamingMetric, TaskSpec
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe
 
@@ -102,10 +103,15 @@ def model_context(model) -> int:
 
 
 class Perplexity(StreamingMetric):
-    """exp(total token loss / token count) over the split: two numbers, whatever the split's size."""
+    """exp(total token loss / token count) over the split: two numbers, whatever the split's size. The
+    report shows how the model continues the first eval rows: their prompt (or first half), greedy."""
 
     def __init__(self):
         self.sums = torch.zeros(2, dtype=torch.float64)
+        self.examples, self.model, self.processor = Examples(limit=4), None, None
+
+    def bind(self, model, processor):
+        self.model, self.processor = model, processor
 
     def to(self, device):
         self.sums = self.sums.to(device)
@@ -117,6 +123,35 @@ class Perplexity(StreamingMetric):
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
         )
         self.sums += torch.stack([loss.double(), (labels != IGNORE).sum().double()])
+        rows = zip(arrays.get("input_ids", []), arrays.get("prompt_length", []))
+        for ids, prompt_length in list(rows)[: self.examples.room()]:
+            ids = [int(i) for i in ids]
+            cut = int(prompt_length) or len(ids) // 2
+            self.examples.add({"prompt": ids[:cut], "reference": ids[cut:]})
+
+    def views(self):
+        if not self.examples.items or self.model is None:
+            return []
+        rows, training = [], self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for e in self.examples.items:
+                prompt = torch.tensor([e["prompt"]], device=self.model.device)
+                new = min(max(len(e["reference"]), 1), 40, model_context(self.model) - prompt.shape[1])
+                pad_id = self.processor.pad_token_id
+                out = self.model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=max(new, 1),
+                    do_sample=False,
+                    pad_token_id=pad_id if pad_id is not None else self.model.config.eos_token_id,
+                )
+                text = [self.processor.decode(t, skip_special_tokens=True) for t in (e["prompt"], e["reference"])]
+                output = self.processor.decode(out[0, prompt.shape[1] :].tolist(), skip_special_tokens=True)
+                rows.append([clipped(text[0]), clipped(text[1]), clipped(output)])
+        self.model.train(training)
+        note = "The first eval rows: their prompt (or first half), the rest as written, and the greedy continuation."
+        return [View("Examples", note, ["prompt", "reference", "output"], rows)]
 
     def compute(self):
         sums = self.sums.clone()

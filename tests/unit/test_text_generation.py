@@ -204,3 +204,24 @@ def test_demo_data_mixes_documents_and_prompt_completion_pairs():
     pairs = [r for r in rows if r["completion"]]
     assert 40 < len(pairs) < 120 and all(r["text"] is None for r in pairs)
     assert all(r["text"].endswith(".") for r in rows if not r["completion"])
+
+
+def test_the_run_report_shows_prompts_with_their_reference_and_the_greedy_continuation(tokenizer, model):
+    batch = {
+        "text": [None, "alice has 3 red apples and bob has 2 green pears ."],
+        "prompt": ["the capital of peru is", None],
+        "completion": [" lima .", None],
+    }
+    features = TASK.preprocess(batch, tokenizer, Context(labels={}, options=Options(block_size=16)))
+    inputs = TASK.collate(features.arrays, tokenizer)
+    metric = TASK.metrics([], None)
+    metric.bind(model, tokenizer)
+    with torch.no_grad():
+        metric.update(model(**inputs), inputs, features.arrays)
+    metric.compute()
+    [examples] = metric.views()
+    assert examples.header == ["prompt", "reference", "output"] and len(examples.rows) == 2
+    (prompt, reference, output), (first_half, rest, _) = examples.rows
+    assert prompt.strip() == "the capital of peru is" and reference.strip() == "lima ." and isinstance(output, str)
+    assert (first_half + rest).replace(" ", "") == batch["text"][1].replace(" ", "")  # cut in two, maybe mid-word
+    assert not model.training  # generation for the report leaves the model as it found it
