@@ -41,33 +41,58 @@ def is_adapter_model(model) -> bool:
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
-    """Names of the top-level modules that make up the task head: those beside the base model, with
-    weights of their own (a head tied to the embeddings is left out)."""
+    """Names of the modules that make up the task head: the top-level modules beside the base model, with
+    weights of their own. A head that shares weights with the rest (BERT's masked-LM head, whose decoder is the
+    input embeddings) gives its sub-modules that do not (the transform before the decoder). The vocabulary
+    projection of a language model (`get_output_embeddings`: GPT-2's, BART's and T5's `lm_head`, tied or not)
+    stays frozen: it is pretrained for the same vocabulary, and as large as the embeddings."""
     base = model.base_model
     children = dict(model.named_children())
     if base is model:  # models without a separate base module (T5): only their heads are apart
         candidates = {n: c for n, c in children.items() if re.search(r"head|classifier|predictor", n)}
     else:
         candidates = {n: c for n, c in children.items() if c is not base}
+    vocabulary = output_embeddings(model)
     others = {id(p) for n, c in children.items() if n not in candidates for p in c.parameters()}
     heads = []
-    for name, child in candidates.items():
-        params = list(child.parameters())
-        if params and not any(id(p) in others for p in params):
+
+    def take(name: str, module: torch.nn.Module) -> None:
+        params = list(module.parameters())
+        if not params or module is vocabulary:
+            return
+        if not any(id(p) in others for p in params):
             heads.append(name)
+            return
+        for child_name, child in module.named_children():  # its own direct parameters stay frozen (a tied bias)
+            take(f"{name}.{child_name}", child)
+
+    for name, child in candidates.items():
+        take(name, child)
     return heads
+
+
+def output_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def inside(name: str, modules: list[str]) -> bool:
+    return any(name == m or name.startswith(f"{m}.") for m in modules)
 
 
 def save_names(model: torch.nn.Module, heads: list[str]) -> list[str]:
     """The heads as PEFT's `modules_to_save` must name them. PEFT takes every module whose dotted name ends
-    with one given (plain string suffix): a head called `head` holding a `head` (GLPN) would be wrapped
-    twice. Such a name is replaced by its sub-modules' names, down to names nothing else ends with."""
+    with one given (plain string suffix): a name that also ends another head's (DistilBERT's `classifier` and
+    `pre_classifier`) is fine, but a head called `head` holding a `head` (GLPN) would be wrapped twice. Such a
+    name is replaced by its sub-modules' names, down to names that only heads end with."""
     names = [n for n, _ in model.named_modules() if n]
     modules = dict(model.named_modules())
     out, todo = [], list(heads)
     while todo:
         name = todo.pop(0)
-        if not any(other != name and other.endswith(name) for other in names):
+        if all(o == name or o in heads or o in out or o in todo for o in names if o.endswith(name)):
             out.append(name)
             continue
         children = [f"{name}.{c}" for c, m in modules[name].named_children() if any(True for _ in m.parameters())]
@@ -84,16 +109,30 @@ def auto_targets(model: torch.nn.Module, heads: list[str]) -> str:
 
     suffixes = KNOWN.get(getattr(model.config, "model_type", ""))
     if not suffixes:
-        suffixes = sorted(
-            {
-                name.rsplit(".", 1)[-1]
-                for name, module in model.named_modules()
-                if is_linear(module) and name.split(".", 1)[0] not in heads
-            }
-        )
-    inside = "|".join(re.escape(h) for h in heads)
-    not_head = rf"(?!(?:{inside})\.)" if heads else ""
+        suffixes = linear_suffixes(model, heads)
+    fence = "|".join(re.escape(h) for h in heads)
+    not_head = rf"(?!(?:{fence})(?:\.|$))" if heads else ""
     return rf"{not_head}(?:.*\.)?(?:{'|'.join(re.escape(s) for s in suffixes)})"
+
+
+def linear_suffixes(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """The names that pick every linear layer of the model outside its heads and nothing else: each layer's
+    shortest dotted name ending that no other module has (Mask2Former's MLP layers are `layers.0`, `layers.1`,
+    and so are its Swin stages, so these take their parent's name too). The vocabulary projection is no target."""
+    vocabulary = output_embeddings(model)
+    named = [(n, m) for n, m in model.named_modules() if n and not inside(n, heads)]
+    others = [n for n, m in named if not is_linear(m) or m is vocabulary]
+    suffixes = set()
+    for name, module in named:
+        if not is_linear(module) or module is vocabulary:
+            continue
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(o == suffix or o.endswith(f".{suffix}") for o in others):
+                suffixes.add(suffix)
+                break
+    return sorted(suffixes)
 
 
 @contextmanager
@@ -118,7 +157,7 @@ def with_lora(model: torch.nn.Module, peft_cfg) -> tuple[torch.nn.Module, str]:
     heads = head_modules(model)
     for name, module in model.named_modules():
         # a frozen base keeps its normalisation statistics too: they are not part of the adapter
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and name.split(".", 1)[0] not in heads:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not inside(name, heads):
             module.momentum = 0.0
     targets = auto_targets(model, heads) if peft_cfg.target_modules == "auto" else list(peft_cfg.target_modules)
     lora = LoraConfig(

@@ -1,0 +1,139 @@
+"""LoRA (train.peft) on every task and every seed architecture it builds (`model.init`), as the train loop wraps
+them (`pipelines.adapters.with_lora`): the picked modules, the head trained in full, a loss that falls, and a
+saved adapter that loads back (our loader, PEFT's own `PeftModel.from_pretrained`, `rayformers merge-adapter`) to
+the outputs of the model that was trained."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from config import validate
+from models import get_task, task_names
+from models.spec import Context
+from pipelines.adapters import load_model, merge_adapter, parameter_counts, point_at_base, save_model, with_lora
+from pipelines.predictor import to_device
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
+LORA = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules="auto")
+CASES = [(t, a) for t in task_names() for a in get_task(t).architectures]
+
+
+def model_config(task_name: str, architecture: str, size: str = "tiny") -> dict:
+    """The task's example `model:` section with the architecture (and size) swapped in; the example's overrides
+    are kept for its own architecture, the image size alone for another."""
+    model = yaml.safe_load((EXAMPLES / f"{task_name}.yaml").read_text())["model"]
+    init = model["init"]
+    overrides = init.get("overrides", {})
+    if init["architecture"] != architecture:
+        overrides = {k: v for k, v in overrides.items() if k == "image_size"}
+    return model | {"init": {"architecture": architecture, "size": size, "overrides": overrides}}
+
+
+def build(task_name: str, architecture: str):
+    """The tiny model the task builds from `model.init`, its processor, and one training batch of its demo data."""
+    example = yaml.safe_load((EXAMPLES / f"{task_name}.yaml").read_text())
+    labels = example.get("data", {}).get("labels")
+    cfg = validate(
+        {"task": task_name, "model": model_config(task_name, architecture)}
+        | {"task_options": example.get("task_options", {})}
+        | ({"data": {"labels": labels}} if labels else {})
+    )
+    task = get_task(task_name)
+    rows = task.demo_data(8, seed=0)
+    if not labels:
+        labels = sorted(task.labels_in(r[task.label_column] for r in rows)) if task.label_column else []
+    processor = task.build_processor(cfg.model, None, iter(rows))
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model, None, labels, processor)
+    columns = [c.name for c in task.columns if c.name in rows[0]]
+    features = task.preprocess(
+        {c: [r[c] for r in rows] for c in columns},
+        processor,
+        Context(labels={n: i for i, n in enumerate(labels)}, options=cfg.options(), train=True),
+    )
+    inputs = to_device(task.collate(features.arrays, processor), torch.device("cpu"))
+    return task, model, processor, inputs
+
+
+def outputs_of(model, inputs) -> dict[str, torch.Tensor]:
+    """The model's tensor outputs but the loss (Mask2Former samples points for it); labels stay in the inputs, as
+    seq2seq models take their decoder inputs from them."""
+    model.eval()
+    with torch.no_grad():
+        outputs = model(**inputs)
+    return {k: v for k, v in outputs.items() if k != "loss" and torch.is_tensor(v)}
+
+
+def loss_of(model, inputs) -> float:
+    """The training loss on the batch, with the same dropout masks (and Mask2Former's sampled points) each time."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        return float(model(**inputs).loss)
+
+
+def assert_same(got: dict, expected: dict, what: str) -> None:
+    assert got.keys() == expected.keys(), what
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4, msg=lambda m: f"{what} {key}: {m}")
+
+
+def logged(line: str, part: str) -> set[str]:
+    """The names the LoRA log line gives in one of its parts: `on ...;` or `trained in full: ...;`."""
+    names = re.search(rf"{part} (.*?);", line).group(1)
+    return set() if names == "nothing" else set(names.split(", "))
+
+
+@pytest.mark.parametrize(("task_name", "architecture"), CASES, ids=[f"{t}-{a}" for t, a in CASES])
+def test_lora_on_every_task_trains_adapters_and_head_and_saves_what_loads_back(task_name, architecture, tmp_path):
+    task, model, processor, inputs = build(task_name, architecture)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)  # what a from-scratch run keeps as the adapter's base
+    processor.save_pretrained(base_dir)
+
+    wrapped, line = with_lora(model, LORA)
+    print(f"{task_name} {architecture}: {line}")
+    adapted = {n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and "." in n}
+    assert adapted and logged(line, "on") == adapted, line
+    heads = logged(line, "trained in full:")
+    trained = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "modules_to_save" in n for n in trained), trained
+    for head in heads:  # each head's copy trains in full; its original, like the rest of the base, stays frozen
+        copy = [p for n, p in wrapped.named_parameters() if f"{head}.modules_to_save." in n]
+        original = [p for n, p in wrapped.named_parameters() if f"{head}.original_module." in n]
+        assert copy and all(p.requires_grad for p in copy) and not any(p.requires_grad for p in original), head
+    trainable, total = parameter_counts(wrapped)
+    assert f"{trainable:,} of {total:,}" in line
+
+    before = loss_of(wrapped, inputs)  # the adapters start as no change (PEFT's B matrices are zero)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(4):
+        torch.manual_seed(step)
+        wrapped(**inputs).loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+    after = loss_of(wrapped, inputs)
+    assert after < before, (before, after)
+    expected = outputs_of(wrapped, inputs)
+
+    adapter_dir = tmp_path / "adapter"
+    point_at_base(wrapped, str(base_dir))
+    save_model(wrapped, str(adapter_dir))
+    processor.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
+
+    for merge in (False, True):
+        loaded, _ = load_model(task, str(adapter_dir), str(base_dir), merge=merge)
+        assert_same(outputs_of(loaded, inputs), expected, f"load_model(merge={merge})")
+    from peft import PeftModel
+
+    base, _ = task.load(str(base_dir))
+    assert_same(outputs_of(PeftModel.from_pretrained(base, adapter_dir), inputs), expected, "PeftModel")
+    cfg = validate({"task": task_name, "model": {"source": str(base_dir)}, "predict": {"model": str(adapter_dir)}})
+    merged, _ = task.load(merge_adapter(cfg, str(tmp_path / "merged")))
+    assert_same(outputs_of(merged, inputs), expected, "merge-adapter")
