@@ -28,8 +28,9 @@ from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuest
 
 from config import ModelConfig
 from errors import UserError
+from models.eval_views import Examples, clipped
 from models.parameters import Flag, Number, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import BERT_SIZES, check_text
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -183,6 +184,10 @@ class SquadMetric(StreamingMetric):
     def __init__(self, options: Options):
         self.options = options
         self.sums = torch.zeros(3, dtype=torch.float64)  # exact match, F1, rows
+        self.examples, self.processor = Examples(), None  # the report's first eval questions
+
+    def bind(self, model, processor):
+        self.processor = processor
 
     def to(self, device):
         self.sums = self.sums.to(device)
@@ -204,8 +209,19 @@ class SquadMetric(StreamingMetric):
                 self.options.allow_no_answer,
             )
             first += count
-            em, f1 = squad_scores(best[0]["answer"] if best else "", list(arrays["answer_texts"][row]))
+            found, answers = best[0]["answer"] if best else "", list(arrays["answer_texts"][row])
+            em, f1 = squad_scores(found, answers)
             batch += torch.tensor([em, f1, 1.0], dtype=torch.float64)
+            ids, types = np.asarray(arrays["input_ids"][row])[0], np.asarray(arrays["token_type_ids"][row])[0]
+            self.examples.add(
+                {
+                    "question": ids[types == 0],
+                    "context": arrays["context"][row],
+                    "answers": answers,
+                    "found": found,
+                    "f1": f1,
+                }
+            )
         self.sums += batch.to(self.sums.device)
 
     def compute(self):
@@ -214,6 +230,22 @@ class SquadMetric(StreamingMetric):
             dist.all_reduce(sums)
         em, f1, rows = sums.tolist()
         return {"exact_match": em / max(rows, 1), "f1": f1 / max(rows, 1)}
+
+    def views(self):
+        if not self.examples.items or self.processor is None:
+            return []
+        rows = [
+            [
+                clipped(self.processor.decode(e["question"].tolist(), skip_special_tokens=True)),
+                clipped(e["context"]),
+                " | ".join(e["answers"]) or "(no answer)",
+                e["found"] or "(no answer)",
+                float(e["f1"]),
+            ]
+            for e in self.examples.items
+        ]
+        note = "The first eval questions, their true answers, the span the model picked and its SQuAD F1."
+        return [View("Examples", note, ["question", "context", "answers", "found", "F1"], rows)]
 
 
 class QuestionAnswering(TaskSpec):

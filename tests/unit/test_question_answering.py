@@ -243,8 +243,12 @@ def test_the_metric_scores_each_question_once_over_its_windows(tokenizer):
         features, {0: (w, int(starts[w]), int(features.arrays["end_positions"][0][w])), 1: (0, eve, eve)}
     )
     metric = TASK.metrics([], Options())
+    metric.bind(None, tokenizer)
     metric.update(outputs, {}, features.arrays)
     assert metric.compute() == {"exact_match": 0.5, "f1": 0.5}  # row 0 right; row 1 answers "Eve", not "Lima"
+    [examples] = metric.views()  # the run report's: question, context, true answers, the span found, its F1
+    assert [row[0] for row in examples.rows] == ["where does bob live?", "where does eve live?"]  # as decoded
+    assert [row[2:] for row in examples.rows] == [["Oslo", "Oslo", 1.0], ["Lima", "Eve", 0.0]]
 
 
 def test_a_training_batch_gives_a_loss(tokenizer):
