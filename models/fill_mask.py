@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from config import ModelConfig
+from models.eval_views import Examples, clipped
 from models.parameters import Number, sanitize
-from models.spec import Column, Features, StreamingMetric, TaskSpec, one_field_rows
+from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
 
@@ -59,6 +60,10 @@ class MaskedLMMetric(StreamingMetric):
 
     def __init__(self):
         self.sums = torch.zeros(4, dtype=torch.float64)  # summed loss, top-1 right, top-5 right, masked pieces
+        self.examples, self.processor = Examples(), None  # the report's first eval rows, their masks filled
+
+    def bind(self, model, processor):
+        self.processor = processor
 
     def to(self, device):
         self.sums = self.sums.to(device)
@@ -78,6 +83,14 @@ class MaskedLMMetric(StreamingMetric):
                 torch.tensor(float(len(targets)), dtype=torch.float64, device=loss.device),
             ]
         ).to(self.sums.device)
+        best = outputs.logits.argmax(-1)
+        for i in range(min(self.examples.room(), len(labels) if "input_ids" in inputs else 0)):
+            where = (labels[i] != IGNORE).cpu()
+            keep = inputs["attention_mask"][i].bool().cpu()
+            shown = inputs["input_ids"][i].cpu().masked_fill(where, -1)[keep]  # -1: a masked piece
+            self.examples.add(
+                {"text": shown.numpy(), "true": labels[i].cpu()[where].numpy(), "found": best[i].cpu()[where].numpy()}
+            )
 
     def compute(self):
         sums = self.sums.clone()
@@ -90,6 +103,26 @@ class MaskedLMMetric(StreamingMetric):
             "accuracy": top1 / count,
             "top5_accuracy": top5 / count,
         }
+
+    def views(self):
+        if not self.examples.items or self.processor is None:
+            return []
+        p, special = self.processor, set(self.processor.all_special_ids)
+        rows = []
+        for e in self.examples.items:
+            tokens = [p.mask_token if i < 0 else p.convert_ids_to_tokens(int(i)) for i in e["text"] if i not in special]
+            true, found = (p.convert_ids_to_tokens(e[k].tolist()) for k in ("true", "found"))
+            right = sum(a == b for a, b in zip(true, found))
+            rows.append(
+                [
+                    clipped(p.convert_tokens_to_string(tokens)),
+                    " ".join(true),
+                    " ".join(found),
+                    f"{right} of {len(true)}",
+                ]
+            )
+        note = "The first eval rows with the pieces the eval masked, what they were and the model's first choice."
+        return [View("Examples", note, ["text", "masked pieces", "predicted", "right"], rows)]
 
 
 class FillMask(TaskSpec):

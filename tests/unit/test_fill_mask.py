@@ -107,17 +107,23 @@ def test_fillers_come_in_the_pipeline_format(tokenizer):
     )
 
 
-def test_the_metric_gives_perplexity_and_accuracy():
+def test_the_metric_gives_perplexity_and_accuracy(tokenizer):
     labels = torch.tensor([[IGNORE, 7, IGNORE, 9]])
     logits = torch.zeros(1, 4, 20)
     logits[0, 1, 7] = 5.0  # right
     logits[0, 3, 2], logits[0, 3, 9] = 5.0, 4.0  # wrong, but second best
     metric = TASK.metrics([], None)
-    metric.update(SimpleNamespace(logits=logits), {"labels": labels}, {})
+    metric.bind(None, tokenizer)
+    inputs = {"labels": labels, "input_ids": torch.tensor([[12, 7, 13, 2]]), "attention_mask": torch.ones(1, 4)}
+    metric.update(SimpleNamespace(logits=logits), inputs, {})
     values = metric.compute()
     expected = torch.nn.functional.cross_entropy(logits[0, [1, 3]], torch.tensor([7, 9])).exp().item()
     assert values["perplexity"] == pytest.approx(expected, rel=1e-5)
     assert values["accuracy"] == 0.5 and values["top5_accuracy"] == 1.0
+    [examples] = metric.views()  # the run report's: the masked text, the pieces it hid, the model's first choice
+    [(text, hidden, found, right)] = examples.rows
+    assert text.count(tokenizer.mask_token) == 2 and right == "1 of 2"
+    assert hidden.split() == tokenizer.convert_ids_to_tokens([7, 9]) and found.split()[0] == hidden.split()[0]
 
 
 def test_a_saved_untrained_model_fills_masks_as_the_pipeline_does(tokenizer, tmp_path):
