@@ -72,6 +72,21 @@ def test_training_beats_chance_by_a_wide_margin(trained):
     assert summary["best"]["eval_macro_f1"] >= 0.8, summary
 
 
+def test_the_run_report_shows_the_last_evals_confusion_matrix_and_per_class_recall_in_a_browser(trained, tmp_path):
+    from tests.e2e.browser import class_rows, open_in_browser
+
+    page = s3fs.S3FileSystem().cat(f"{trained['root']}/run/report.html".removeprefix("s3://")).decode()
+    images, dom, _ = open_in_browser(page, tmp_path, colours=True)
+    assert images["confusion matrix"][2] > 20, images  # drawn in the browser, not blank
+    final, classes = trained["summary"]["final"], class_rows(dom)
+    assert f"Last eval (step {final['step']})" in dom and len(classes) == 4, classes
+    rows = sum(n for n, *_ in classes.values())
+    assert rows == 64  # the eval split's clips (320 // 5), each counted once however many windows it has
+    assert sum(n * recall for n, _, _, recall in classes.values()) / rows == pytest.approx(
+        final["eval_accuracy"], abs=1e-3
+    )
+
+
 @pytest.fixture(scope="module")
 def folder(trained, session_bucket):
     """An audio folder on S3, one sub-folder per class, as users have them: recordings at 8-48 kHz,
