@@ -9,7 +9,7 @@ import json
 import pytest
 import s3fs
 
-from tests.e2e.browser import open_in_browser, plotted_pixels
+from tests.e2e.browser import class_rows, open_in_browser, plotted_pixels
 
 pytestmark = pytest.mark.e2e
 
@@ -32,6 +32,7 @@ def test_the_run_report_opens_in_a_browser_with_its_curves_drawn_and_the_runs_ow
         "eval_loss",
         "eval_accuracy",
         "eval_macro_f1",
+        "confusion matrix",
     }, images
     assert all(w >= 300 and h >= 200 for w, h in images.values()), images  # each image decoded in the browser
     assert plotted_pixels(screenshot) > 500  # the curves are on screen, not blank boxes
@@ -41,6 +42,13 @@ def test_the_run_report_opens_in_a_browser_with_its_curves_drawn_and_the_runs_ow
     for name in ("accuracy", "macro_f1", "loss"):
         assert f'<td>{name}</td><td class="num">{best["eval_" + name]:.4f}</td>' in table, table
     assert trained_text_model["model"] in dom and "text-classification" in dom
+    # the last eval's confusion matrix, and per-class recalls that add up to the run's accuracy
+    final = metrics["final"]
+    assert f"Last eval (step {final['step']})" in dom
+    classes = class_rows(dom)
+    assert set(classes) == {"food", "sports", "tech", "travel"}, classes
+    hits = sum(rows * recall for rows, _, _, recall in classes.values())
+    assert hits / sum(rows for rows, *_ in classes.values()) == pytest.approx(final["eval_accuracy"], abs=1e-3)
 
     # `rayformers report` draws it again from what the run left
     fs.rm(f"{out}/report.html")
