@@ -208,3 +208,19 @@ def test_depth_estimation_draws_a_few_images_beside_their_true_and_predicted_dep
     [examples] = metric.views()
     grid = decoded(examples.figures[0][1])
     assert grid.size[1] > 600 and non_blank(grid)  # three rows: image, true depth, predicted depth
+
+
+def test_rayformers_report_draws_the_last_eval_again_from_what_the_run_left(tmp_path):
+    from pipelines.report import rebuild
+
+    labels = ["food", "sports"]
+    metric = TEXTS.metrics(labels, None)
+    metric.update(SimpleNamespace(logits=logits_for([0, 1, 1], 2)), {"labels": torch.tensor([0, 1, 0])}, {})
+    metric.compute()
+    output = tmp_path / "run"
+    write_views(Storage(), str(output), 30, metric)
+    summary = {"final": {"step": 30, "eval_loss": 0.5}, "best": {"step": 30, "eval_loss": 0.5}}
+    (output / "metrics.json").write_text(json.dumps(summary))
+    cfg = job_config(data={"train": "/data/train", "eval": "/data/eval"}, train={"output": str(output)})
+    page = (output / "report.html").read_text() if rebuild(cfg) else ""
+    assert "Last eval (step 30)" in page and 'alt="confusion matrix"' in page
