@@ -36,19 +36,26 @@ class Examples:
 
 
 class Confusion:
-    """Counts of (true class, predicted class) over an eval; `total` sums them over workers."""
+    """Counts of (true class, predicted class) over an eval, the matrix itself up to `DRAWN_CLASSES`
+    classes; past that (where it is not drawn) only what the per-class table needs: per class the rows
+    right, predicted and present (3 x classes, not classes squared). `total` sums them over workers."""
 
     def __init__(self, num_labels: int):
         self.n = num_labels
-        self.counts = torch.zeros(num_labels, num_labels, dtype=torch.long)
+        shape = (num_labels, num_labels) if num_labels <= DRAWN_CLASSES else (3, num_labels)
+        self.counts = torch.zeros(shape, dtype=torch.long)
 
     def to(self, device) -> "Confusion":
         self.counts = self.counts.to(device)
         return self
 
     def add(self, predicted: torch.Tensor, truth: torch.Tensor) -> None:
-        pairs = truth.to(self.counts.device).long() * self.n + predicted.to(self.counts.device).long()
-        self.counts += torch.bincount(pairs, minlength=self.n * self.n).view(self.n, self.n)
+        predicted, truth = predicted.to(self.counts.device).long(), truth.to(self.counts.device).long()
+        if self.n <= DRAWN_CLASSES:
+            self.counts += torch.bincount(truth * self.n + predicted, minlength=self.n * self.n).view(self.n, self.n)
+            return
+        for k, values in enumerate((truth[predicted == truth], predicted, truth)):
+            self.counts[k] += torch.bincount(values, minlength=self.n)
 
     def total(self) -> np.ndarray:
         """The counts of every worker (a collective under torch.distributed: every rank calls it)."""
@@ -77,12 +84,14 @@ def scores_view(title: str, note: str, what: str, names: list[str], hits, predic
 
 
 def class_views(counts: np.ndarray, labels: list) -> list[View]:
-    """The confusion matrix (a picture up to `DRAWN_CLASSES` classes) and per-class precision/recall."""
+    """The confusion matrix (a picture up to `DRAWN_CLASSES` classes) and per-class precision/recall, from
+    `Confusion.total()`."""
     names = [str(label) for label in labels]
-    note = f"{int(counts.sum())} eval rows, {len(names)} classes."
-    title = "Per-class precision and recall"
-    table = scores_view(title, note, "class", names, np.diag(counts), counts.sum(0), counts.sum(1))
-    if len(names) > DRAWN_CLASSES:
+    square = counts.shape == (len(names), len(names))
+    hits, predicted, true = (np.diag(counts), counts.sum(0), counts.sum(1)) if square else counts
+    note = f"{int(true.sum())} eval rows, {len(names)} classes."
+    table = scores_view("Per-class precision and recall", note, "class", names, hits, predicted, true)
+    if not square:
         return [table]
     matrix = View(
         "Confusion matrix",

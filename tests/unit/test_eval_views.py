@@ -72,7 +72,9 @@ def test_many_classes_give_a_table_of_the_worst_recalls_and_no_picture():
     metric.compute()
     [table] = metric.views()
     assert len(table.rows) == 50 and {row[0] for row in table.rows[:5]} == {f"c{i}" for i in range(5)}
-    assert not table.figures
+    assert not table.figures and metric.counts.shape == (3, 60)  # no 60 x 60 matrix kept, none drawn
+    rows = {row[0]: row[1:] for row in table.rows}
+    assert rows["c0"] == [1, 0, 0.0, 0.0, 0.0] and rows["c5"][:4] == [1, 2, 0.5, 1.0]  # c5: its own and c4's
 
 
 def test_an_image_classifier_keeps_a_few_example_images_however_long_the_eval_and_draws_them():
