@@ -70,8 +70,9 @@ class SegmentationMetric(StreamingMetric):
         index = target[valid] * self.num_labels + predicted[valid]
         self.confusion += torch.bincount(index, minlength=self.num_labels**2).view(self.num_labels, self.num_labels)
         for i in range(min(self.examples.room(), len(arrays.get("pixels", [])))):
-            truth = np.where(valid[i].cpu().numpy(), target[i].cpu().numpy(), -1)
-            self.examples.add({"image": arrays["pixels"][i], "truth": truth, "found": predicted[i].cpu().numpy()})
+            truth = np.where(valid[i].cpu().numpy(), target[i].cpu().numpy(), -1).astype(np.int32)
+            found = predicted[i].cpu().numpy().astype(np.int32)
+            self.examples.add({"image": arrays["pixels"][i], "truth": truth, "found": found})
         if self.panoptic:
             size = tuple(target.shape[-2:])
             found = self.processor.post_process_panoptic_segmentation(
