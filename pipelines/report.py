@@ -229,7 +229,6 @@ def render_train(cfg, records: list[dict], summary: dict, model_uri: str, views:
         header.insert(2, ["parameters", f"{counts['trainable']:,} trained of {counts['total']:,}"])
     sections = ['<h2>Run</h2><div id="run">' + facts(header) + "</div>"]
     sections.append(metrics_section(summary))
-    sections.append(views_section(views))
     curves = []
     if steps:
         x = [r["step"] for r in steps]
@@ -247,6 +246,7 @@ def render_train(cfg, records: list[dict], summary: dict, model_uri: str, views:
         sections.append("<h2>Curves</h2><div class='plots'>" + "".join(figure(t, u) for t, u in curves) + "</div>")
     else:
         sections.append("<h2>Curves</h2><p>No step was logged (train.log_every is larger than the run).</p>")
+    sections.append(views_section(views))
     sections.append(config_section(cfg))
     return page(f"rayformers train: {cfg.task}", sections)
 
