@@ -102,14 +102,16 @@ def save_names(model: torch.nn.Module, heads: list[str]) -> list[str]:
     return out
 
 
-def auto_targets(model: torch.nn.Module, heads: list[str]) -> str:
+def auto_targets(model: torch.nn.Module, heads: list[str]) -> list[str]:
     """`target_modules: auto`: PEFT's per-architecture choice (query/value, c_attn, q_proj/v_proj, ...),
-    else every linear layer of the base model; as a pattern that never reaches into the head."""
+    else every linear layer of the base model, as module name endings."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
 
-    suffixes = KNOWN.get(getattr(model.config, "model_type", ""))
-    if not suffixes:
-        suffixes = linear_suffixes(model, heads)
+    return list(KNOWN.get(getattr(model.config, "model_type", ""), ())) or linear_suffixes(model, heads)
+
+
+def target_pattern(suffixes: list[str], heads: list[str]) -> str:
+    """The modules whose names end with one of `suffixes`, as PEFT's pattern, never reaching into a head."""
     fence = "|".join(re.escape(h) for h in heads)
     not_head = rf"(?!(?:{fence})(?:\.|$))" if heads else ""
     return rf"{not_head}(?:.*\.)?(?:{'|'.join(re.escape(s) for s in suffixes)})"
@@ -159,12 +161,13 @@ def with_lora(model: torch.nn.Module, peft_cfg) -> tuple[torch.nn.Module, str]:
         # a frozen base keeps its normalisation statistics too: they are not part of the adapter
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not inside(name, heads):
             module.momentum = 0.0
-    targets = auto_targets(model, heads) if peft_cfg.target_modules == "auto" else list(peft_cfg.target_modules)
+    auto = peft_cfg.target_modules == "auto"
+    suffixes = auto_targets(model, heads) if auto else list(peft_cfg.target_modules)
     lora = LoraConfig(
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
-        target_modules=targets,
+        target_modules=target_pattern(suffixes, heads) if auto else suffixes,
         modules_to_save=save_names(model, heads) or None,
     )
     try:
@@ -174,9 +177,8 @@ def with_lora(model: torch.nn.Module, peft_cfg) -> tuple[torch.nn.Module, str]:
         from errors import UserError
 
         raise UserError(f"train.peft.target_modules: {exc}") from None
-    adapted = sorted(
-        {name.rsplit(".", 1)[-1] for name, m in wrapped.named_modules() if hasattr(m, "lora_A") and "." in name}
-    )
+    adapted = [name for name, m in wrapped.named_modules() if hasattr(m, "lora_A")]
+    adapted = [s for s in suffixes if any(n.endswith(f".{s}") for n in adapted)]
     trainable, total = parameter_counts(wrapped)
     line = (
         f"LoRA r={peft_cfg.r} on {', '.join(adapted)}; trained in full: {', '.join(heads) or 'nothing'}; "
