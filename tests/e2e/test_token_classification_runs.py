@@ -5,6 +5,7 @@ model in `transformers.pipeline`, and get the same entities from the Serve endpo
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pyarrow.parquet as pq
@@ -64,6 +65,16 @@ def test_training_on_conll_files_finds_the_entities(trained):
     # an untrained tagger finds next to no whole entity (F1 near 0); the templated corpus is learnable
     assert best["eval_f1"] >= 0.8, best
     assert best["eval_precision"] >= 0.75 and best["eval_recall"] >= 0.75, best
+    # the run report's last eval: per entity type, counts that add up to the run's entity recall
+    page = s3fs.S3FileSystem().cat(f"{trained['root']}/run/report.html".removeprefix("s3://")).decode()
+    views = page.split('<div id="eval-views"', 1)[1]
+    num = r'<td class="num">([\d.]+)</td>'
+    found = re.findall(rf"<tr><td>(LOC|ORG|PER)</td>{num}{num}{num}{num}{num}</tr>", views)
+    assert sorted(name for name, *_ in found) == ["LOC", "ORG", "PER"], views[:2000]
+    right = sum(int(true) * float(recall) for _, true, _, _, recall, _ in found)
+    final = trained["summary"]["final"]
+    assert right / sum(int(true) for _, true, *_ in found) == pytest.approx(final["eval_recall"], abs=1e-3)
+    assert "<th>sentence</th><th>entities</th><th>found</th>" in views  # and a few sentences as tagged
 
 
 @pytest.fixture(scope="module")
