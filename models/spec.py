@@ -245,6 +245,7 @@ class TaskSpec(ABC):
 
     @abstractmethod
     def metrics(self, labels: list, options: BaseModel | None) -> StreamingMetric:
+        """A fresh metric for one eval; its `views` are what the run report shows of the run's last eval."""
         raise NotImplementedError
 
     @abstractmethod
