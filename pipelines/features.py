@@ -9,12 +9,15 @@ them back.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from errors import UserError
-from models.spec import Features, TaskSpec
+
+if TYPE_CHECKING:
+    from models.spec import Features, TaskSpec
 
 LENGTH, ERROR, FLAG = "_length", "error", "flag"
 

@@ -5,16 +5,18 @@ features (media fetched, decoded and checked by the task's `preprocess`), for tr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
-import torch
 
 from config import JobConfig
-from models import get_task
-from models.spec import Context, Features, TaskSpec
 from pipelines.features import canonical_rows, features_to_arrow
 from pipelines.media import resolve_paths
 from pipelines.readers import READ_ERROR, SOURCE
 from pipelines.storage import Storage
+
+if TYPE_CHECKING:
+    from models.spec import Features, TaskSpec
 
 
 def fetch_media(task: TaskSpec, batch: dict[str, list], fetch) -> list[str | None]:
@@ -50,6 +52,13 @@ class Preprocessor:
         keep: tuple[str, ...] = (),
         data_uri: str | None = None,
     ):
+        # models (and torch with it) are imported here, in the actor, not where this class is unpickled:
+        # Ray Data's coordinator actors unpickle it too, and the import costs ~3.5 s of CPU in each
+        import torch
+
+        from models import get_task
+        from models.spec import Context
+
         torch.set_num_threads(1)
         cfg = JobConfig.model_validate(job)
         self.task = get_task(cfg.task)

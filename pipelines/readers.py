@@ -15,7 +15,7 @@ import json
 import posixpath
 import re
 from collections import Counter
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,9 +23,10 @@ import ray.data
 from ray.data.datasource import FileBasedDatasource
 
 from errors import UserError
-from models import get_task
-from models.spec import TaskSpec
 from pipelines.storage import Storage, storage_errors
+
+if TYPE_CHECKING:  # models imports torch: a read task needs a task module only for the task's own formats
+    from models.spec import TaskSpec
 
 FORMATS = {
     ".parquet": "parquet",
@@ -57,11 +58,15 @@ def suffixes_for(fmt: str, task: TaskSpec | None) -> tuple[str, ...]:
 def format_of(path: str, configured: str, task: TaskSpec | None = None) -> str:
     if configured != "auto":
         return configured
-    for suffix, fmt in suffix_formats(task).items():
-        if path.lower().endswith(suffix):
-            return fmt
+    fmt = format_by_suffix(path, suffix_formats(task))
+    if fmt:
+        return fmt
     names = ", ".join(sorted({"parquet", "jsonl", "csv", "text", "folder", *(task.formats if task else ())}))
     raise UserError(f"{path}: unknown data format; name it with data.format ({names})")
+
+
+def format_by_suffix(path: str, table: dict[str, str]) -> str | None:
+    return next((fmt for suffix, fmt in table.items() if path.lower().endswith(suffix)), None)
 
 
 def table_from_rows(rows: list[dict], errors: list[str | None]) -> pa.Table:
@@ -264,16 +269,24 @@ def file_blocks(
 
 
 class RowsDatasource(FileBasedDatasource):
-    """Data files streamed in blocks, each row tagged with file and line."""
+    """Data files streamed in blocks, each row tagged with file and line. A read task imports the task's
+    module (and with it torch, ~3.5 s of CPU in every new Ray worker) only for a format of the task's own."""
 
-    def __init__(self, paths, fmt: str, task_name: str | None = None, **kwargs):
+    def __init__(self, paths, fmt: str, task: TaskSpec | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self._format = fmt
-        self._task_name = task_name
+        self._task_name = task.name if task else None
+        self._suffixes = suffix_formats(task)
+        self._task_formats = tuple(task.formats) if task else ()
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        task = get_task(self._task_name) if self._task_name else None
-        yield from file_blocks(f, path, self._format, task)
+        fmt = self._format if self._format != "auto" else format_by_suffix(path, self._suffixes) or "auto"
+        task = None
+        if self._task_name and (fmt in self._task_formats or fmt == "auto"):
+            from models import get_task
+
+            task = get_task(self._task_name)
+        yield from file_blocks(f, path, fmt, task)
 
 
 def parse_file(task: TaskSpec, fmt: str, data: bytes, path: str) -> Iterator[pa.Table]:
@@ -386,5 +399,5 @@ def read_rows(storage: Storage, uri: str, fmt: str = "auto", task: TaskSpec | No
         blocks = [table.slice(i, ROWS_PER_BLOCK) for i in range(0, table.num_rows, ROWS_PER_BLOCK)]
         return ray.data.from_arrow(blocks)
     files = data_files(storage, uri, fmt, task)
-    source = RowsDatasource([f.path for f in files], fmt, task.name if task else None, filesystem=files[0].arrow_fs())
+    source = RowsDatasource([f.path for f in files], fmt, task, filesystem=files[0].arrow_fs())
     return ray.data.read_datasource(source)
