@@ -125,7 +125,16 @@ def test_metrics_accuracy_and_top5():
     logits = torch.tensor([[5.0, 1, 0, 0], [0, 5.0, 1, 0], [0, 1, 0, 5.0]])
     metric.update(type("Out", (), {"logits": logits})(), {"labels": torch.tensor([0, 2, 3])}, {})
     values = metric.compute()
-    assert values["accuracy"] == pytest.approx(2 / 3) and values["top5_accuracy"] == 1.0
+    assert values["accuracy"] == pytest.approx(2 / 3) and values["top5_accuracy"] == 1.0  # top-4 of four classes
+
+
+def test_top5_accuracy_misses_an_answer_ranked_sixth():
+    metric = TASK.metrics([f"class{i}" for i in range(7)], None)
+    logits = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]] * 3)
+    labels = torch.tensor([0, 4, 5])  # first, fifth and sixth most likely
+    metric.update(type("Out", (), {"logits": logits})(), {"labels": labels}, {})
+    values = metric.compute()
+    assert values["accuracy"] == pytest.approx(1 / 3) and values["top5_accuracy"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("architecture", ["vit", "convnext"])
