@@ -5,6 +5,7 @@ models → config → errors`): one YAML per job plus dotted `key=value` overrid
     inputs.py    model, storage, data: what a job reads
     runtimes.py  train, predict, serve, ray: how each verb runs
     tracking.py  track: where runs are recorded (MLflow, TensorBoard)
+    tuning.py    tune: the hyper-parameter search of `rayformers tune`
     job.py       the whole job, checked against its task (through `tasks.py`, which the registry fills)
     loading.py   YAML + overrides -> a validated JobConfig; `rayformers config` output
 """
@@ -23,6 +24,7 @@ from config.loading import (
 from config.runtimes import PredictConfig, RayConfig, ServeConfig, TrainConfig
 from config.section import Section
 from config.tracking import TrackConfig
+from config.tuning import SearchConfig
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -32,6 +34,7 @@ __all__ = [
     "ModelInit",
     "PredictConfig",
     "RayConfig",
+    "SearchConfig",
     "Section",
     "ServeConfig",
     "StorageConfig",

@@ -17,6 +17,7 @@ from config.runtimes import PredictConfig, RayConfig, ServeConfig, TrainConfig
 from config.section import Section, describe
 from config.tasks import task_info
 from config.tracking import TrackConfig
+from config.tuning import SearchConfig
 
 
 class JobConfig(Section):
@@ -29,6 +30,7 @@ class JobConfig(Section):
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
     track: TrackConfig = TrackConfig()
+    tune: SearchConfig = SearchConfig()
     task_options: dict[str, Any] = {}  # the task's own settings (its `Options`; see `rayformers tasks`)
 
     @model_validator(mode="after")
@@ -83,6 +85,7 @@ class JobConfig(Section):
         out.train.output = fix(out.train.output)
         out.predict.model = fix(out.predict.model, model=True)
         out.predict.input, out.predict.output = fix(out.predict.input), fix(out.predict.output)
+        out.tune.output = fix(out.tune.output)
         out.serve.model = fix(out.serve.model, model=True)
         out.serve.models = {k: fix(v, model=True) for k, v in out.serve.models.items()}
         if out.track.mlflow_is_folder():

@@ -1,6 +1,7 @@
 """The `rayformers` command: every verb takes one YAML file plus dotted `key=value` overrides.
 
     rayformers train   CONFIG [k=v ...]    fine-tune with Ray Train
+    rayformers tune    CONFIG [k=v ...]    hyper-parameter search with Ray Tune over training runs
     rayformers predict CONFIG [k=v ...]    batch inference with Ray Data, writes Parquet
     rayformers serve   CONFIG [k=v ...]    run the Ray Serve app (--export-config writes a Serve config)
     rayformers submit  CONFIG --address http://HOST:8265 [--verb train|predict|serve]
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (
         ("train", "fine-tune with Ray Train"),
+        ("tune", "hyper-parameter search with Ray Tune over training runs (the `tune` section)"),
         ("predict", "batch inference to Parquet"),
         ("config", "print the resolved config"),
         ("serve", "run the Ray Serve application"),
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
-    p.add_argument("--verb", dest="job_verb", choices=("train", "predict", "serve"), default="train")
+    p.add_argument("--verb", dest="job_verb", choices=("train", "predict", "serve", "tune"), default="train")
     p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     verbs.add_parser("tasks", help="list tasks, architectures and input columns")
     p = verbs.add_parser("demo-data", help="write a small learnable dataset for a task")
@@ -100,6 +102,11 @@ def run(argv: list[str]) -> int:
         from pipelines.train import train
 
         train(cfg)
+        return 0
+    if args.verb == "tune":
+        from pipelines.tune import tune_search
+
+        tune_search(cfg)
         return 0
     if args.verb == "report":
         from pipelines.report import rebuild

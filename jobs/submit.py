@@ -92,8 +92,8 @@ def ship_api_key(directory: Path, cfg: JobConfig, overrides: list[str], verb: st
 def local_paths(cfg: JobConfig, verb: str) -> list[str]:
     """`key=value` for each path the verb uses that lives on this machine, which the cluster's nodes
     cannot see (the config holds them absolute; a hub id or a URI is not one)."""
-    if verb == "train":
-        keys = ["model.source", "data.train", "data.eval", "train.output"]
+    if verb in ("train", "tune"):
+        keys = ["model.source", "data.train", "data.eval", "train.output"] + (["tune.output"] if verb == "tune" else [])
     elif verb == "predict":
         model = "predict.model" if cfg.predict.model else "train.output" if cfg.train.output else "model.source"
         keys = [model, "predict.input", "predict.output"]

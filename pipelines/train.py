@@ -168,7 +168,8 @@ def train(cfg: JobConfig) -> dict:
         return fine_tune(cfg)
 
 
-def fine_tune(cfg: JobConfig) -> dict:
+def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
+    """The run; `callbacks` go to Ray Train's RunConfig (`rayformers tune` passes Tune's reporter)."""
     task = get_task(cfg.task)
     t = cfg.train
     if not t.output:
@@ -261,6 +262,7 @@ def fine_tune(cfg: JobConfig) -> dict:
             storage_path=output.path,
             storage_filesystem=output.arrow_fs(),
             logging_config=LoggingConfig(log_level=train_log_level()),
+            callbacks=list(callbacks),
             failure_config=FailureConfig(
                 max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures
             ),

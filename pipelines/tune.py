@@ -1,0 +1,192 @@
+"""`rayformers tune`: a hyper-parameter search with Ray Tune over `rayformers train` runs.
+
+Each trial is a Tune function trainable that runs a whole training run (Ray Data preprocessing, a
+`TorchTrainer` of `train.num_workers` workers) as Ray Train V2 asks: the trainer's `fit()` inside the trial,
+with Tune's `TuneReportCallback` handing each report of the workers (the eval metrics, the step) to Tune.
+ASHA compares trials at the same step and stops those that trail. A trial is a normal run in
+`tune.output/trials/<trial id>/` (checkpoints, model/, metrics.json, tracked in MLflow when `track` says so)
+and resumes like one. Tune's own state is in `tune.output/search/`: running the same command again
+restores the search, and finished or stopped trials are not run again.
+
+At the end: a table of the trials, `tune.output/best.yaml` (the best trial's resolved config, for
+`rayformers train`) and `tune.output/best/` (its model).
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from config import JobConfig, set_dotted, validate
+from errors import UserError
+from models import get_task
+from pipelines.cluster import connect
+from pipelines.storage import Storage, commit_dir
+from pipelines.tracking import check_tracking
+from pipelines.train import fine_tune
+
+
+TRIAL_CPUS = 0.1  # what the Tune actor that drives one trial asks for
+
+
+def search_space(cfg: JobConfig) -> dict:
+    from ray import tune
+
+    kinds = {
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "randint": lambda v: tune.randint(*v),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {key: kinds[kind](values) for key, spec in cfg.tune.space.items() for kind, values in spec.items()}
+
+
+def trial_config(cfg: JobConfig, params: dict, output: str, name: str) -> JobConfig:
+    """The config of one trial: the job's, with the sampled values set, its own train.output, no tune section."""
+    data = cfg.model_dump(mode="json", exclude={"tune"})
+    data["serve"]["api_key"] = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None
+    for key, value in params.items():
+        set_dotted(data, key, value)
+    data["train"]["output"], data["train"]["fresh"] = output, False
+    data["track"]["run_name"] = name
+    if data["track"]["mlflow"] is True:  # one store for the whole search, not one per trial
+        data["track"]["mlflow"] = f"{cfg.tune.output or cfg.train.output}/mlflow"
+    return validate(data).with_absolute_paths()
+
+
+def check_space(cfg: JobConfig) -> None:
+    """Each searched key names a config key that takes the values it is given (one line naming it)."""
+    for key, spec in cfg.tune.space.items():
+        for kind, values in spec.items():
+            for value in values if kind in ("choice", "grid") else values[:1]:
+                try:
+                    trial_config(cfg, {key: value}, "/tmp/check", "check")
+                except UserError as exc:
+                    raise UserError(f"tune.space.{key}: {exc}") from None
+
+
+def run_trial(params: dict, job: dict, output: str) -> None:
+    """One trial, in its Tune actor: a training run whose reports go to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = JobConfig.model_validate(job)
+    trial = tune.get_context().get_trial_id()
+    fine_tune(trial_config(cfg, params, f"{output}/trials/{trial}", trial), callbacks=(TuneReportCallback(),))
+
+
+def tune_search(cfg: JobConfig) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    task, t, s = get_task(cfg.task), cfg.train, cfg.tune
+    output = (s.output or t.output or "").rstrip("/")
+    if not output:
+        raise UserError("tune.output: required by `rayformers tune` (or train.output): where the trials go")
+    if not cfg.data.train or not cfg.data.eval:
+        raise UserError("data.eval: required by `rayformers tune` (trials are compared on eval metrics)")
+    if not s.space:
+        raise UserError("tune.space: nothing to search (map dotted keys to distributions, e.g. train.lr)")
+    metric, mode = s.metric or f"eval_{task.best_metric}", s.mode or task.best_metric_mode
+    check_space(cfg)
+    check_tracking(cfg)
+    storage = Storage.from_config(cfg.storage)
+    loc = storage.check_writable(output)
+    per_trial = TRIAL_CPUS + t.max_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1
+    connect(cfg.ray.address, cfg.ray.num_cpus, s.max_concurrent_trials * per_trial)
+
+    job = cfg.model_dump(mode="json")
+    job["serve"]["api_key"] = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None
+    # the trial only drives the training run (its workers and actors ask for their own CPUs); Tune wants some ask
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, output=output), {"CPU": TRIAL_CPUS})
+    fs, search = loc.arrow_fs(), f"{loc.path.rstrip('/')}/search"
+    if tune.Tuner.can_restore(search, storage_filesystem=fs):
+        print(f"resuming the search in {output}/search (finished trials are not run again)", flush=True)
+        tuner = tune.Tuner.restore(search, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        if s.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="step",
+                max_t=10**9,  # never reached: ASHA stops a trial at max_t, before its run writes model/
+                grace_period=s.grace_steps or t.eval_every,
+                reduction_factor=s.reduction_factor,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=s.num_samples,
+                max_concurrent_trials=s.max_concurrent_trials,
+                scheduler=scheduler,
+            ),
+            run_config=tune.RunConfig(name="search", storage_path=loc.path, storage_filesystem=fs, verbose=0),
+        )
+    results = tuner.fit()
+    return summarize(cfg, storage, output, results, metric, mode)
+
+
+def summarize(cfg: JobConfig, storage: Storage, output: str, results, metric: str, mode: str) -> dict:
+    """The table of trials; best.yaml and best/ from the best trial that finished."""
+    sign = 1 if mode == "max" else -1
+    rows = []
+    for result in results:
+        trial = result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else "?"
+        trial_id = (result.metrics or {}).get("trial_id") or trial
+        folder = f"{output}/trials/{trial_id}"
+        done = storage.exists(f"{folder}/metrics.json")
+        figures = json.loads(storage.read_text(f"{folder}/metrics.json")) if done else {}
+        # the model a run keeps is its best by the task's metric; another metric is compared at the end
+        best = figures.get("best" if metric == f"eval_{get_task(cfg.task).best_metric}" else "final", {})
+        last = result.metrics or {}
+        status = "error" if result.error else ("done" if done else "stopped early")
+        rows.append(
+            {
+                "trial": trial_id,
+                "params": {k: result.config.get(k) for k in cfg.tune.space},
+                metric: best.get(metric, last.get(metric)),
+                "steps": last.get("step"),
+                "status": status,
+                "folder": folder,
+            }
+        )
+    finished = [r for r in rows if r["status"] == "done" and r[metric] is not None]
+    if not finished:
+        raise UserError(f"tune: no trial finished with {metric} (see the trials' errors above)")
+    best = max(finished, key=lambda r: sign * r[metric])
+    keys = list(cfg.tune.space)
+    header = ["trial", *keys, metric, "steps", "status"]
+    lines = [header] + [
+        [
+            r["trial"],
+            *(format_value(r["params"][k]) for k in keys),
+            format_value(r[metric]),
+            str(r["steps"]),
+            r["status"],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)), flush=True)
+    best_cfg = trial_config(cfg, best["params"], best["folder"], best["trial"])
+    data = best_cfg.model_dump(mode="json", exclude={"tune"})
+    data["serve"].pop("api_key", None)
+    storage.write_text(f"{output}/best.yaml", yaml.safe_dump(data, sort_keys=False))
+    commit_dir(storage, f"{best['folder']}/model", f"{output}/best")
+    print(f"best trial {best['trial']}: {metric}={best[metric]:.4f} with {best['params']}", flush=True)
+    print(
+        f"best config: {output}/best.yaml (rayformers train {output}/best.yaml); best model: {output}/best", flush=True
+    )
+    summary = {"metric": metric, "mode": mode, "best": best, "trials": rows}
+    storage.write_text(f"{output}/tune.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
