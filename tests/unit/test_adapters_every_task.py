@@ -201,3 +201,51 @@ def test_lora_trains_a_small_share_of_a_base_sized_model(task_name, architecture
     print(f"{task_name} {architecture} base: {line}")
     assert total > 20_000_000 and logged(line, "on") == set(TARGETS[architecture].split()), line
     assert trainable / total < (0.15 if architecture == "segformer" else 0.05), line
+
+
+def test_a_classifier_adapter_over_a_bare_encoder_loads_in_transformers_and_peft_given_its_labels(tmp_path):
+    """A pretrained encoder (a hub checkpoint such as MiniLM: `BertModel`, no labels) as the base. Its config has no
+    head, so loaders that read it need the fine-tuned labels, which `head_config.json` holds: given those,
+    `transformers.pipeline`, transformers' Auto class and PEFT's `AutoPeftModelFor...` load the adapter folder as
+    it is and answer as the model that was trained."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel, pipeline
+
+    task, model, processor, inputs = build("text-classification", "bert")
+    encoder = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id", "architectures")}
+    base_dir = tmp_path / "base"
+    BertModel(BertConfig(**encoder)).save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)  # as a checkpoint has its tokenizer: the pipeline takes the base's
+    labels = ["food", "travel", "sport", "tech"]  # not the 2 labels a config without a head stands for
+    fine = task.build_model(
+        validate({"task": task.name, "model": {"source": str(base_dir)}}).model, str(base_dir), labels, processor
+    )
+    wrapped, _ = with_lora(fine, LORA)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        wrapped(**inputs).loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+    adapter_dir = tmp_path / "adapter"
+    point_at_base(wrapped, str(base_dir))
+    save_model(wrapped, str(adapter_dir))
+    processor.save_pretrained(adapter_dir)
+    texts = ["goal match team", "pasta oven sauce", "cloud server code"]
+    encoded = processor(texts, return_tensors="pt", padding=True)
+    expected = outputs_of(wrapped, dict(encoded))["logits"]
+
+    head = AutoConfig.from_pretrained(adapter_dir / "head_config.json")
+    assert head.id2label == dict(enumerate(labels))
+    answers = pipeline(
+        "text-classification",
+        model=str(adapter_dir),
+        model_kwargs={"num_labels": head.num_labels, "id2label": head.id2label, "label2id": head.label2id},
+    )(texts)
+    probs = expected.softmax(-1)
+    assert [a["label"] for a in answers] == [labels[int(i)] for i in probs.argmax(-1)]
+    assert [round(a["score"], 4) for a in answers] == [round(float(p.max()), 4) for p in probs]
+    auto = AutoModelForSequenceClassification.from_pretrained(adapter_dir, config=head)  # base + adapter
+    torch.testing.assert_close(outputs_of(auto, dict(encoded))["logits"], expected, atol=1e-4, rtol=1e-4)
+    peft_auto = AutoPeftModelForSequenceClassification.from_pretrained(
+        str(adapter_dir), num_labels=head.num_labels, id2label=head.id2label, label2id=head.label2id
+    )
+    torch.testing.assert_close(outputs_of(peft_auto, dict(encoded))["logits"], expected, atol=1e-4, rtol=1e-4)
