@@ -155,6 +155,7 @@ def summarize(cfg: JobConfig, storage: Storage, output: str, results, metric: st
                 "folder": folder,
             }
         )
+    rows.sort(key=lambda r: r["trial"])
     finished = [r for r in rows if r["status"] == "done" and r[metric] is not None]
     if not finished:
         raise UserError(f"tune: no trial finished with {metric} (see the trials' errors above)")
