@@ -24,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+from importlib import import_module
 from urllib.parse import urlparse
 
 from config import JobConfig
@@ -87,14 +88,7 @@ def check_tracking(cfg: JobConfig) -> None:
     """Fails early, in one line, on a `track` setting that cannot work. With MLflow on, its import (~5 s
     on 2 busy cores) starts now, in a thread, while Ray starts: the end of the run then does not wait for it."""
     if mlflow_uri(cfg):
-        threading.Thread(target=import_mlflow, daemon=True).start()
-
-
-def import_mlflow() -> None:
-    try:
-        import mlflow.client  # noqa: F401
-    except Exception:  # reported where it is used
-        pass
+        threading.Thread(target=import_module, args=("mlflow.client",), daemon=True).start()
 
 
 # --- talking to MLflow --------------------------------------------------------------------------------------
@@ -154,15 +148,10 @@ def flat_params(cfg: JobConfig) -> dict[str, str]:
 def run_tags(cfg: JobConfig, verb: str) -> dict[str, str]:
     model = cfg.model.source or (f"init:{cfg.model.init.architecture}" if cfg.model.init else "")
     tags = {"rayformers.verb": verb, "rayformers.task": cfg.task, "rayformers.model_source": model}
-    for key, value in (
-        ("data.train", cfg.data.train),
-        ("data.eval", cfg.data.eval),
-        ("train.output", cfg.train.output),
-        ("predict.input", cfg.predict.input),
-        ("predict.output", cfg.predict.output),
-    ):
-        if value and (verb == "train") == (not key.startswith("predict")):
-            tags[f"rayformers.{key}"] = value
+    for key in ("data.train", "data.eval", "train.output") if verb == "train" else ("predict.input", "predict.output"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name):
+            tags[f"rayformers.{key}"] = getattr(getattr(cfg, section), name)
     return tags
 
 
@@ -249,16 +238,14 @@ class Tracker:
             warn(f"track.mlflow: {cfg.track.mlflow}", exc)
             run = None
         done = False
-        while not done:
+        while not done:  # what has queued up since the last call goes in one call
             items = [self.queue.get()]
             while len(items) < 200 and not self.queue.empty():
                 items.append(self.queue.get())
-            done = items[-1] is None or None in items
-            items = [i for i in items if i is not None]
-            if run is None or not items:
-                continue
+            done, items = None in items, [i for i in items if i is not None]
             try:
-                run.log(items)
+                if run is not None and items:
+                    run.log(items)
             except Exception as exc:
                 warn(f"track.mlflow: {cfg.track.mlflow}", exc)
                 run = None
