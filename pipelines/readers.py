@@ -386,6 +386,21 @@ def data_files(storage: Storage, uri: str, fmt: str, task: TaskSpec | None) -> l
     return files
 
 
+def column_names(ds: ray.data.Dataset, files: list, fmt: str, task: TaskSpec | None) -> list[str]:
+    """The columns of `ds` (`read_rows` of `files`): a Parquet file's from its footer, on the driver, in
+    milliseconds; otherwise from Ray Data's first block. That costs an execution, and Ray Data cancels its
+    read task, so the next execution waits for a new worker process (seconds each, twice per training run)."""
+    first = files[0] if files else None
+    fmt = format_of(first.path, fmt, task) if first else None
+    if fmt == "parquet" and fmt not in (task.formats if task else ()):
+        try:
+            with first.fs.open(first.path, "rb") as f:
+                return [*pq.ParquetFile(f).schema_arrow.names, READ_ERROR, SOURCE, ROW]
+        except (pa.ArrowException, OSError, ValueError):
+            pass  # not readable as Parquet: the first block carries the error row that says why
+    return ds.schema().names
+
+
 def read_rows(storage: Storage, uri: str, fmt: str = "auto", task: TaskSpec | None = None) -> ray.data.Dataset:
     """A Ray dataset of every row behind `uri`, tagged with `_source`, `_row` and `_read_error`."""
     if fmt == "folder":

@@ -35,7 +35,7 @@ from pipelines.console import job_console
 from pipelines.features import check_columns
 from pipelines.history import HISTORY
 from pipelines.preprocess import Preprocessor
-from pipelines.readers import ROW, SOURCE, data_files, detect_format, read_rows, with_format
+from pipelines.readers import ROW, SOURCE, column_names, data_files, detect_format, read_rows, with_format
 from pipelines.report import EVAL_VIEWS, train_report
 from pipelines.storage import Storage, commit_dir, is_committed, remove
 from pipelines.tracking import TENSORBOARD, TRACKING, check_tracking, finish_train
@@ -46,11 +46,11 @@ def _sort_key(value):
     return (isinstance(value, str), value)
 
 
-def scan_train_split(ds, task, cfg: JobConfig, max_rows: int) -> tuple[list, int, list[dict]]:
+def scan_train_split(ds, names: list[str], task, cfg: JobConfig, max_rows: int) -> tuple[list, int, list[dict]]:
     """One pass over the training split: the label set, the row count, and a sample of rows
     (canonical names, media columns left out) to train a tokenizer or build a vocabulary on."""
     wanted = {c.name: cfg.column(c.name) for c in task.columns if c.kind != "media"}
-    present = [theirs for theirs in wanted.values() if theirs in ds.schema().names] or [ROW]
+    present = [theirs for theirs in wanted.values() if theirs in names] or [ROW]
     labels, rows, sample = set(), 0, []
     label_column = cfg.column(task.label_column) if task.label_column else None
     for batch in ds.select_columns(present).iter_batches(batch_size=4096, batch_format="pyarrow"):
@@ -121,7 +121,7 @@ def start_fresh(storage: Storage, output: str) -> None:
         print(f"train.fresh: removed {', '.join(removed)} from {output}", flush=True)
 
 
-def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str, run: dict):
+def prepare(cfg: JobConfig, storage: Storage, train_raw, names: list[str], output: str, run: dict):
     """Labels, row count and processor, saved once under `output/prepared` (with the `run` identity
     that `check_same_run` compares) so a resumed run uses exactly the same ones."""
     task = get_task(cfg.task)
@@ -130,7 +130,7 @@ def prepare(cfg: JobConfig, storage: Storage, train_raw, output: str, run: dict)
         saved = json.loads(storage.read_text(f"{prepared}/prepared.json"))
         processor = task.build_processor(cfg.model, storage.local_copy(prepared), iter(()))
         return saved["labels"], saved["rows"], processor
-    labels, rows, sample = scan_train_split(train_raw, task, cfg, cfg.model.tokenizer.max_train_rows)
+    labels, rows, sample = scan_train_split(train_raw, names, task, cfg, cfg.model.tokenizer.max_train_rows)
     if rows == 0:
         raise UserError(f"{cfg.data.train}: the training split has no rows")
     if cfg.data.labels is not None:
@@ -180,8 +180,7 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
     cfg = with_format(cfg, detect_format(storage, cfg.data.train, cfg.data.format, task))
     output = storage.check_writable(t.output)
     train_files = data_files(storage, cfg.data.train, cfg.data.format, task)
-    if cfg.data.eval:
-        data_files(storage, cfg.data.eval, cfg.data.format, task)
+    eval_files = data_files(storage, cfg.data.eval, cfg.data.format, task) if cfg.data.eval else []
     if cfg.model.source:
         storage.model_path(cfg.model.source)  # a wrong model URI fails here, before any worker starts
     run = run_identity(cfg, train_files)
@@ -193,8 +192,9 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
 
     connect(cfg.ray.address, cfg.ray.num_cpus, t.max_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
     train_raw = read_rows(storage, cfg.data.train, cfg.data.format, task)
-    check_columns(train_raw.schema().names, task, cfg.data.columns, training=True)
-    labels, rows, processor = prepare(cfg, storage, train_raw, t.output.rstrip("/"), run)
+    names = column_names(train_raw, train_files, cfg.data.format, task)
+    check_columns(names, task, cfg.data.columns, training=True)
+    labels, rows, processor = prepare(cfg, storage, train_raw, names, t.output.rstrip("/"), run)
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
 
     job = cfg.model_dump(mode="json")
@@ -235,7 +235,7 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
         datasets["train"] = datasets["train"].materialize()
     if cfg.data.eval:
         eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
-        check_columns(eval_raw.schema().names, task, cfg.data.columns, training=True)
+        check_columns(column_names(eval_raw, eval_files, cfg.data.format, task), task, cfg.data.columns, training=True)
         datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors).materialize()
     # exact order: every worker reads the whole training split, in order; eval is split among them
     ingest = ray.data.ExecutionOptions(preserve_order=exact)

@@ -97,3 +97,35 @@ def test_auto_format_keeps_data_files_as_data_files(tmp_path):
     assert detect_format(Storage(), str(tmp_path), "auto", task) == "auto"
     assert detect_format(Storage(), str(tmp_path / "part-0.parquet"), "auto", task) == "auto"
     assert detect_format(Storage(), str(tmp_path), "auto", get_task("text-classification")) == "auto"  # no media
+
+
+class FirstBlock:
+    """Stands in for a Ray dataset where only its first block's schema is asked for."""
+
+    def __init__(self, names):
+        self.names, self.asked = names, 0
+
+    def schema(self):
+        self.asked += 1
+        return pa.schema([(n, pa.string()) for n in self.names])
+
+
+def test_a_parquet_splits_columns_come_from_its_footer_without_running_ray_data(tmp_path):
+    from pipelines.readers import ROW, SOURCE, column_names, data_files
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["goal"], "label": ["sports"]}), tmp_path / "part-0.parquet")
+    (tmp_path / "notes.jsonl").write_text('{"text": "goal"}\n')
+    storage = Storage()
+    ds = FirstBlock(["from", "ray"])
+    parquet = data_files(storage, str(tmp_path / "part-0.parquet"), "auto", None)
+    assert column_names(ds, parquet, "auto", None) == ["id", "text", "label", READ_ERROR, SOURCE, ROW]
+    assert ds.asked == 0
+    # other formats' columns are what the reader makes of the rows: Ray Data's first block says
+    jsonl = data_files(storage, str(tmp_path / "notes.jsonl"), "auto", None)
+    assert column_names(ds, jsonl, "auto", None) == ["from", "ray"] and ds.asked == 1
+    # a file named .parquet that is not one: its error row, from the first block, says why
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    assert column_names(ds, data_files(storage, str(tmp_path / "bad.parquet"), "auto", None), "auto", None) == [
+        "from",
+        "ray",
+    ]
