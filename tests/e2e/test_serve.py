@@ -50,10 +50,27 @@ def batch_predictions(ray_session, trained_text_model, session_bucket):
     return {r["id"]: r for r in table.to_pylist()}, rows
 
 
+def mirrored_model(model_uri: str, directory) -> str:
+    """A second model that answers differently on every input: the trained one with its classifier's rows
+    reversed, so it gives the label at the mirrored index with the same score."""
+    import torch
+
+    from models import get_task
+    from pipelines.storage import Storage
+
+    model, processor = get_task("text-classification").load(Storage().model_path(model_uri))
+    with torch.no_grad():
+        for parameter in model.classifier.parameters():
+            parameter.copy_(parameter.flip(0))
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
-def endpoint(batch_predictions, trained_text_model):
-    """The trained model served at http://127.0.0.1:PORT/ (plus two named copies), and a copy behind
-    an API key at /secure."""
+def endpoint(batch_predictions, trained_text_model, tmp_path_factory):
+    """The trained model served at http://127.0.0.1:PORT/ (plus, by name, a copy of it and a model that answers
+    differently), and a copy behind an API key at /secure."""
     from ray import serve
 
     from pipelines.serve import app_for
@@ -64,7 +81,7 @@ def endpoint(batch_predictions, trained_text_model):
     cfg = job_config(
         serve={
             "model": model,
-            "models": {"alpha": model, "beta": model},
+            "models": {"alpha": model, "beta": mirrored_model(model, tmp_path_factory.mktemp("mirrored"))},
             "max_models_per_replica": 1,
             "max_request_bytes": 6000,
             "max_items_per_request": 50,
@@ -142,7 +159,11 @@ def test_named_models_load_on_demand_and_the_least_recently_used_is_evicted(endp
         assert alpha.status_code == 200 and alpha.json() == default  # the same weights as the default
         assert client.get(f"{endpoint}/healthz").json()["loaded"] == ["alpha"]
         beta = client.post(f"{endpoint}/v1/models/beta/predict", json={"inputs": ["pasta oven garlic"]})
-        assert beta.status_code == 200 and beta.json() == [default]
+        # beta answers the mirrored label of the four (food, sports, tech, travel) with the same score
+        mirrored = dict(zip(["food", "sports", "tech", "travel"], ["travel", "tech", "sports", "food"]))
+        assert beta.status_code == 200 and default["label"] == "food", (beta.text, default)
+        assert beta.json() == [{"label": mirrored[default["label"]], "score": pytest.approx(default["score"])}]
+        assert client.post(f"{endpoint}/predict", json={"inputs": "pasta oven garlic"}).json() == default
         # serve.max_models_per_replica=1: loading beta evicted alpha
         assert client.get(f"{endpoint}/healthz").json()["loaded"] == ["beta"]
 
