@@ -34,7 +34,7 @@ from pipelines.storage import Storage, storage_errors
 
 TRACKING = "tracking.json"  # under train.output: the MLflow run this training run writes to
 TENSORBOARD = "tensorboard"
-CLOSE_WAIT_S = 30.0  # at the end of a run, how long the backlog may take to reach the tracking server
+CLOSE_WAIT_S = 60.0  # at the end of a run, the longest wait for the backlog (the import alone took 30 s once)
 PARAMS_PER_CALL = 100  # MLflow's limits for one log_batch call
 METRICS_PER_CALL = 1000
 
@@ -378,6 +378,15 @@ def finish_train(cfg: JobConfig, storage: Storage, summary: dict) -> None:
     in_background(
         work, None if cfg.track.log_model == "artifact" else CLOSE_WAIT_S, f"track.mlflow: {cfg.track.mlflow}"
     )
+
+
+def end_run(cfg: JobConfig, storage: Storage, output: str, status: str = "KILLED") -> None:
+    """A training run that will not finish (a trial that ASHA stopped): its MLflow run is closed as `status`."""
+    uri = mlflow_uri(cfg)
+    saved = read_tracking(storage, output) if uri else None
+    if saved and saved.get("mlflow_uri") == uri:
+        close = lambda: client_for(uri, cfg.track.timeout_s).set_terminated(saved["mlflow_run_id"], status)  # noqa: E731
+        in_background(close, CLOSE_WAIT_S, f"track.mlflow: {cfg.track.mlflow}")
 
 
 def track_predict(cfg: JobConfig, storage: Storage, summary: dict, model: str) -> None:

@@ -23,7 +23,7 @@ from errors import UserError
 from models import get_task
 from pipelines.cluster import connect
 from pipelines.storage import Storage, commit_dir
-from pipelines.tracking import check_tracking
+from pipelines.tracking import check_tracking, end_run
 from pipelines.train import fine_tune
 
 
@@ -156,6 +156,9 @@ def summarize(cfg: JobConfig, storage: Storage, output: str, results, metric: st
             }
         )
     rows.sort(key=lambda r: r["trial"])
+    for r in rows:
+        if r["status"] == "stopped early":  # its MLflow run (when tracked) is closed, not left running
+            end_run(trial_config(cfg, r["params"], r["folder"], r["trial"]), storage, r["folder"])
     finished = [r for r in rows if r["status"] == "done" and r[metric] is not None]
     if not finished:
         raise UserError(f"tune: no trial finished with {metric} (see the trials' errors above)")

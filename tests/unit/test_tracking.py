@@ -10,14 +10,25 @@ import pytest
 
 from errors import UserError
 from pipelines.storage import Storage
-from pipelines.tracking import TRACKING, Tracker, check_tracking, finish_train, flat_params, mlflow_uri, track_predict
+from pipelines.tracking import (
+    TRACKING,
+    Tracker,
+    check_tracking,
+    end_run,
+    finish_train,
+    flat_params,
+    mlflow_uri,
+    track_predict,
+)
 from tests.conftest import free_port, job_config
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One SQLite store for the module (creating its tables takes seconds)."""
-    return str(tmp_path_factory.mktemp("mlflow"))
+    """One SQLite store for the module, its tables created here (seconds, more on a busy machine)."""
+    folder = str(tmp_path_factory.mktemp("mlflow"))
+    client(job_config(track={"mlflow": folder})).search_experiments()
+    return folder
 
 
 def tracked(output, store, **track):
@@ -131,3 +142,14 @@ def test_a_tracking_server_that_does_not_answer_is_warned_about_once_and_the_run
     warnings = [line for line in printed.splitlines() if line.startswith("warning: track.mlflow")]
     assert len(warnings) == 2 and "the run goes on" in warnings[0]  # train once, predict once
     assert not (out / TRACKING).exists()
+
+
+def test_a_run_that_will_not_finish_is_closed_as_killed(tmp_path, store):
+    out = tmp_path / "trial"
+    cfg = tracked(out, store, experiment="unit-killed")
+    tracker = Tracker(cfg, Storage(), str(out), None)
+    tracker.log("eval", 4, {"eval_loss": 3.9})
+    tracker.close()
+    end_run(cfg, Storage(), str(out))  # what `rayformers tune` does for a trial ASHA stopped
+    run_id = json.loads((out / TRACKING).read_text())["mlflow_run_id"]
+    assert client(cfg).get_run(run_id).info.status == "KILLED"
