@@ -3,13 +3,18 @@
 The task builds its model as for full fine-tuning; `with_lora` freezes it, puts LoRA matrices on the
 base model's attention (or all its linear layers) and keeps the task head trained in full. Which
 modules are "the head" is read off the model, not named per task: the top-level modules next to the
-base model (`model.base_model`) that share no weights with it. A language-model head tied to the
-input embeddings stays frozen.
+base model (`model.base_model`) that share no weights with it (of one that does, its sub-modules that do
+not). A language model's vocabulary projection stays frozen, tied to the input embeddings or not, and so do
+the base's BatchNorm statistics.
 
 An adapter folder holds PEFT's own files (`adapter_config.json`, `adapter_model.safetensors`, whose
 `base_model_name_or_path` points at the base model's source), the processor, and `head_config.json`:
 the fine-tuned model's config (labels, head sizes), which the base model's own config lacks when it is
-a bare encoder. `load_model` rebuilds base + adapter from such a folder for predict and serve.
+a bare encoder. `load_model` rebuilds base + adapter from such a folder for predict and serve. Outside rayformers,
+`transformers.pipeline(task, model=<folder>)` loads it as it is when the base's config has the head (a from-scratch
+run's base/); over a bare encoder it needs the head's labels, e.g. `model_kwargs={num_labels, id2label, label2id}`
+from head_config.json (or `AutoModelFor...from_pretrained(<folder>, config=<folder>/head_config.json)`, or PEFT's
+`AutoPeftModelFor...from_pretrained(<folder>, num_labels=..., id2label=..., label2id=...)`).
 """
 
 from __future__ import annotations
@@ -158,9 +163,10 @@ def with_lora(model: torch.nn.Module, peft_cfg) -> tuple[torch.nn.Module, str]:
 
     heads = head_modules(model)
     for name, module in model.named_modules():
-        # a frozen base keeps its normalisation statistics too: they are not part of the adapter
+        # a frozen base keeps its normalisation statistics too (they are not part of the adapter), and normalises
+        # with them in training as at inference (DETR's ResNet sees 2-4 images a batch: their statistics are noise)
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not inside(name, heads):
-            module.momentum = 0.0
+            module.register_forward_pre_hook(running_statistics)
     auto = peft_cfg.target_modules == "auto"
     suffixes = auto_targets(model, heads) if auto else list(peft_cfg.target_modules)
     lora = LoraConfig(
@@ -185,6 +191,11 @@ def with_lora(model: torch.nn.Module, peft_cfg) -> tuple[torch.nn.Module, str]:
         f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)"
     )
     return wrapped, line
+
+
+def running_statistics(module: torch.nn.Module, args) -> None:
+    """A BatchNorm layer of the frozen base normalises with its running statistics, also in training mode."""
+    module.training = False
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

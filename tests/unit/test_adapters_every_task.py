@@ -162,6 +162,7 @@ def test_lora_on_every_task_trains_adapters_and_head_and_saves_what_loads_back(t
     trainable, total = parameter_counts(wrapped)
     assert f"{trainable:,} of {total:,}" in line
 
+    statistics = {n: b.clone() for n, b in wrapped.named_buffers() if "running_" in n and "modules_to_save" not in n}
     before = loss_of(wrapped, inputs)  # the adapters start as no change (PEFT's B matrices are zero)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
     for step in range(3):
@@ -170,6 +171,8 @@ def test_lora_on_every_task_trains_adapters_and_head_and_saves_what_loads_back(t
         optimizer.step(), optimizer.zero_grad()
     after = loss_of(wrapped, inputs)
     assert after < before, (before, after)
+    for name, value in statistics.items():  # the base's BatchNorm layers (DETR's ResNet) keep their statistics
+        torch.testing.assert_close(dict(wrapped.named_buffers())[name], value, msg=name)
     expected = outputs_of(wrapped, inputs)
 
     adapter_dir = tmp_path / "adapter"
