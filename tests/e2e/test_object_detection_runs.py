@@ -129,6 +129,11 @@ def test_training_finds_the_shapes_far_better_than_an_untrained_detr(trained):
     assert before["map_50"] < 0.01, before
     assert best["eval_map_50"] >= 0.15 and best["eval_map_50"] >= 15 * max(before["map_50"], 0.001), (best, before)
     assert best["eval_map"] > before["map"], (best, before)
+    # the run report's last eval: the first eval images drawn with their true and found boxes
+    page = s3fs.S3FileSystem().cat(f"{trained['root']}/run/report.html".removeprefix("s3://")).decode()
+    drawn = page.split('<div id="eval-views"', 1)[1].split('alt="example detections" src="data:image/png;base64,')[1]
+    picture = Image.open(io.BytesIO(base64.b64decode(drawn.split('"', 1)[0]))).convert("RGB")
+    assert picture.size[0] >= 700 and len(set(picture.getdata())) > 100
 
 
 def real_files(rng: random.Random) -> dict[str, bytes]:
