@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test test-fast test-unit lint bench clean
+.PHONY: install browser demo test test-fast test-unit test-image lint bench clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ test: $(STAMP) browser
 	$(PY) -m moto.server -H 127.0.0.1 -p $$port > .s3-server.log 2>&1 & s3pid=$$!; \
 	trap 'kill $$s3pid 2>/dev/null || true' EXIT; \
 	RAYFORMERS_TEST_S3=http://127.0.0.1:$$port $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+
+# The container image of infra/docker/Dockerfile, built where a Docker daemon answers (downloads GBs: not in `make test`).
+test-image: $(STAMP)
+	RAYFORMERS_TEST_IMAGE=1 $(PY) -m pytest -q tests/infra/test_container_image.py
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
