@@ -13,7 +13,8 @@ import torch
 
 from config import validate
 from errors import UserError
-from models.question_answering import TASK, Options, squad_scores
+from models.question_answering import TASK, Options
+from models.squad import squad_scores
 from models.spec import Context
 
 CFG = validate(
