@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -162,6 +163,18 @@ def cache_train(cfg: JobConfig, task, rows: int) -> bool:
     return rows <= cfg.data.cache_max_rows
 
 
+def materialized(datasets: dict) -> dict:
+    """Each dataset executed and kept in Ray's object store, all at the same time: a pass's fixed cost is
+    mostly starting its preprocessing actors (new processes importing torch and transformers, ~6 s on
+    2 cores), which overlap. A pool that finds no free CPU waits for the other's to end (Ray Data waits
+    for actors without a time limit), so a small cluster runs them one after the other as before."""
+    if len(datasets) < 2:
+        return {k: ds.materialize() for k, ds in datasets.items()}
+    with ThreadPoolExecutor(len(datasets), thread_name_prefix="materialize") as pool:
+        futures = {k: pool.submit(ds.materialize) for k, ds in datasets.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
 def train(cfg: JobConfig) -> dict:
     """`rayformers train`: the run, inside the console (progress bar or lines) and log file of console.py."""
     with job_console(cfg, "train", cfg.train.output):
@@ -230,13 +243,13 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
     # exact: rows keep their file order through reading, preprocessing and the cache (data_order.py numbers
     # them); the setting is this dataset's own, not the process's
     datasets["train"].context.execution_options.preserve_order = exact
-    if cached:
-        # one pass now; every epoch then streams the cached blocks instead of re-reading and re-preprocessing
-        datasets["train"] = datasets["train"].materialize()
     if cfg.data.eval:
         eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
         check_columns(column_names(eval_raw, eval_files, cfg.data.format, task), task, cfg.data.columns, training=True)
-        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors).materialize()
+        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors)
+    # one pass now for the eval split and a cached training split (every epoch then streams the cached blocks
+    # instead of re-reading and re-preprocessing); both passes at once, so their actor pools start together
+    datasets.update(materialized({k: v for k, v in datasets.items() if k == "eval" or cached}))
     # exact order: every worker reads the whole training split, in order; eval is split among them
     ingest = ray.data.ExecutionOptions(preserve_order=exact)
     dataset_config = DataConfig(datasets_to_split=["eval"] if exact else "all", execution_options={"train": ingest})
