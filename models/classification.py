@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from models.eval_views import Confusion, class_views
 from models.spec import StreamingMetric
@@ -32,6 +31,10 @@ class ClassificationMetric(StreamingMetric):
 
     def __init__(self, labels: list):
         self.labels = labels
+        # imported here: torchmetrics imports all its metrics (scipy.signal among them), ~1 s of CPU in each
+        # preprocessing and inference actor and Serve replica, which never compute one
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
         self.accuracy = MulticlassAccuracy(num_classes=len(labels), average="micro")
         self.macro_f1 = MulticlassF1Score(num_classes=len(labels), average="macro")
         self.confusion, self.counts = Confusion(len(labels)), None

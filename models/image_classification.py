@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict
-from torchmetrics.classification import MulticlassAccuracy
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -93,6 +92,8 @@ class AccuracyTop5Metric(StreamingMetric):
 
     def __init__(self, labels: list):
         self.labels, num_labels = labels, len(labels)
+        from torchmetrics.classification import MulticlassAccuracy  # only where metrics are computed
+
         self.accuracy = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.top5 = MulticlassAccuracy(num_classes=num_labels, average="micro", top_k=min(5, num_labels))
         self.confusion, self.counts, self.examples = Confusion(num_labels), None, Examples()

@@ -10,7 +10,6 @@ import random
 
 import torch
 import torch.distributed as dist
-from torchmetrics.functional.text.rouge import rouge_score
 
 from models.seq2seq import GeneratedTextMetric, Seq2SeqTask
 
@@ -29,6 +28,8 @@ class RougeMetric(GeneratedTextMetric):
         return self
 
     def add(self, predictions, references):
+        from torchmetrics.functional.text.rouge import rouge_score  # only where metrics are computed
+
         scores = rouge_score(predictions, references, rouge_keys=ROUGE_KEYS)  # means over the batch
         batch = [float(scores[f"{key}_fmeasure"]) * len(predictions) for key in ROUGE_KEYS]
         self.sums += torch.tensor([*batch, len(predictions)], dtype=torch.float64, device=self.sums.device)

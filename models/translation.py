@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 
-from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from models.seq2seq import GeneratedTextMetric, Seq2SeqTask
 
@@ -17,6 +16,8 @@ from models.seq2seq import GeneratedTextMetric, Seq2SeqTask
 class TranslationMetric(GeneratedTextMetric):
     def __init__(self, options):
         super().__init__(options)
+        from torchmetrics.text import CHRFScore, SacreBLEUScore  # only where metrics are computed
+
         self.bleu = SacreBLEUScore(tokenize="13a")
         self.chrf = CHRFScore(n_word_order=0)  # chrF (chrF++ counts word n-grams too)
 
