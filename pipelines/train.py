@@ -250,9 +250,14 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
     # one pass now for the eval split and a cached training split (every epoch then streams the cached blocks
     # instead of re-reading and re-preprocessing); both passes at once, so their actor pools start together
     datasets.update(materialized({k: v for k, v in datasets.items() if k == "eval" or cached}))
-    # exact order: every worker reads the whole training split, in order; eval is split among them
+    # exact order: every worker reads the whole training split, in order. Every worker reads the whole eval split
+    # too, in order, and scores every num_workers-th batch of it (train_loop.evaluate): Ray's split into equal
+    # shards leaves out up to num_workers - 1 rows (101 eval rows on 2 workers were scored as 100)
     ingest = ray.data.ExecutionOptions(preserve_order=exact)
-    dataset_config = DataConfig(datasets_to_split=["eval"] if exact else "all", execution_options={"train": ingest})
+    dataset_config = DataConfig(
+        datasets_to_split=[] if exact else ["train"],
+        execution_options={"train": ingest, "eval": ray.data.ExecutionOptions(preserve_order=True)},
+    )
 
     trainer = TorchTrainer(
         train_loop,

@@ -57,15 +57,19 @@ def all_have(flag: bool, device) -> bool:
 
 
 def evaluate(model, task, processor, labels, options, device, autocast) -> tuple[dict, object]:
-    """The eval split's loss and metrics, and the metric object (its `views` draw the run report's last eval)."""
+    """The eval split's loss and metrics, and the metric object (its `views` draw the run report's last eval).
+    Every worker reads the whole split in the same order and scores its own batches of it (rank, rank + world, ...):
+    together they score each row once."""
     shard = ray.train.get_dataset_shard("eval")
+    ctx = ray.train.get_context()
     metric = task.metrics(labels, options).to(device)
     metric.bind(model, processor)
     loss_sum = torch.zeros(2, device=device)
     model.eval()
     with torch.no_grad():
         windows = shard.iter_batches(batch_size=128, batch_format="pyarrow")
-        for r in rounds(windows, seed=0, epoch=0, batch_size=32, length_buckets=4, world=1, rank=0, start=0):
+        world, rank = ctx.get_world_size(), ctx.get_world_rank()
+        for r in rounds(windows, seed=0, epoch=0, batch_size=32, length_buckets=4, world=world, rank=rank, start=0):
             batch = r.batch
             if batch is None:
                 continue

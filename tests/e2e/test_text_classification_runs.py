@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -194,3 +195,55 @@ def test_a_lora_adapter_on_the_pretrained_minilm_named_by_its_s3_uri_trains_resu
     assert [head.id2label[int(i)] for i in probs.argmax(-1)] == [p["label"] for p in labels]
     for p, row in zip(labels, probs):
         assert abs(p["score"] - float(row.max())) < 1e-4
+
+
+def test_two_workers_train_together_and_score_the_whole_eval_split(ray_session, demo_data_s3, bucket):
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from models import get_task
+    from pipelines.storage import Storage
+    from pipelines.train import train
+    from tests.conftest import job_config
+
+    # an odd number of eval rows (two equal halves would leave one out), every 10th relabelled: no model gets
+    # them all right, so a worker that scored only its own half would report another accuracy than the whole's
+    rows = get_task("text-classification").demo_data(101, seed=5)
+    names = sorted({r["label"] for r in rows})
+    for r in rows[3::10]:
+        r["label"] = names[(names.index(r["label"]) + 1) % len(names)]
+    with s3fs.S3FileSystem().open(f"{bucket}/two-workers-eval/part-0.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+    output = f"s3://{bucket}/two-workers"
+    cfg = job_config(
+        data={"train": f"{demo_data_s3}/train", "eval": f"s3://{bucket}/two-workers-eval"},
+        train={"output": output, "num_workers": 2, "batch_size": 16, "max_steps": 120, "eval_every": 60},
+    )
+    summary = train(cfg)
+    assert len(summary["worker_nodes"]) == 2, summary
+    # the run report's last eval counted the rows of both workers
+    page = s3fs.S3FileSystem().cat(f"{bucket}/two-workers/report.html").decode()
+    assert "<p>101 eval rows, 4 classes.</p>" in page, re.findall(r"<p>\d+ eval rows[^<]*</p>", page)
+
+    # the best model scored here on the whole eval split, in one process: what the workers reported together
+    local = Storage().local_copy(f"{output}/model")
+    model, tokenizer = (
+        AutoModelForSequenceClassification.from_pretrained(local).eval(),
+        AutoTokenizer.from_pretrained(local),
+    )
+    truth = torch.tensor([model.config.label2id[r["label"]] for r in rows])
+    with torch.no_grad():
+        logits = model(
+            **tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        ).logits
+    top2 = logits.topk(2, dim=-1).values
+    close = int((top2[:, 0] - top2[:, 1] < 1e-4).sum())  # rows whose argmax float noise could flip
+    accuracy = float((logits.argmax(-1) == truth).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, truth))
+    best = summary["best"]
+    assert abs(best["eval_accuracy"] - accuracy) <= close / len(rows) + 1e-9, (best, accuracy)
+    assert best["eval_loss"] == pytest.approx(loss, rel=1e-3), (best, loss)
+    # against the constant baseline (always the most frequent label): well above it, near the 0.9 the noise allows
+    majority = max(sum(r["label"] == n for r in rows) for n in names) / len(rows)
+    assert accuracy >= 0.75 and accuracy >= majority + 0.4, (accuracy, majority)
