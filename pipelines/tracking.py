@@ -91,6 +91,19 @@ def check_tracking(cfg: JobConfig) -> None:
         threading.Thread(target=import_module, args=("mlflow.client",), daemon=True).start()
 
 
+def open_experiment(cfg: JobConfig) -> None:
+    """The MLflow store and experiment that several runs are about to share (a search's trials), made once
+    before they start: two trials that created an SQLite store's tables at the same time left one untracked."""
+    uri = mlflow_uri(cfg)
+    if uri is None:
+        return
+
+    def work() -> None:
+        experiment_id(client_for(uri, cfg.track.timeout_s), cfg.track.experiment or cfg.task, uri)
+
+    in_background(work, CLOSE_WAIT_S, f"track.mlflow: {cfg.track.mlflow}")
+
+
 # --- talking to MLflow --------------------------------------------------------------------------------------
 def client_for(uri: str, timeout_s: float):
     """An MlflowClient for `uri`, after a quick check that a server there listens at all (MLflow's own

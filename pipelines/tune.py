@@ -23,7 +23,7 @@ from errors import UserError
 from models import get_task
 from pipelines.cluster import connect
 from pipelines.storage import Storage, commit_dir
-from pipelines.tracking import check_tracking, end_run
+from pipelines.tracking import check_tracking, end_run, open_experiment
 from pipelines.train import fine_tune
 
 
@@ -51,8 +51,9 @@ def trial_config(cfg: JobConfig, params: dict, output: str, name: str) -> JobCon
         set_dotted(data, key, value)
     data["train"]["output"], data["train"]["fresh"] = output, False
     data["track"]["run_name"] = name
-    if data["track"]["mlflow"] is True:  # one store for the whole search, not one per trial
-        data["track"]["mlflow"] = f"{cfg.tune.output or cfg.train.output}/mlflow"
+    search = cfg.tune.output or cfg.train.output
+    if data["track"]["mlflow"] is True and search and Storage().resolve(search).is_local:
+        data["track"]["mlflow"] = f"{search}/mlflow"  # one store for the whole search, not one per trial
     return validate(data).with_absolute_paths()
 
 
@@ -65,6 +66,22 @@ def check_space(cfg: JobConfig) -> None:
                     trial_config(cfg, {key: value}, "/tmp/check", "check")
                 except UserError as exc:
                     raise UserError(f"tune.space.{key}: {exc}") from None
+
+
+def concurrent_trials(wanted: int, per_trial: float) -> int:
+    """How many trials run at once: `wanted`, or as many as the cluster's CPUs hold now, with a line why."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    fits = max(1, int(cpus // per_trial))
+    if fits >= wanted:
+        return wanted
+    print(
+        f"tune.max_concurrent_trials={wanted}: the cluster's {cpus:g} CPUs hold {fits} trial(s) at once (up to "
+        f"{per_trial:g} CPUs each: train workers, preprocessing actors); running {fits} at a time",
+        flush=True,
+    )
+    return fits
 
 
 def run_trial(params: dict, job: dict, output: str) -> None:
@@ -91,11 +108,21 @@ def tune_search(cfg: JobConfig) -> dict:
         raise UserError("tune.space: nothing to search (map dotted keys to distributions, e.g. train.lr)")
     metric, mode = s.metric or f"eval_{task.best_metric}", s.mode or task.best_metric_mode
     check_space(cfg)
-    check_tracking(cfg)
+    if cfg.track.mlflow is True and not Storage().resolve(output).is_local:
+        raise UserError(
+            f"track.mlflow: true keeps the trials' runs under tune.output, which is not a local folder ({output}); "
+            "give track.mlflow a tracking server URI or a local folder"
+        )
+    tracked = trial_config(cfg, {}, f"{output}/trials/check", "check")  # what a trial tracks to
+    check_tracking(tracked)
     storage = Storage.from_config(cfg.storage)
     loc = storage.check_writable(output)
-    per_trial = TRIAL_CPUS + t.max_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1
+    # a trial's CPUs at most: its workers, the train and eval preprocessing pools (started together, one CPU
+    # per actor) and a read task. Trials that do not all fit starve each other's pools: two at once on 4 CPUs
+    # hung in their first data pass (Ray Data waits for an actor's CPU without a time limit).
+    per_trial = TRIAL_CPUS + t.max_workers * t.cpus_per_worker + 2 * cfg.data.preprocess_actors + 1
     connect(cfg.ray.address, cfg.ray.num_cpus, s.max_concurrent_trials * per_trial)
+    open_experiment(tracked)
 
     job = cfg.model_dump(mode="json")
     job["serve"]["api_key"] = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None
@@ -122,7 +149,7 @@ def tune_search(cfg: JobConfig) -> dict:
                 metric=metric,
                 mode=mode,
                 num_samples=s.num_samples,
-                max_concurrent_trials=s.max_concurrent_trials,
+                max_concurrent_trials=concurrent_trials(s.max_concurrent_trials, per_trial),
                 scheduler=scheduler,
             ),
             run_config=tune.RunConfig(name="search", storage_path=loc.path, storage_filesystem=fs, verbose=0),

@@ -1,50 +1,106 @@
-"""`rayformers tune` end to end: two trials of a tiny model whose learning rates differ by 100x, ASHA stopping the
-one that trails, the best config and model written, and a second run that restores the search instead of
-training again."""
+"""`rayformers tune` end to end: four trials of a tiny model, two at a time, whose learning rates differ by 100x;
+ASHA stops the ones that trail, the best config and model are written, every trial is an MLflow run in the
+default local store (`track.mlflow: true`), and the same search again restores it instead of training again.
+
+The search runs as a user runs it, `rayformers tune` in a process of its own: its Ray is sized for two trials
+at once (the session's 4-CPU Ray holds one; two there would starve each other's preprocessing actors)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import job_config
-
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
+RAYFORMERS = str(Path(sys.executable).with_name("rayformers"))
+GOOD, BAD = (1e-3, 2e-3), (1e-1, 2e-1)
 
-def test_asha_stops_the_trailing_trial_and_a_rerun_restores_the_search(ray_session, tmp_path):
+
+def tune(config: Path) -> str:
+    done = subprocess.run([RAYFORMERS, "tune", str(config)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_asha_stops_the_trials_with_100x_the_learning_rate_and_a_rerun_restores_the_search(
+    ray_session, tmp_path, capsys
+):
+    from mlflow import MlflowClient
+
     from config import load_config
     from jobs.catalog import write_demo_data
     from pipelines.tune import tune_search
 
     data, out = tmp_path / "data", tmp_path / "search"
-    write_demo_data("text-classification", str(data), rows=240, seed=0)
-    cfg = job_config(
+    write_demo_data("text-classification", str(data), rows=160, seed=0)
+    config = tmp_path / "tune.yaml"
+    cfg = dict(
+        task="text-classification",
+        model={"init": {"architecture": "bert", "size": "tiny"}, "max_length": 64, "tokenizer": {"vocab_size": 800}},
         data={"train": str(data / "train"), "eval": str(data / "eval")},
-        train={"output": str(out), "max_steps": 12, "eval_every": 4, "log_every": 4},
-        # lr 0.1 throws AdamW's tiny BERT off at once: its eval loss trails from the first rung (step 4)
+        train={"output": str(out), "max_steps": 8, "eval_every": 4, "log_every": 4, "batch_size": 32},
+        track={"mlflow": True},
+        # the grid runs in order, two at a time: the good pair reaches ASHA's first rung (step 4) before the bad
+        # pair, whose lr of 0.1 throws AdamW's tiny BERT off at once. Rungs at 4 and 12 (reduction factor 3):
+        # the last eval (step 8) is no rung, so a trial that got past step 4 ends with its model written.
         tune={
-            "space": {"train.lr": {"grid": [1e-3, 1e-1]}},
+            "space": {"train.lr": {"grid": [*GOOD, *BAD]}},
             "num_samples": 1,
+            "max_concurrent_trials": 2,
             "metric": "eval_loss",
             "mode": "min",
             "grace_steps": 4,
+            "reduction_factor": 3,
         },
     )
-    summary = tune_search(cfg)
+    config.write_text(yaml.safe_dump(cfg))
+    printed = tune(config)
+    summary = json.loads((out / "tune.json").read_text())
+    assert "tune.max_concurrent_trials" not in printed  # its Ray holds two trials at once
+    assert f"best config: {out}/best.yaml" in printed
     trials = {t["params"]["train.lr"]: t for t in summary["trials"]}
-    good, bad = trials[1e-3], trials[1e-1]
-    assert good["status"] == "done" and good["steps"] == 12, summary
-    assert bad["status"] == "stopped early" and bad["steps"] < 12, summary
-    assert summary["best"]["trial"] == good["trial"]
-    best = load_config(str(out / "best.yaml"))  # a config `rayformers train` takes as it is
-    assert best.train.lr == 1e-3 and best.train.output == good["folder"]
+    assert sorted(trials) == sorted([*GOOD, *BAD]), summary
+    for lr in BAD:  # stopped at the first rung, long before the 8 steps of a whole run
+        assert trials[lr]["status"] == "stopped early" and trials[lr]["steps"] == 4, summary
+        assert not os.path.exists(os.path.join(trials[lr]["folder"], "model"))
+    best = summary["best"]
+    assert best["params"]["train.lr"] in GOOD and best["status"] == "done" and best["steps"] == 8, summary
+    assert best["eval_loss"] < min(trials[lr]["eval_loss"] for lr in BAD)
+    best_cfg = load_config(str(out / "best.yaml"))  # a config `rayformers train` takes as it is
+    assert best_cfg.train.lr == best["params"]["train.lr"] and best_cfg.train.output == best["folder"]
     assert (out / "best" / "model.safetensors").exists() and (out / "best" / "_COMPLETE.json").exists()
 
-    finished = os.path.getmtime(os.path.join(good["folder"], "metrics.json"))
-    again = tune_search(cfg)  # Tune's experiment restore: nothing left to run
+    # track.mlflow: true is one SQLite store under train.output (the search's output), one run per trial
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow/mlflow.db")
+    experiment = client.get_experiment_by_name("text-classification").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert sorted(runs) == sorted(t["trial"] for t in summary["trials"])
+    for trial in summary["trials"]:
+        run = runs[trial["trial"]]
+        assert float(run.data.params["train.lr"]) == trial["params"]["train.lr"]
+        assert run.data.params["train.output"] == trial["folder"]
+        history = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+        if trial["status"] == "done":
+            assert history["eval/loss"] == [4, 8] and history["train/loss"] == [4, 8], (trial, history)
+        else:  # ended as soon as ASHA said so: what its last step sent may not have reached the store
+            assert set(history.get("eval/loss", [])) <= {4}, (trial, history)
+        assert run.info.status == ("FINISHED" if trial["status"] == "done" else "KILLED"), trial
+    assert runs[best["trial"]].data.tags["rayformers.model"] == f"{best['folder']}/model"
+
+    finished = os.path.getmtime(os.path.join(best["folder"], "metrics.json"))
+    # the same search again, in the session's Ray (a Ray start cheaper): Tune's experiment restore, nothing to run
+    again = tune_search(load_config(str(config)))
+    assert "resuming the search" in capsys.readouterr().out
     assert {t["trial"]: t["status"] for t in again["trials"]} == {t["trial"]: t["status"] for t in summary["trials"]}
-    assert os.path.getmtime(os.path.join(good["folder"], "metrics.json")) == finished  # not trained again
-    assert yaml.safe_load((out / "best.yaml").read_text())["train"]["lr"] == 1e-3
+    assert os.path.getmtime(os.path.join(best["folder"], "metrics.json")) == finished  # not trained again
+    assert yaml.safe_load((out / "best.yaml").read_text())["train"]["lr"] == best["params"]["train.lr"]
+    # the same MLflow runs, none added and none reopened
+    after = {r.info.run_name: (r.info.run_id, r.info.status) for r in client.search_runs([experiment])}
+    assert after == {name: (r.info.run_id, r.info.status) for name, r in runs.items()}

@@ -63,6 +63,23 @@ def test_track_settings_that_cannot_work_are_one_line_errors(tmp_path):
     assert mlflow_uri(job_config()) is None
 
 
+def test_a_search_keeps_its_trials_runs_in_one_store_under_its_output_and_refuses_one_in_object_storage(tmp_path):
+    from pipelines.tune import trial_config, tune_search
+
+    search = {"space": {"train.lr": {"grid": [1e-3, 1e-1]}}, "output": str(tmp_path / "search")}
+    cfg = job_config(data={"train": "d/train", "eval": "d/eval"}, track={"mlflow": True}, tune=search)
+    trial = trial_config(cfg, {"train.lr": 1e-3}, str(tmp_path / "search/trials/a"), "a")
+    assert mlflow_uri(trial) == f"sqlite:///{tmp_path}/search/mlflow/mlflow.db"  # no train.output needed
+
+    in_s3 = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"output": "s3://bucket/search"})})
+    with pytest.raises(UserError) as refused:  # before Ray starts or any trial runs
+        tune_search(in_s3)
+    assert str(refused.value) == (
+        "track.mlflow: true keeps the trials' runs under tune.output, which is not a local folder "
+        "(s3://bucket/search); give track.mlflow a tracking server URI or a local folder"
+    )
+
+
 def test_params_are_the_flattened_config_without_secrets():
     params = flat_params(job_config(train={"lr": 0.002}, serve={"api_key": "s3cret"}))
     assert params["train.lr"] == "0.002" and params["task"] == "text-classification"
