@@ -177,6 +177,13 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
     assert corrupt.status_code == 422 and "not an image" in corrupt.json()["error"]
 
 
+PANOPTIC = dict(
+    model={"init": {"architecture": "mask2former", "size": "tiny"}},  # 64 px: its smallest size
+    task_options={"subtask": "panoptic", "augment": False},  # cached: no flips to redraw
+)
+SHOWN = {"threshold": 0.5}  # segments scored above this are answered (predict, Serve and the pipeline alike)
+
+
 @pytest.fixture(scope="module")
 def panoptic(ray_session, session_bucket):
     """A tiny Mask2Former trained for panoptic segmentation from demo Parquet (images and masks as bytes)."""
@@ -186,12 +193,36 @@ def panoptic(ray_session, session_bucket):
     root = f"s3://{session_bucket}/panoptic"
     write_demo_data("image-segmentation", f"{root}/data", rows=240, seed=0)
     cfg = config(
-        model={"init": {"architecture": "mask2former", "size": "tiny"}},  # 64 px: its smallest size
+        **PANOPTIC,
         data={"train": f"{root}/data/train", "eval": f"{root}/data/eval"},
-        task_options={"subtask": "panoptic", "augment": False},  # cached: no flips to redraw
         train={"output": f"{root}/run", "max_steps": 160, "eval_every": 120, "batch_size": 8, "lr": 3e-3},
     )
-    return {"model": f"{root}/run/model", "summary": train(cfg)}
+    return {"root": root, "model": f"{root}/run/model", "summary": train(cfg), "cfg": cfg}
+
+
+def untrained_scores(cfg) -> dict:
+    """The same Mask2Former, freshly initialised, scored by the eval metric on the same eval split."""
+    import torch
+
+    from models.spec import Context
+
+    fs = s3fs.S3FileSystem()
+    rows = pq.ParquetDataset(cfg.data.eval.removeprefix("s3://"), filesystem=fs).read().to_pylist()
+    processor = TASK.build_processor(cfg.model, None, iter(()))
+    torch.manual_seed(0)
+    model = TASK.build_model(cfg.model, None, DEMO_LABELS, processor).eval()
+    metric = TASK.metrics(DEMO_LABELS, cfg.options())
+    metric.bind(model, processor)
+    ctx = Context(labels={name: i for i, name in enumerate(DEMO_LABELS)}, options=cfg.options(), data=cfg.data)
+    for start in range(0, len(rows), 8):
+        batch = {k: [r[k] for r in rows[start : start + 8]] for k in ("image", "mask", "instances")}
+        features = TASK.preprocess(batch, processor, ctx)
+        assert features.errors == [None] * len(batch["image"])
+        inputs = TASK.collate(features.arrays, processor)
+        with torch.no_grad():
+            outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        metric.update(outputs, inputs, features.arrays)
+    return metric.compute()
 
 
 def test_mask2former_learns_panoptic_segments_and_the_pipeline_reads_them_the_same(panoptic):
@@ -201,18 +232,21 @@ def test_mask2former_learns_panoptic_segments_and_the_pipeline_reads_them_the_sa
     from pipelines.storage import Storage
 
     best = panoptic["summary"]["best"]
-    # untrained: no segment scores above the threshold (PQ 0) and a mean IoU near 0.02
-    assert best["eval_pq"] >= 0.2 and best["eval_mean_iou"] >= 0.5, best
+    before = untrained_scores(panoptic["cfg"])
+    # untrained: no segment scores above the threshold (PQ 0) and a mean IoU near 0.02-0.1
+    assert before["pq"] < 0.05 and before["mean_iou"] < 0.3, before
+    # trained runs reached PQ 0.57, mean IoU 0.7 (a bar well below: training on 2 cores is not bit-for-bit repeatable)
+    assert best["eval_pq"] >= max(0.35, before["pq"] + 0.3), (best, before)
+    assert best["eval_mean_iou"] >= max(0.5, 2 * before["mean_iou"]), (best, before)
     local = Storage().local_copy(panoptic["model"])
     rows = TASK.demo_data(4, seed=40)
-    parameters = {"threshold": 0.5}
-    ours, errors, _ = Predictor("image-segmentation", local, parameters=parameters).predict_rows(
+    ours, errors, _ = Predictor("image-segmentation", local, parameters=SHOWN).predict_rows(
         [{"image": r["image"]} for r in rows]
     )
     assert errors == [None] * 4 and any(ours)
     plain = pipeline("image-segmentation", model=local)
     for row, mine in zip(rows, ours):
-        theirs = plain(Image.open(io.BytesIO(row["image"])), subtask="panoptic", threshold=0.5)
+        theirs = plain(Image.open(io.BytesIO(row["image"])), subtask="panoptic", **SHOWN)
         assert [(s["label"], round(s["score"], 4)) for s in theirs] == [
             (s["label"], round(s["score"], 4)) for s in mine
         ]
@@ -220,3 +254,78 @@ def test_mask2former_learns_panoptic_segments_and_the_pipeline_reads_them_the_sa
             assert (
                 np.asarray(a["mask"]) == np.asarray(Image.open(io.BytesIO(base64.b64decode(b["mask"]))))
             ).mean() > 0.99
+
+
+@pytest.fixture(scope="module")
+def panoptic_predicted(panoptic):
+    """`rayformers predict` with the trained Mask2Former over demo images in Parquet, one of them not an image."""
+    import pyarrow as pa
+
+    from pipelines.predict import predict
+
+    rows = [{"id": r["id"], "image": r["image"]} for r in TASK.demo_data(6, seed=41)]
+    rows.append({"id": "broken", "image": b"not an image"})
+    fs = s3fs.S3FileSystem()
+    corpus, output = f"{panoptic['root']}/corpus", f"{panoptic['root']}/predictions"
+    with fs.open(f"{corpus.removeprefix('s3://')}/part-0.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+    cfg = config(
+        **PANOPTIC,
+        predict={"model": panoptic["model"], "input": corpus, "output": output, "actors": 1, "parameters": SHOWN},
+    )
+    summary = predict(cfg)
+    table = pq.ParquetDataset(output.removeprefix("s3://"), filesystem=fs).read().to_pylist()
+    return rows, summary, table
+
+
+def test_mask2former_predicts_panoptic_segments_for_every_row(panoptic, panoptic_predicted):
+    from pipelines.predictor import Predictor
+    from pipelines.storage import Storage
+
+    rows, summary, table = panoptic_predicted
+    assert summary["rows"] == len(table) == 7 and summary["errors"] == 1, summary
+    by_id = {r["id"]: r for r in table}
+    assert sorted(by_id) == sorted(r["id"] for r in rows)  # one row per input, none doubled
+    assert by_id["broken"]["segments"] is None and "not an image" in by_id["broken"]["error"]
+    good = rows[:-1]
+    # what the batch job wrote is what the model answers for each image in this process
+    local = Storage().local_copy(panoptic["model"])
+    ours, errors, _ = Predictor("image-segmentation", local, parameters=SHOWN).predict_rows(
+        [{"image": r["image"]} for r in good]
+    )
+    assert errors == [None] * len(good)
+    for row, mine in zip(good, ours):
+        written = by_id[row["id"]]
+        assert written["error"] is None
+        assert [s["label"] for s in written["segments"]] == [s["label"] for s in mine]
+        # float32 results move a little with a batch's make-up: scores agree closely, masks but for a few pixels
+        assert [s["score"] for s in written["segments"]] == pytest.approx([s["score"] for s in mine], abs=1e-4)
+        size = Image.open(io.BytesIO(row["image"])).size[::-1]
+        for w, m in zip(written["segments"], mine):
+            mask = rle_decode(w["mask"])
+            assert mask.shape == size and w["score"] >= SHOWN["threshold"]  # at the image's own size
+            assert (mask == (np.asarray(Image.open(io.BytesIO(base64.b64decode(m["mask"])))) > 0)).mean() > 0.99
+    # the shapes are found: most images have a segment of a shape class (not only background)
+    shapes = [any(s["label"] != "background" for s in by_id[r["id"]]["segments"]) for r in good]
+    assert sum(shapes) >= 4, [by_id[r["id"]]["segments"] for r in good]
+
+
+def test_the_endpoint_segments_as_mask2former_batch_prediction_does(panoptic, panoptic_predicted):
+    rows, _, table = panoptic_predicted
+    by_id = {r["id"]: r for r in table}
+    cfg = config(**PANOPTIC, serve={"model": panoptic["model"]})
+    with served(cfg, "panoptic") as url:
+        answer = httpx.post(
+            f"{url}/predict",
+            json={"inputs": [base64.b64encode(r["image"]).decode() for r in rows[:3]], "parameters": SHOWN},
+            timeout=60,
+        )
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()) == 3
+    for row, segments in zip(rows, answer.json()):
+        written = by_id[row["id"]]["segments"]
+        assert [s["label"] for s in segments] == [w["label"] for w in written]
+        assert [s["score"] for s in segments] == pytest.approx([w["score"] for w in written], abs=1e-4)
+        for s, w in zip(segments, written):
+            png = np.asarray(Image.open(io.BytesIO(base64.b64decode(s["mask"]))))
+            assert ((png > 0) == rle_decode(w["mask"])).mean() > 0.99
