@@ -110,8 +110,8 @@ def tune_search(cfg: JobConfig) -> dict:
     check_space(cfg)
     if cfg.track.mlflow is True and not Storage().resolve(output).is_local:
         raise UserError(
-            f"track.mlflow: true keeps the trials' runs under tune.output, which is not a local folder ({output}); "
-            "give track.mlflow a tracking server URI or a local folder"
+            f"track.mlflow: true keeps the trials' runs under tune.output (default: train.output), which is not a "
+            f"local folder ({output}); give track.mlflow a tracking server URI or a local folder"
         )
     tracked = trial_config(cfg, {}, f"{output}/trials/check", "check")  # what a trial tracks to
     check_tracking(tracked)

@@ -75,8 +75,8 @@ def test_a_search_keeps_its_trials_runs_in_one_store_under_its_output_and_refuse
     with pytest.raises(UserError) as refused:  # before Ray starts or any trial runs
         tune_search(in_s3)
     assert str(refused.value) == (
-        "track.mlflow: true keeps the trials' runs under tune.output, which is not a local folder "
-        "(s3://bucket/search); give track.mlflow a tracking server URI or a local folder"
+        "track.mlflow: true keeps the trials' runs under tune.output (default: train.output), which is not a "
+        "local folder (s3://bucket/search); give track.mlflow a tracking server URI or a local folder"
     )
 
 
