@@ -113,13 +113,19 @@ def run_predict(trained: dict, rows: list[dict], parameters: dict) -> tuple[dict
 BAD_ROWS = [{"id": "null", "source": None}, {"id": "empty", "source": " "}, {"id": "number", "source": 3}]
 
 
-def test_summarize_a_corpus_keeping_every_row(summarizer):
+@pytest.fixture(scope="module")
+def summarized(summarizer):
     from models import get_task
 
     demo = get_task("summarization").demo_data(6, seed=9)
     rows = [{"id": r["id"], "source": r["source"]} for r in demo] + BAD_ROWS
     rows.append({"id": "long", "source": "the river and the comet " * 30})
     summary, table = run_predict(summarizer, rows, {"num_beams": 2})
+    return demo, summary, table
+
+
+def test_summarize_a_corpus_keeping_every_row(summarized):
+    demo, summary, table = summarized
     assert len(table) == summary["rows"] == 11  # 10 rows + the unparsable line
     by_id = {r["id"]: r for r in table if r["id"] is not None}
     found = [r["id"] for r in demo if set(r["target"].split()) & set(by_id[r["id"]]["summary_text"].split())]
@@ -189,3 +195,24 @@ def test_the_endpoint_translates_as_batch_prediction_does(translator, translated
         assert too_long.status_code == 422 and "limit of 48" in too_long.json()["error"]
         bad = httpx.post(f"{url}/predict", json={"inputs": "the cat", "parameters": {"top_p": 0.5}}, timeout=60)
         assert bad.status_code == 422 and "not a generation parameter" in bad.json()["error"]
+
+
+def test_the_endpoint_summarizes_as_batch_prediction_does(summarizer, summarized):
+    demo, _, table = summarized
+    by_id = {r["id"]: r for r in table if r["id"] is not None}
+    cfg = config("summarization", serve={"model": summarizer["model"]})
+    with served(cfg, "summarization") as url:
+        answer = httpx.post(
+            f"{url}/predict",
+            json={"inputs": [r["source"] for r in demo[:3]], "parameters": {"num_beams": 2}},
+            timeout=60,
+        )
+        single = httpx.post(
+            f"{url}/predict", json={"inputs": demo[3]["source"], "parameters": {"num_beams": 2}}, timeout=60
+        )
+        empty = httpx.post(f"{url}/predict", json={"inputs": " "}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == [{"summary_text": by_id[r["id"]]["summary_text"]} for r in demo[:3]]
+    assert single.status_code == 200, single.text
+    assert single.json() == {"summary_text": by_id[demo[3]["id"]]["summary_text"]}  # one input: its answer, bare
+    assert empty.status_code == 422 and "source is empty" in empty.json()["error"]
