@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
                 print("demo: the endpoint did not answer /healthz within 240 s", file=sys.stderr)
                 return 1
             time.sleep(1)
+        print(f"the endpoint is up: {url}/healthz answers; three requests as a client would send them", flush=True)
         for what, body in REQUESTS:
             status, answer = post(f"{url}/predict", body)
             print(f"\nPOST {url}/predict  {what}\n  {json.dumps(body)}\n  -> {status} {answer}", flush=True)

@@ -76,9 +76,8 @@ def run_serve(cfg: JobConfig) -> None:
     finally:
         serve.delete(f"{APP_NAME}-health")
         serve.delete(APP_NAME)
-        if local:
-            serve.shutdown()
-            ray.shutdown()
+        if local:  # the local Ray ends with Serve's controller and proxy in it (serve.shutdown() first had the
+            ray.shutdown()  # raylet print "Task ServeController.graceful_shutdown failed" on the console)
 
 
 def export_config(cfg: JobConfig, config_path: str, overrides: list[str], out_file: str) -> None:

@@ -25,6 +25,12 @@ from contextlib import contextmanager
 
 from pipelines.storage import Storage
 
+# A log record of Ray's C++ core ("[2026-12-01 16:24:54,997 E 15738 15738] core_worker.cc:2465: ..."), and the
+# prefix Ray puts on a line it forwards from a worker ("(RayTrainWorker pid=16600) ", "(raylet) "), coloured or not
+NATIVE_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+FORWARDED = re.compile(
+    r"^(?:\x1b\[[0-9;]*m)?\((?:[^()\s]+ pid=\d+(?:, ip=[^)]*)?|(?P<ray>raylet|gcs_server)[^)]*)\)(?:\x1b\[0m)? "
+)
 STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch (\d+) loss (\S+) samples/s (\S+) lr (\S+) elapsed (\S+) ETA (\S+)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BAR_WIDTH = 28
@@ -50,13 +56,25 @@ def step_bar(line: str) -> str | None:
     )
 
 
+def shown_line(line: str, verbose: bool) -> str | None:
+    """What the console shows of one line: without -v, a line a worker printed loses Ray's prefix, and the
+    log records of Ray's own processes (its C++ core's, the raylet's) go to the log file only (None)."""
+    if verbose:
+        return line
+    m = FORWARDED.match(line)
+    body = line[m.end() :] if m else line
+    if NATIVE_LOG.match(ANSI.sub("", body)) or (m and m.group("ray")):
+        return None
+    return body
+
+
 class JobConsole:
     """Stands in for sys.stdout and sys.stderr while a job runs (see the module's docstring)."""
 
-    def __init__(self, stdout, stderr, log, tty: bool):
-        self.stdout, self.stderr, self.log, self.tty = stdout, stderr, log, tty
+    def __init__(self, stdout, stderr, log, tty: bool, verbose: bool = False):
+        self.stdout, self.stderr, self.log, self.tty, self.verbose = stdout, stderr, log, tty, verbose
         self.lock = threading.RLock()
-        self.partial = ""  # stdout text after its last newline (a TTY only)
+        self.partial = {False: "", True: ""}  # stdout's and stderr's text after their last newline
         self.shown = ""  # the bar now on screen
         self.handler: logging.Handler | None = None  # the log file's, for log records
         self.undo: list = []  # what to put back on the loggers when the job ends
@@ -65,26 +83,36 @@ class JobConsole:
         with self.lock:
             if self.log:
                 self.log.write(ANSI.sub("", text))
-            if not self.tty:
-                (self.stderr if err else self.stdout).write(text)
-                return
-            if err:
-                self._clear()
-                self.stderr.write(text)
-                self.stderr.flush()
-                self._redraw()
-                return
-            lines = (self.partial + text).split("\n")
-            self.partial = lines.pop()
+            lines = (self.partial[err] + text).split("\n")
+            self.partial[err] = lines.pop()
             for line in lines:
-                shown = step_bar(line)
+                shown = shown_line(line, self.verbose)
                 if shown is not None:
-                    m = STEP_LINE.search(ANSI.sub("", line))
-                    self.show(shown, last=m.group(1) == m.group(2))
-                else:
-                    self._clear()
-                    self.stdout.write(line + "\n")
-                    self._redraw()
+                    self._line(shown, err)
+
+    def _line(self, line: str, err: bool) -> None:
+        if not self.tty:
+            (self.stderr if err else self.stdout).write(line + "\n")
+            return
+        bar_text = None if err else step_bar(line)
+        if bar_text is not None:
+            m = STEP_LINE.search(ANSI.sub("", line))
+            self.show(bar_text, last=m.group(1) == m.group(2))
+            return
+        self._clear()
+        (self.stderr if err else self.stdout).write(line + "\n")
+        (self.stderr if err else self.stdout).flush()
+        self._redraw()
+
+    def native(self, line: str) -> bool:
+        """A line written straight to file descriptor 2 (see NativeStderr): a log record of Ray's C++ core goes
+        to the log file (and the console with -v); whether to pass it on to the real stderr."""
+        if not NATIVE_LOG.match(line):
+            return True
+        with self.lock:
+            if self.log:
+                self.log.write(line)
+        return self.verbose
 
     def show(self, text: str, last: bool = False) -> None:
         """Draws `text` as the bar (a TTY) or prints it as a line. The `last` bar stays on screen, and
@@ -119,12 +147,44 @@ class JobConsole:
 
     def close(self) -> None:
         with self.lock:
-            if self.partial:
-                self.write("\n")
+            for err in (False, True):
+                if self.partial[err]:
+                    self.write("\n", err)
             if self.shown:
                 self.stdout.write("\n")  # the last bar stays on screen
                 self.shown = ""
             self.flush()
+
+
+class NativeStderr:
+    """Ray's C++ core writes its log records to file descriptor 2 itself, past sys.stderr: among them an ERROR
+    record for every actor whose constructor arguments sit in Ray's object store (Ray Data's map actors, Ray
+    Train's watcher: ray-project/ray#53727), which a user can do nothing about. While a job runs, fd 2 is a
+    pipe read here: those records go to the log file (and the console with -v, as with Ray's other lines) and
+    everything else written to fd 2 goes on to the real stderr unchanged."""
+
+    def __init__(self, console: JobConsole):
+        self.console = console
+        sys.__stderr__.flush()
+        self.real = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.thread = threading.Thread(target=self.pump, args=(read,), name="native-stderr", daemon=True)
+        self.thread.start()
+
+    def pump(self, read: int) -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for raw in pipe:
+                if self.console.native(raw.decode(errors="replace")):
+                    os.write(self.real, raw)
+
+    def close(self) -> None:
+        sys.__stderr__.flush()
+        os.dup2(self.real, 2)  # the pipe's last writer here is gone: the pump reads to its end and stops
+        self.thread.join(5)
+        if not self.thread.is_alive():  # else a child process still holds the pipe and the pump needs the fd
+            os.close(self.real)
 
 
 class _Stream:
@@ -203,8 +263,14 @@ def job_console(cfg, verb: str, output: str | None):
     final = log_uri(output, verb)
     fd, local = tempfile.mkstemp(prefix=f"rayformers-{verb}-", suffix=".log")
     log = os.fdopen(fd, "w", buffering=1)
+    from pipelines.cluster import verbose
+
     real_out, real_err = sys.stdout, sys.stderr
-    console = JobConsole(real_out, real_err, log, tty=real_out.isatty())
+    console = JobConsole(real_out, real_err, log, tty=real_out.isatty(), verbose=verbose())
+    try:
+        native = NativeStderr(console)
+    except OSError:  # no file descriptor 2 to stand in for
+        native = None
     console.handler = logging.StreamHandler(log)
     console.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     _active = console
@@ -221,6 +287,8 @@ def job_console(cfg, verb: str, output: str | None):
             for h in added:
                 logger.removeHandler(h)
         console.close()
+        if native is not None:
+            native.close()
         sys.stdout, sys.stderr = real_out, real_err
         _active = None
         log.close()

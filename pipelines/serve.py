@@ -29,6 +29,7 @@ from errors import UserError
 from models import get_task
 from models.spec import Features
 from pipelines.adapters import AdapterPool, base_source, is_adapter_dir
+from pipelines.cluster import verbose
 from pipelines.predictor import Predictor
 from pipelines.serve_http import URI, RequestError, row_errors
 from pipelines.serve_ingress import Health, Ingress, answer_error
@@ -404,9 +405,17 @@ def ingress_options(cfg: JobConfig) -> dict:
         "max_ongoing_requests": s.max_ongoing_requests * s.max_replicas,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-        "logging_config": {"enable_access_log": False},
+        "logging_config": quiet_logging(),
         "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}},
     }
+
+
+def quiet_logging() -> dict:
+    """The small deployments' logging: no access log (the proxy writes one per request), and without -v their
+    warnings and errors only. A deployment's logging_config replaces the application's as a whole, so the
+    level is set here too (else Serve's INFO lines, "Started <...SharedRouterLongPollClient ...>", reach the
+    console of `rayformers serve`)."""
+    return {"enable_access_log": False, "log_level": "INFO" if verbose() else "WARNING"}
 
 
 def health_options(cfg: JobConfig) -> dict:
@@ -415,7 +424,7 @@ def health_options(cfg: JobConfig) -> dict:
         "name": HEALTH_NAME,
         "num_replicas": 1,
         "max_ongoing_requests": 32,
-        "logging_config": {"enable_access_log": False},
+        "logging_config": quiet_logging(),
         "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": dict(MAIN_LOOP)}},
     }
 

@@ -7,7 +7,7 @@ import io
 import os
 import pty
 
-from pipelines.console import JobConsole
+from pipelines.console import JobConsole, NativeStderr
 
 # what Ray prints on the driver for a line that rank 0 prints (its prefix, coloured on a terminal)
 STEPS = [
@@ -31,7 +31,9 @@ def feed(console: JobConsole) -> None:
 def test_off_a_terminal_every_step_stays_a_plain_line_and_the_log_file_gets_them_without_colours():
     out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
     feed(JobConsole(out, err, log, tty=False))
-    assert out.getvalue() == "".join(STEPS[:2]) + EVAL + "".join(STEPS[2:])
+    # our own lines, without the prefix Ray puts on a line it forwards from a worker
+    prefix = "\x1b[36m(RayTrainWorker pid=4242)\x1b[0m "
+    assert out.getvalue() == "".join(s.removeprefix(prefix) for s in STEPS[:2] + [EVAL] + STEPS[2:])
     assert "\r" not in out.getvalue() and "█" not in out.getvalue()
     assert "\x1b" not in log.getvalue() and log.getvalue().count("(RayTrainWorker pid=4242) step ") == 4
 
@@ -63,3 +65,42 @@ def test_on_a_terminal_the_steps_are_one_bar_redrawn_in_place_with_the_eval_line
     lines = text.replace("\r\n", "\n").split("\n")
     assert sum("eval step 20" in line for line in lines) == 1
     assert log.getvalue().count("/40 epoch 0") == 4  # the log file keeps every step line as it came
+
+
+# what Ray forwards or writes itself on a driver, none of which a user can act on
+RAY_INTERNALS = [
+    "\x1b[36m(TrainController pid=16532)\x1b[0m [2026-12-01 16:25:19,924 E 16532 16563] core_worker.cc:2465: Actor "
+    "with class name: 'PreemptionWatcher' has constructor arguments in the object store and max_restarts > 0.\n",
+    "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries remaining.\n",
+]
+
+
+def test_ray_internals_go_to_the_log_file_only_unless_verbose():
+    for verbose in (False, True):
+        out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
+        console = JobConsole(out, err, log, tty=False, verbose=verbose)
+        for line in RAY_INTERNALS:
+            console.write(line, err=True)
+        console.write("(MyOwnThing) a line of ours that happens to start with parentheses\n")
+        console.close()
+        assert "core_worker.cc:2465" in log.getvalue() and "graceful_shutdown" in log.getvalue()
+        assert ("core_worker.cc" in err.getvalue()) == verbose and ("graceful_shutdown" in err.getvalue()) == verbose
+        assert out.getvalue() == "(MyOwnThing) a line of ours that happens to start with parentheses\n"
+
+
+def test_a_record_that_rays_cpp_core_writes_to_fd_2_goes_to_the_log_and_other_fd_2_output_passes(capfd):
+    out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
+    console = JobConsole(out, err, log, tty=False)
+    native = NativeStderr(console)
+    try:
+        # as Ray's C++ core writes: straight to the file descriptor, past sys.stderr
+        os.write(2, b"[2026-12-01 16:24:54,997 E 15738 15738] core_worker.cc:2465: Actor with class name: 'x'\n")
+        os.write(2, b"a C library's own warning\n")
+    finally:
+        native.close()
+    assert not native.thread.is_alive()
+    seen = capfd.readouterr().err
+    assert "core_worker.cc" not in seen and "a C library's own warning\n" in seen, seen
+    assert "core_worker.cc:2465" in log.getvalue() and "C library" not in log.getvalue()
+    os.write(2, b"after the job\n")  # fd 2 is the real stderr again
+    assert capfd.readouterr().err == "after the job\n"
