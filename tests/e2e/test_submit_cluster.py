@@ -1,7 +1,8 @@
 """`rayformers submit` against a real two-node Ray cluster on this machine (infra/local: a head, one
 worker node, the S3 emulator, token auth on): a train job places its two workers on the two nodes
 and writes the model to S3, a predict job spreads its actors over both nodes and writes one row per
-input to S3; `--no-wait`, a failing job and a refused token behave as a user expects.
+input to S3, a tune job runs its trials and writes the best config and model to S3; `--no-wait`, a
+failing job and a refused token behave as a user expects.
 
 Every Ray client runs in a subprocess with the cluster's environment: Ray reads RAY_AUTH_MODE once
 per process, and this process keeps no Ray state of its own.
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+import yaml
 
 from infra.local.cluster import local_cluster
 
@@ -76,10 +78,10 @@ def run(argv: list[str], env: dict, check: bool = False, timeout: float = 300) -
 
 
 def submit(
-    cluster, verb: str, *overrides: str, options: tuple = (), env: dict | None = None
+    cluster, verb: str, *overrides: str, options: tuple = (), env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     argv = [RAYFORMERS, "submit", EXAMPLE, "--address", cluster.dashboard_url, "--verb", verb, *options]
-    return run(argv + list(overrides), cluster.env if env is None else env)
+    return run(argv + list(overrides), cluster.env if env is None else env, timeout=timeout)
 
 
 def probe(cluster, job_id: str) -> dict:
@@ -180,6 +182,41 @@ def test_predict_job_spreads_its_actors_over_both_nodes_and_scores_every_row(clu
     assert sorted(table.column("id").to_pylist()) == sorted(expected.column("id").to_pylist())
     assert table.column("error").null_count == table.num_rows
     assert set(table.column("label").to_pylist()) <= set(expected.column("label").to_pylist())
+
+
+def test_a_tune_job_runs_its_trials_on_the_cluster_and_writes_the_best_config_and_model_to_s3(cluster):
+    search = cluster.s3_uri("search")
+    done = submit(
+        cluster,
+        "tune",
+        *data_overrides(cluster),
+        f"tune.output={search}",
+        "tune.space={train.lr: {grid: [1.0e-3, 1.0e-1]}}",  # one trial after the other, one worker each
+        "tune.num_samples=1",
+        "tune.metric=eval_loss",
+        "tune.mode=min",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.log_every=2",
+        "train.batch_size=16",
+        timeout=600,  # two training runs, one after the other: 320-345 s on 2 cores busy with other tests
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert f"job {job_id_of(output)} SUCCEEDED" in output
+    assert f"best config: {search}/best.yaml" in output, output
+
+    fs = s3(cluster)
+    root = search.removeprefix("s3://")
+    trials = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/trials")]
+    summary = json.loads(fs.cat(f"{root}/tune.json"))
+    assert sorted(trials) == sorted(t["trial"] for t in summary["trials"]) and len(trials) == 2, summary
+    best = yaml.safe_load(fs.cat(f"{root}/best.yaml"))
+    assert best["train"]["lr"] == summary["best"]["params"]["train.lr"]
+    assert best["train"]["output"] == f"{search}/trials/{summary['best']['trial']}"
+    assert fs.exists(f"{best['train']['output'].removeprefix('s3://')}/model/model.safetensors")
+    assert fs.exists(f"{root}/best/model.safetensors") and fs.exists(f"{root}/best/_COMPLETE.json")
+    assert fs.exists(f"{root}/search")  # Tune's state, for a re-run to restore
 
 
 def test_a_job_whose_config_is_wrong_fails_with_a_one_line_error(cluster):
