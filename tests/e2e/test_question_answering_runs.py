@@ -76,16 +76,24 @@ def trained(ray_session, session_bucket):
     task = get_task("question-answering")
     root = f"s3://{session_bucket}/qa"
     write(f"{root}/train/train-v2.json", squad(task.demo_data(800, seed=0)))
-    write(f"{root}/eval/dev.jsonl", "\n".join(json.dumps(r) for r in task.demo_data(120, seed=1)) + "\n")
+    evaluation = task.demo_data(120, seed=1)
+    write(f"{root}/eval/dev.jsonl", "\n".join(json.dumps(r) for r in evaluation) + "\n")
     cfg = config(data={"train": f"{root}/train", "eval": f"{root}/eval"}, train={"output": f"{root}/run"})
-    return {"model": f"{root}/run/model", "summary": train(cfg)}
+    return {"model": f"{root}/run/model", "summary": train(cfg), "eval": evaluation}
 
 
 def test_training_from_squad_json_answers_most_questions(trained):
+    from models.squad import squad_scores
+
     best = trained["summary"]["best"]
-    # an untrained model picks arbitrary spans; answering "no answer" every time scores 1/6 (runs reached 0.59-0.93;
-    # training on 2 cores is not bit-for-bit repeatable, so the bar leaves room below the worst run seen)
-    assert best["eval_exact_match"] >= 0.4 and best["eval_f1"] >= 0.4, best
+    # the constant baseline, scored here as the eval metric scores it: "no answer" to every question (an untrained
+    # model's arbitrary spans score about 0 on the answerable ones, so this is the better of the two)
+    constant = [squad_scores("", r["answers"]["text"]) for r in trained["eval"]]
+    em, f1 = (sum(s[k] for s in constant) / len(constant) for k in (0, 1))
+    assert 0.1 <= em <= 0.25 and f1 == em, (em, f1)  # one question in six has no answer
+    # runs reached EM 0.59-1.0 (F1 above it); training on 2 cores is not bit-for-bit repeatable, so the bar sits
+    # a little below the worst run seen, and at least three times the constant's
+    assert best["eval_exact_match"] >= max(0.5, 3 * em) and best["eval_f1"] >= max(0.55, 3 * f1), (best, em)
 
 
 @pytest.fixture(scope="module")
