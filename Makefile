@@ -42,7 +42,7 @@ test: $(STAMP) browser
 	port=$$($(PY) -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
 	$(PY) -m moto.server -H 127.0.0.1 -p $$port > .s3-server.log 2>&1 & s3pid=$$!; \
 	trap 'kill $$s3pid 2>/dev/null || true' EXIT; \
-	RAYFORMERS_TEST_S3=http://127.0.0.1:$$port $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+	RAYFORMERS_TEST_S3=http://127.0.0.1:$$port $(PY) -m pytest -q --durations=60 $(PYTEST_ARGS) tests
 
 # The container image of infra/docker/Dockerfile, built where a Docker daemon answers (downloads GBs: not in `make test`).
 test-image: $(STAMP)
