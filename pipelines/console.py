@@ -29,7 +29,9 @@ from pipelines.storage import Storage
 # prefix Ray puts on a line it forwards from a worker ("(RayTrainWorker pid=16600) ", "(raylet) "), coloured or not
 NATIVE_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
 FORWARDED = re.compile(
-    r"^(?:\x1b\[[0-9;]*m)?\((?:[^()\s]+ pid=\d+(?:, ip=[^)]*)?|(?P<ray>raylet|gcs_server)[^)]*)\)(?:\x1b\[0m)? "
+    r"^(?:\x1b\[[0-9;]*m)?"
+    r"\((?:(?P<actor>[^()\s]+) pid=\d+(?:, ip=[^)]*)?|(?P<ray>raylet|gcs_server)[^)]*)\)"
+    r"(?:\x1b\[0m)? "
 )
 STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch (\d+) loss (\S+) samples/s (\S+) lr (\S+) elapsed (\S+) ETA (\S+)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -57,15 +59,16 @@ def step_bar(line: str) -> str | None:
 
 
 def shown_line(line: str, verbose: bool) -> str | None:
-    """What the console shows of one line: without -v, a line a worker printed loses Ray's prefix, and the
-    log records of Ray's own processes (its C++ core's, the raylet's) go to the log file only (None)."""
+    """What the console shows of one line: without -v, the log records of Ray's own processes (its C++ core's,
+    the raylet's) go to the log file only (None), and a line our train loop printed loses Ray's prefix; lines
+    of any other actor keep theirs, so that what Ray's internals print is told apart from ours."""
     if verbose:
         return line
     m = FORWARDED.match(line)
     body = line[m.end() :] if m else line
     if NATIVE_LOG.match(ANSI.sub("", body)) or (m and m.group("ray")):
         return None
-    return body
+    return body if m and m.group("actor") == "RayTrainWorker" else line
 
 
 class JobConsole:

@@ -82,10 +82,13 @@ def test_ray_internals_go_to_the_log_file_only_unless_verbose():
         for line in RAY_INTERNALS:
             console.write(line, err=True)
         console.write("(MyOwnThing) a line of ours that happens to start with parentheses\n")
+        # a traceback from one of Ray's internal actors keeps the actor's name
+        console.write("\x1b[36m(PlacementGroupCleaner pid=77)\x1b[0m ConnectionError: Found multiple Ray\n", err=True)
         console.close()
         assert "core_worker.cc:2465" in log.getvalue() and "graceful_shutdown" in log.getvalue()
         assert ("core_worker.cc" in err.getvalue()) == verbose and ("graceful_shutdown" in err.getvalue()) == verbose
         assert out.getvalue() == "(MyOwnThing) a line of ours that happens to start with parentheses\n"
+        assert "(PlacementGroupCleaner pid=77)\x1b[0m ConnectionError" in err.getvalue()
 
 
 def test_a_record_that_rays_cpp_core_writes_to_fd_2_goes_to_the_log_and_other_fd_2_output_passes(capfd):
