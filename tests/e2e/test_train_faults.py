@@ -207,6 +207,8 @@ def test_rerunning_the_command_after_the_driver_is_killed_completes_the_run(ray_
         "Starting execution of Dataset",
         "Checkpoint successfully created",
         "Writing model shards",
+        "core_worker.cc",  # Ray's C++ core, on every Ray Data and Train actor (written to fd 2 by the driver too)
+        "(RayTrainWorker pid=",  # our own lines come without Ray's prefix
     )
     assert "Reporting training result" in (tmp_path / "first-run.log").read_text()
     console = again.stdout + again.stderr
