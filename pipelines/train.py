@@ -163,12 +163,13 @@ def cache_train(cfg: JobConfig, task, rows: int) -> bool:
     return rows <= cfg.data.cache_max_rows
 
 
-def materialized(datasets: dict) -> dict:
-    """Each dataset executed and kept in Ray's object store, all at the same time: a pass's fixed cost is
-    mostly starting its preprocessing actors (new processes importing torch and transformers, ~6 s on
-    2 cores), which overlap. A pool that finds no free CPU waits for the other's to end (Ray Data waits
-    for actors without a time limit), so a small cluster runs them one after the other as before."""
-    if len(datasets) < 2:
+def materialized(datasets: dict, cpus: float) -> dict:
+    """Each dataset executed and kept in Ray's object store. A pass's fixed cost is mostly starting its
+    preprocessing actors (new processes importing torch and transformers, ~6 s on 2 cores), so the passes run
+    at the same time when the cluster's free CPUs hold all of them (`cpus`: their actors and a read task each);
+    else one after the other: two pools that each hold an actor's CPU and wait for a read task's would wait for
+    ever (Ray Data waits for CPUs without a time limit)."""
+    if len(datasets) < 2 or ray.available_resources().get("CPU", 0) < cpus:
         return {k: ds.materialize() for k, ds in datasets.items()}
     with ThreadPoolExecutor(len(datasets), thread_name_prefix="materialize") as pool:
         futures = {k: pool.submit(ds.materialize) for k, ds in datasets.items()}
@@ -249,7 +250,8 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
         datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors)
     # one pass now for the eval split and a cached training split (every epoch then streams the cached blocks
     # instead of re-reading and re-preprocessing); both passes at once, so their actor pools start together
-    datasets.update(materialized({k: v for k, v in datasets.items() if k == "eval" or cached}))
+    passes = {k: v for k, v in datasets.items() if k == "eval" or cached}
+    datasets.update(materialized(passes, (actors + 1 if cached else 0) + cfg.data.preprocess_actors + 1))
     # exact order: every worker reads the whole training split, in order. Every worker reads the whole eval split
     # too, in order, and scores every num_workers-th batch of it (train_loop.evaluate): Ray's split into equal
     # shards leaves out up to num_workers - 1 rows (101 eval rows on 2 workers were scored as 100)
