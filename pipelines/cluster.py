@@ -75,7 +75,15 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
             "use `rayformers submit --address` with it, or the cluster's GCS address (host:6379 or auto)"
         )
     if address:
+        cwd = os.getcwd()
         ray.init(address=address, runtime_env=runtime_env, logging_level=ray_log_level())
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            # in a job that `rayformers submit` started, joining the cluster put a fresh copy of the job's
+            # working_dir at the same path (infra/local's two nodes: os.getcwd() failed right after ray.init), and
+            # relative paths (Tune's analysis at the end of a search) resolve against it: enter it again by its path
+            os.chdir(cwd)
     else:
         # Train workers take their CPUs for the whole run; Ray Data's preprocessing actors need CPUs
         # of their own or they are never scheduled (a known deadlock), so a laptop gets extra logical

@@ -15,7 +15,6 @@ At the end: a table of the trials, `tune.output/best.yaml` (the best trial's res
 from __future__ import annotations
 
 import json
-import os
 
 import yaml
 
@@ -122,15 +121,7 @@ def tune_search(cfg: JobConfig) -> dict:
     # per actor) and a read task. Trials that do not all fit starve each other's pools: two at once on 4 CPUs
     # hung in their first data pass (Ray Data waits for an actor's CPU without a time limit).
     per_trial = TRIAL_CPUS + t.max_workers * t.cpus_per_worker + 2 * cfg.data.preprocess_actors + 1
-    cwd = os.getcwd()
     connect(cfg.ray.address, cfg.ray.num_cpus, s.max_concurrent_trials * per_trial)
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        # in a job that `rayformers submit` started, joining the cluster put a fresh copy of the job's working_dir
-        # at the same path (infra/local's two nodes: os.getcwd() failed right after ray.init), and Tune's analysis
-        # at the end of the search resolves paths against the working directory: enter it again by its path
-        os.chdir(cwd)
     open_experiment(tracked)
 
     job = cfg.model_dump(mode="json")
