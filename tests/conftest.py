@@ -137,7 +137,11 @@ def put(fs, uri: str, data: bytes) -> None:
 
 
 def job_config(**sections):
-    """A validated JobConfig for text-classification with test-sized defaults, plus overrides."""
+    """A validated JobConfig for text-classification with test-sized defaults, plus overrides.
+
+    RAYFORMERS_TEST_SEED=N sets train.seed (the model's initialisation and the data order) where a test does not
+    set it, so the learning tests can be run across seeds:
+    `RAYFORMERS_TEST_SEED=7 make test PYTEST_ARGS="-k 'detr or mask2former'"`."""
     from config import validate
 
     data = {
@@ -150,6 +154,8 @@ def job_config(**sections):
             data.setdefault(section, {}).update(values)
         else:
             data[section] = values
+    if os.environ.get("RAYFORMERS_TEST_SEED"):
+        data["train"].setdefault("seed", int(os.environ["RAYFORMERS_TEST_SEED"]))
     return validate(data).with_absolute_paths()
 
 
