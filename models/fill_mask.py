@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+from transformers import AutoModelForMaskedLM, BertConfig
 
 from config import ModelConfig
 from models.eval_views import Examples, clipped
@@ -150,7 +150,7 @@ class FillMask(TaskSpec):
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
             )
         limit = processor.model_max_length
-        return BertForMaskedLM(
+        return AutoModelForMaskedLM.from_config(
             BertConfig(
                 **BERT_SIZES[model_cfg.init.size],
                 vocab_size=len(processor),

@@ -19,7 +19,7 @@ import random
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
+from transformers import AutoModelForQuestionAnswering, BertConfig
 
 from config import ModelConfig
 from errors import UserError
@@ -87,7 +87,7 @@ class QuestionAnswering(TaskSpec):
                 source_dir, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
             )
         limit = processor.model_max_length
-        return BertForQuestionAnswering(
+        return AutoModelForQuestionAnswering.from_config(
             BertConfig(
                 **BERT_SIZES[model_cfg.init.size],
                 vocab_size=len(processor),

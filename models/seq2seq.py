@@ -19,9 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
-    BartForConditionalGeneration,
     T5Config,
-    T5ForConditionalGeneration,
 )
 
 from config import ModelConfig
@@ -216,7 +214,7 @@ class Seq2SeqTask(TaskSpec):
                 decoder_start_token_id=processor.pad_token_id,
                 **{**T5_SIZES[init.size], **init.overrides},
             )
-            return T5ForConditionalGeneration(config)
+            return AutoModelForSeq2SeqLM.from_config(config)
         config = BartConfig(
             vocab_size=len(processor),
             max_position_embeddings=context_length(processor),
@@ -227,7 +225,7 @@ class Seq2SeqTask(TaskSpec):
             forced_eos_token_id=processor.eos_token_id,
             **{**BART_SIZES[init.size], **init.overrides},
         )
-        return BartForConditionalGeneration(config)
+        return AutoModelForSeq2SeqLM.from_config(config)
 
     def load(self, model_dir):
         return AutoModelForSeq2SeqLM.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(model_dir, None)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, StoppingCriteria, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, GPT2Config, StoppingCriteria, TextIteratorStreamer
 
 from config import ModelConfig
 from errors import UserError
@@ -220,7 +220,7 @@ class TextGeneration(TaskSpec):
                 pad_token_id=processor.pad_token_id,
                 **{**GPT2_SIZES[init.size], **init.overrides},
             )
-            model = GPT2LMHeadModel(config)
+            model = AutoModelForCausalLM.from_config(config)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = processor.pad_token_id
         model.generation_config.pad_token_id = processor.pad_token_id

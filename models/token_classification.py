@@ -17,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from seqeval.metrics.sequence_labeling import get_entities
-from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification
+from transformers import AutoModelForTokenClassification, BertConfig
 
 from config import ModelConfig
 from errors import UserError
@@ -148,6 +147,10 @@ class EntityMetric(StreamingMetric):
         return self
 
     def update(self, outputs, inputs, arrays):
+        # here, not at the top: seqeval imports scikit-learn and scipy (~1.3 s), which preprocessing actors and
+        # Serve replicas never need
+        from seqeval.metrics.sequence_labeling import get_entities
+
         predicted = outputs.logits.argmax(-1).tolist()
         batch = torch.zeros(5, dtype=torch.float64)
         per_type = torch.zeros_like(self.per_type, device="cpu")
@@ -264,7 +267,7 @@ class TokenClassification(TaskSpec):
             label2id=label2id,
             **model_cfg.init.overrides,
         )
-        return BertForTokenClassification(config)
+        return AutoModelForTokenClassification.from_config(config)
 
     def load(self, model_dir):
         return AutoModelForTokenClassification.from_pretrained(model_dir, use_safetensors=True), load_tokenizer(
