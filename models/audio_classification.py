@@ -51,13 +51,25 @@ def clip_probabilities(logits: torch.Tensor, spans: list[np.ndarray]) -> torch.T
 
 
 class ClipClassificationMetric(ClassificationMetric):
-    """Accuracy and macro-F1 per clip, not per window: a long clip is scored once."""
+    """Accuracy and macro-F1 per clip, not per window: a long clip is scored once. The report's examples
+    show each clip by its length (its bytes and name stay with the data, not with the eval's features)."""
+
+    example_column = "clip"
+    example_note = "A clip is shown by its length, and by its windows when longer than task_options.chunk_length_s."
 
     def update(self, outputs, inputs, arrays):
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
-        predicted = clip_probabilities(logits, arrays["spans"]).argmax(-1)
-        truth = torch.as_tensor(np.asarray(arrays["label_id"], dtype=np.int64), device=predicted.device)
-        self.add(predicted, truth)
+        probs = clip_probabilities(logits, arrays["spans"])
+        truth = torch.as_tensor(np.asarray(arrays["label_id"], dtype=np.int64), device=probs.device)
+        self.add(probs, truth, inputs, arrays)
+
+    def example(self, i, inputs, arrays):
+        span = np.asarray(arrays["spans"][i])  # one (samples, left, right) row per window; windows do not overlap
+        return int(span[:, 0].sum()), len(span)
+
+    def described(self, kept):
+        samples, windows = kept
+        return f"{samples / self.processor.sampling_rate:.2f} s" + (f" ({windows} windows)" if windows > 1 else "")
 
 
 class AudioClassification(TaskSpec):

@@ -1,8 +1,8 @@
 """What the run report shows of a final eval besides its numbers, built from what a metric kept while it
 ran: a confusion matrix with per-class precision and recall, and a few examples with their predictions
 (drawn as pictures, or laid out as a table). Memory stays bounded: counts, and at most `EXAMPLES`
-examples, whatever the size of the eval split. Figures are drawn with matplotlib's Agg backend (no
-display) and handed on as PNG bytes in `spec.View`s.
+examples (of a classifier: as many right and as many wrong ones), whatever the size of the eval split.
+Figures are drawn with matplotlib's Agg backend (no display) and handed on as PNG bytes in `spec.View`s.
 """
 
 from __future__ import annotations
@@ -33,6 +33,32 @@ class Examples:
     def add(self, item: dict) -> None:
         if self.room() > 0:
             self.items.append(item)
+
+
+class RightAndWrong:
+    """A classifier's examples, some it got right and some it got wrong: the first `limit` of each kind an
+    eval saw are kept (later ones are not); `items` shows `limit` of them, up to half wrong ones (more
+    when there are too few right ones), the right ones first. Each item is a dict with a "right" key."""
+
+    def __init__(self, limit: int = EXAMPLES):
+        self.right: list[dict] = []
+        self.wrong: list[dict] = []
+        self.limit = limit
+
+    def wants(self, right: bool) -> bool:
+        return len(self.right if right else self.wrong) < self.limit
+
+    def full(self) -> bool:
+        return not (self.wants(True) or self.wants(False))
+
+    def add(self, item: dict, right: bool) -> None:
+        if self.wants(right):
+            (self.right if right else self.wrong).append({**item, "right": right})
+
+    @property
+    def items(self) -> list[dict]:
+        wrong = self.wrong[: max(self.limit // 2, self.limit - len(self.right))]
+        return self.right[: self.limit - len(wrong)] + wrong
 
 
 class Confusion:

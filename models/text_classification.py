@@ -14,14 +14,13 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
-    DistilBertForSequenceClassification,
 )
 
 from config import ModelConfig
 from errors import UserError
 from models.classification import ClassificationMetric, label_maps, ranked_labels
+from models.eval_views import clipped
 from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, TaskSpec
 from models.text import BERT_SIZES, check_text, pad
@@ -37,6 +36,25 @@ DISTILBERT_SIZES = {
     )
     for name, s in BERT_SIZES.items()
 }
+
+
+class TextClassificationMetric(ClassificationMetric):
+    """Accuracy and macro-F1; the report's examples show each text as the model read it."""
+
+    example_column = "text"
+    example_note = "Texts are decoded from the tokens the model read (lowercased by an uncased tokenizer, truncated)."
+
+    def example(self, i, inputs, arrays):
+        return inputs["input_ids"][i][inputs["attention_mask"][i].bool()].cpu().numpy()
+
+    def described(self, ids):
+        """The text, and its pair after a " | " (the tokens between separators, decoded apart); unknown
+        words stay visible as the tokenizer's unknown token."""
+        p = self.processor
+        hidden = set(p.all_special_ids) - {p.unk_token_id}
+        pieces = np.split(ids, np.flatnonzero(ids == p.sep_token_id)) if p.sep_token_id is not None else [ids]
+        texts = [p.decode([int(i) for i in piece if int(i) not in hidden]).strip() for piece in pieces]
+        return clipped(" | ".join(text for text in texts if text))
 
 
 class TextClassification(TaskSpec):
@@ -90,8 +108,8 @@ class TextClassification(TaskSpec):
             **init.overrides,
         )
         if init.architecture == "bert":
-            return BertForSequenceClassification(BertConfig(**BERT_SIZES[init.size], **common))
-        return DistilBertForSequenceClassification(DistilBertConfig(**DISTILBERT_SIZES[init.size], **common))
+            return AutoModelForSequenceClassification.from_config(BertConfig(**BERT_SIZES[init.size], **common))
+        return AutoModelForSequenceClassification.from_config(DistilBertConfig(**DISTILBERT_SIZES[init.size], **common))
 
     def load(self, model_dir):
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
@@ -191,7 +209,7 @@ class TextClassification(TaskSpec):
         return [{"text": r["text"]} for r in rows]
 
     def metrics(self, labels, options):
-        return ClassificationMetric(labels)
+        return TextClassificationMetric(labels)
 
     # --- demo data --------------------------------------------------------------------------
     def demo_data(self, n, seed):

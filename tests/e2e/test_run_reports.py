@@ -5,6 +5,7 @@ The predict page is checked beside the predict run in test_text_classification_r
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import s3fs
@@ -49,6 +50,14 @@ def test_the_run_report_opens_in_a_browser_with_its_curves_drawn_and_the_runs_ow
     assert set(classes) == {"food", "sports", "tech", "travel"}, classes
     hits = sum(rows * recall for rows, _, _, recall in classes.values())
     assert hits / sum(rows for rows, *_ in classes.values()) == pytest.approx(final["eval_accuracy"], abs=1e-3)
+    # a few eval rows: the text, its true label, the predicted one with its probability, right or not
+    examples = dom.split("<h3>Examples</h3>", 1)[1].split("</table>", 1)[0]
+    cells = r'<tr><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td class="num">([\d.]+)</td><td>(yes|no)</td></tr>'
+    rows = re.findall(cells, examples)
+    assert 1 <= len(rows) <= 6, examples
+    for text, truth, guess, score, right in rows:
+        assert text.strip() and truth in classes and guess in classes, rows
+        assert (truth == guess) == (right == "yes") and 0 < float(score) <= 1, rows
 
     # `rayformers report` draws it again from what the run left
     fs.rm(f"{out}/report.html")
