@@ -221,15 +221,24 @@ class ServeConfig(Section):
     )
     max_batch_size: int = Field(8, ge=1, description="Requests' rows batched into one forward pass (@serve.batch).")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Seconds a batch waits to fill up.")
+    # Under overload a request waits for what the replicas and the proxy hold: (max_ongoing_requests x replicas +
+    # max_queued_requests) / throughput. The defaults hold two batches per replica (one running, the next being
+    # preprocessed meanwhile) and one more in the proxy; 32 and 64 held ~5 s of work on a 2-core CPU replica.
     max_ongoing_requests: int = Field(
-        32, ge=1, description="Requests a replica works on at once (at least max_batch_size)."
+        16,
+        ge=1,
+        description=(
+            "Requests a replica works on at once (at least max_batch_size; twice it lets the next batch be "
+            "preprocessed during a forward pass)."
+        ),
     )
     max_queued_requests: int = Field(
-        64,
+        8,
         ge=-1,
         description=(
             "Requests each proxy holds waiting for a replica (Ray Serve's max_queued_requests); past it a request "
-            "is answered 503 with Retry-After at once instead of waiting behind all the others (-1: no limit)."
+            "is answered 503 with Retry-After at once instead of waiting behind all the others (-1: no limit). "
+            "What waits is what an admitted request waits for: size it to a batch or two, not seconds of work."
         ),
     )
     retry_after_s: float = Field(1, ge=0, description="The Retry-After a request refused for overload is given.")
