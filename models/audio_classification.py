@@ -10,6 +10,8 @@ default 5); Parquet gets `label`, `score` and `top_k`. Metrics: accuracy and mac
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, Wav2Vec2ForSequenceClassification
@@ -42,6 +44,9 @@ from models.classification import (
 from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, TaskSpec, one_field_rows
 
+if TYPE_CHECKING:
+    from transformers import SequenceFeatureExtractor  # noqa: F401  (named in the TaskSpec base below)
+
 
 def clip_probabilities(logits: torch.Tensor, spans: list[np.ndarray]) -> torch.Tensor:
     """Per-window logits -> per-clip class probabilities (the mean over a clip's windows)."""
@@ -72,7 +77,7 @@ class ClipClassificationMetric(ClassificationMetric):
         return f"{samples / self.processor.sampling_rate:.2f} s" + (f" ({windows} windows)" if windows > 1 else "")
 
 
-class AudioClassification(TaskSpec):
+class AudioClassification(TaskSpec["SequenceFeatureExtractor"]):
     name = "audio-classification"
     architectures = ("wav2vec2",)
     columns = (

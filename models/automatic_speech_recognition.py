@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from models.audio import (
 from models.eval_views import Examples, clipped
 from models.parameters import sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin  # noqa: F401  (named in the TaskSpec base below)
 
 PAD, UNK, DELIMITER = "[PAD]", "[UNK]", "|"
 
@@ -148,7 +152,7 @@ class ErrorRates(StreamingMetric):
         return [View("Examples", note, ["reference", "transcript", "WER"], rows)]
 
 
-class SpeechRecognition(TaskSpec):
+class SpeechRecognition(TaskSpec["ProcessorMixin"]):
     name = "automatic-speech-recognition"
     architectures = ("wav2vec2",)
     columns = (

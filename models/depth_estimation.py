@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import random
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ from models.images import (
 )
 from models.parameters import sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor  # noqa: F401  (named in the TaskSpec base below)
 
 METRES = {"mm": 0.001, "cm": 0.01, "m": 1.0}
 
@@ -141,7 +144,7 @@ class DepthMetric(StreamingMetric):
         return [View("Examples", note, figures=[("example depth maps", picture_grid(panels))])]
 
 
-class DepthEstimation(TaskSpec):
+class DepthEstimation(TaskSpec["BaseImageProcessor"]):
     name = "depth-estimation"
     architectures = ("glpn",)
     columns = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,9 @@ from models.parameters import Number, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # noqa: F401  (named in the TaskSpec base below)
 
 IGNORE = -100
 FILLED = pa.struct(
@@ -125,7 +129,7 @@ class MaskedLMMetric(StreamingMetric):
         return [View("Examples", note, ["text", "masked pieces", "predicted", "right"], rows)]
 
 
-class FillMask(TaskSpec):
+class FillMask(TaskSpec["PreTrainedTokenizerBase"]):
     name = "fill-mask"
     architectures = ("bert",)
     columns = (Column("text", "a text; to predict, with one or more [MASK] tokens"),)

@@ -11,6 +11,7 @@ list (`parameters.top_k`, default 5); Parquet gets `label`, `score` and `top_k`.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from models.images import (
 )
 from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View, one_field_rows
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor  # noqa: F401  (named in the TaskSpec base below)
 
 # From-scratch sizes; "tiny" learns the demo set in a minute on a laptop CPU.
 VIT_SIZES = {
@@ -133,7 +137,7 @@ class AccuracyTop5Metric(StreamingMetric):
         return class_views(self.counts, self.labels) + shown
 
 
-class ImageClassification(TaskSpec):
+class ImageClassification(TaskSpec["BaseImageProcessor"]):
     name = "image-classification"
     architectures = ("vit", "convnext")
     columns = (

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import random
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,9 @@ from models.images import (
 from models.parameters import THRESHOLD, Choice, sanitize
 from models.segments import IGNORE, SegmentationMetric, segments
 from models.spec import Column, Features, TaskSpec, one_field_rows
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor  # noqa: F401  (named in the TaskSpec base below)
 
 # From-scratch sizes; "tiny" trains on 64 px images in a minute on a laptop CPU, "mini".."base" follow MiT-b0..b2 /
 # Swin-T.
@@ -156,7 +159,7 @@ def model_class(model_type: str):
     return AutoModelForSemanticSegmentation
 
 
-class ImageSegmentation(TaskSpec):
+class ImageSegmentation(TaskSpec["BaseImageProcessor"]):
     name = "image-segmentation"
     architectures = ("segformer", "mask2former")
     columns = (

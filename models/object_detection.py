@@ -15,6 +15,7 @@ most `num_queries` per image) until `compute`.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,9 @@ from models.images import (
 )
 from models.parameters import THRESHOLD, sanitize
 from models.spec import Column, Features, TaskSpec, one_field_rows
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor  # noqa: F401  (named in the TaskSpec base below)
 
 # From-scratch sizes: a ResNet backbone (its last stage feeds the transformer) and a DETR on top.
 DETR_SIZES = {
@@ -169,7 +173,7 @@ def transform_boxes(
     return boxes.astype(np.float32).reshape(-1, 4), kept
 
 
-class ObjectDetection(TaskSpec):
+class ObjectDetection(TaskSpec["BaseImageProcessor"]):
     name = "object-detection"
     architectures = ("detr",)
     columns = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from models.spec import Column, Features, TaskSpec
 from models.squad import SquadMetric, answer_list, best_spans, locate, parse_squad, windows_of
 from models.text import BERT_SIZES, check_text
 from models.text_tokenizers import load_tokenizer, train_wordpiece
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # noqa: F401  (named in the TaskSpec base below)
 
 
 class Options(BaseModel):
@@ -50,7 +54,7 @@ def flatten(rows: list, pad_value: int, width: int) -> torch.Tensor:
     return torch.as_tensor(np.concatenate(parts))
 
 
-class QuestionAnswering(TaskSpec):
+class QuestionAnswering(TaskSpec["PreTrainedTokenizerBase"]):
     name = "question-answering"
     architectures = ("bert",)
     columns = (

@@ -13,6 +13,7 @@ asking more is refused). Eval metrics generate for each eval batch and keep only
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,9 @@ from models.generation import check_parameters, generate_kwargs, merge_settings
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe, train_unigram
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # noqa: F401  (named in the TaskSpec base below)
 
 BART_SIZES = {
     "tiny": dict(
@@ -172,7 +176,7 @@ class GeneratedTextMetric(StreamingMetric):
         raise NotImplementedError
 
 
-class Seq2SeqTask(TaskSpec):
+class Seq2SeqTask(TaskSpec["PreTrainedTokenizerBase"]):
     """A source text in, a generated text out. Subclasses set `name`, `output_key`, metrics, demo data."""
 
     architectures = ("bart", "t5")

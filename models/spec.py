@@ -20,13 +20,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Iterable, Iterator, TypeVar, Union
 
 import torch
 from pydantic import BaseModel
 
 from config import DataConfig, ModelConfig
 from errors import UserError
+
+if TYPE_CHECKING:  # for the annotations only: importing these at run time costs seconds in every actor
+    from transformers import BaseImageProcessor, FeatureExtractionMixin, PreTrainedTokenizerBase, ProcessorMixin
+
+# What `TaskSpec.build_processor` gives: a tokenizer (text tasks), an image processor (vision), a feature
+# extractor (audio classification), or a processor that holds two (speech recognition: features + tokenizer).
+Processor = Union["PreTrainedTokenizerBase", "BaseImageProcessor", "FeatureExtractionMixin", "ProcessorMixin"]
+P = TypeVar("P", bound=Processor)  # a task's own: `class TextClassification(TaskSpec["PreTrainedTokenizerBase"])`
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class View:
 class StreamingMetric(ABC):
     """A metric over an eval split with memory bounded by the label count, not the row count."""
 
-    def bind(self, model: torch.nn.Module, processor: Any) -> None:
+    def bind(self, model: torch.nn.Module, processor: Processor) -> None:
         """Called before each evaluation; metrics that generate (seq2seq, ASR decoding) keep these."""
 
     @abstractmethod
@@ -133,9 +141,10 @@ def one_field_rows(inputs: Any, field: str, expected: str) -> list[dict]:
     return rows
 
 
-class TaskSpec(ABC):
+class TaskSpec(ABC, Generic[P]):
     """One task family. Subclasses set the class attributes and implement every abstract method: a task
-    module that misses one fails when it is imported (its spec is instantiated there), not mid-job."""
+    module that misses one fails when it is imported (its spec is instantiated there), not mid-job.
+    A subclass names its processor type, `P`, which every hook that takes the processor receives."""
 
     name: str = ""
     architectures: tuple[str, ...] = ()  # what `model.init.architecture` accepts
@@ -179,19 +188,19 @@ class TaskSpec(ABC):
 
     # --- processor and model ----------------------------------------------------------------
     @abstractmethod
-    def build_processor(self, model_cfg: ModelConfig, source_dir: str | None, train_rows: Iterator[dict]) -> Any:
+    def build_processor(self, model_cfg: ModelConfig, source_dir: str | None, train_rows: Iterator[dict]) -> P:
         """The checkpoint's processor, or one derived from training data for from-scratch runs.
         Must have `save_pretrained(dir)`; `load` reads it back."""
         raise NotImplementedError
 
     @abstractmethod
     def build_model(
-        self, model_cfg: ModelConfig, source_dir: str | None, labels: list, processor: Any
+        self, model_cfg: ModelConfig, source_dir: str | None, labels: list, processor: P
     ) -> torch.nn.Module:
         raise NotImplementedError
 
     @abstractmethod
-    def load(self, model_dir: str) -> tuple[torch.nn.Module, Any]:
+    def load(self, model_dir: str) -> tuple[torch.nn.Module, P]:
         """A saved model and its processor, for prediction and serving."""
         raise NotImplementedError
 
@@ -211,12 +220,12 @@ class TaskSpec(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def preprocess(self, batch: dict[str, list], processor: Any, ctx: Context) -> Features:
+    def preprocess(self, batch: dict[str, list], processor: P, ctx: Context) -> Features:
         """Columns of rows (canonical names, Python values) -> per-row features and errors."""
         raise NotImplementedError
 
     @abstractmethod
-    def collate(self, arrays: dict[str, list], processor: Any) -> dict[str, Any]:
+    def collate(self, arrays: dict[str, list], processor: P) -> dict[str, Any]:
         """Feature arrays of usable rows -> model inputs (tensors, or lists/dicts of tensors, e.g.
         DETR's `labels`); with `labels` present when the arrays hold them (training, eval)."""
         raise NotImplementedError
@@ -231,8 +240,8 @@ class TaskSpec(ABC):
         outputs: Any,
         inputs: dict[str, Any],
         arrays: dict[str, list],
-        model: Any,
-        processor: Any,
+        model: torch.nn.Module,
+        processor: P,
         parameters: dict,
     ) -> list:
         """Model outputs -> one JSON-ready prediction per row, in the HF pipeline output format."""
@@ -255,7 +264,7 @@ class TaskSpec(ABC):
         raise NotImplementedError
 
     def stream(
-        self, model: torch.nn.Module, processor: Any, arrays: dict[str, list], parameters: dict
+        self, model: torch.nn.Module, processor: P, arrays: dict[str, list], parameters: dict
     ) -> Iterator[str] | None:
         """Pieces of one row's prediction as they are produced (text generation streams tokens);
         None when the task does not stream."""

@@ -8,6 +8,7 @@ Inputs `text` (+ optional `text_pair`), training label `label` (strings or ints)
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from models.parameters import TOP_K, sanitize
 from models.spec import Column, Features, TaskSpec
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # noqa: F401  (named in the TaskSpec base below)
 
 # DistilBERT at the sizes BERT from-scratch runs use.
 DISTILBERT_SIZES = {
@@ -57,7 +61,7 @@ class TextClassificationMetric(ClassificationMetric):
         return clipped(" | ".join(text for text in texts if text))
 
 
-class TextClassification(TaskSpec):
+class TextClassification(TaskSpec["PreTrainedTokenizerBase"]):
     name = "text-classification"
     architectures = ("bert", "distilbert")
     columns = (

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from models.generation import check_parameters, cut_at_stop, generate_kwargs, he
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import check_text, pad
 from models.text_tokenizers import load_tokenizer, train_bpe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # noqa: F401  (named in the TaskSpec base below)
 
 GPT2_SIZES = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=2),
@@ -171,7 +175,7 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class TextGeneration(TaskSpec):
+class TextGeneration(TaskSpec["PreTrainedTokenizerBase"]):
     name = "text-generation"
     architectures = ("gpt2",)
     columns = (

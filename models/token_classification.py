@@ -11,7 +11,7 @@ Metric: entity-level precision / recall / F1 as `seqeval` counts them.
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,9 @@ from models.parameters import Strings, sanitize
 from models.spec import Column, Features, StreamingMetric, TaskSpec, View
 from models.text import BERT_SIZES, check_text, pad
 from models.text_tokenizers import load_tokenizer, train_wordpiece
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase  # noqa: F401  (named in the TaskSpec base below)
 
 IGNORE = -100  # label of word pieces after a word's first, and of special tokens: left out of the loss
 
@@ -209,7 +212,7 @@ class EntityMetric(StreamingMetric):
         return views
 
 
-class TokenClassification(TaskSpec):
+class TokenClassification(TaskSpec["PreTrainedTokenizerBase"]):
     name = "token-classification"
     architectures = ("bert",)
     columns = (
