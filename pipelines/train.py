@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -38,7 +40,7 @@ from pipelines.history import HISTORY
 from pipelines.preprocess import Preprocessor
 from pipelines.readers import ROW, SOURCE, column_names, data_files, detect_format, read_rows, with_format
 from pipelines.report import EVAL_VIEWS, train_report
-from pipelines.storage import Storage, commit_dir, is_committed, remove
+from pipelines.storage import COMPLETE, Storage, commit_dir, is_committed, remove
 from pipelines.tracking import TENSORBOARD, TRACKING, check_tracking, finish_train
 from pipelines.train_loop import train_loop
 
@@ -182,8 +184,23 @@ def train(cfg: JobConfig) -> dict:
         return fine_tune(cfg)
 
 
-def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
-    """The run; `callbacks` go to Ray Train's RunConfig (`rayformers tune` passes Tune's reporter)."""
+@dataclass
+class Inputs:
+    """What a run trains on: the label set, the training split's row count, the processor, and the datasets
+    (the eval split and a cached training split already preprocessed). `rayformers tune` builds them once and
+    hands them to every trial whose searched keys leave preprocessing alone (`shares_inputs`)."""
+
+    labels: list
+    rows: int
+    processor: object
+    datasets: dict
+    prepared: str  # the committed prepared/ folder they came from
+    train_cached: bool  # the training split is preprocessed already (else each epoch streams it)
+
+
+def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = None) -> dict:
+    """The run; `callbacks` go to Ray Train's RunConfig (`rayformers tune` passes Tune's reporter, and the
+    search's `shared` inputs)."""
     task = get_task(cfg.task)
     t = cfg.train
     if not t.output:
@@ -205,53 +222,22 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
         check_same_run(cfg, storage, t.output.rstrip("/"), run)
 
     connect(cfg.ray.address, cfg.ray.num_cpus, t.max_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
-    train_raw = read_rows(storage, cfg.data.train, cfg.data.format, task)
-    names = column_names(train_raw, train_files, cfg.data.format, task)
-    check_columns(names, task, cfg.data.columns, training=True)
-    labels, rows, processor = prepare(cfg, storage, train_raw, names, t.output.rstrip("/"), run)
+    if shared is None:
+        inputs = prepared_inputs(cfg, storage, run, train_files, eval_files)
+    else:
+        inputs = shared
+        if not is_committed(storage, f"{t.output.rstrip('/')}/prepared"):  # this run's own, as a resume reads it
+            with tempfile.TemporaryDirectory() as d:
+                ignore = shutil.ignore_patterns(COMPLETE, ".complete")  # the markers: commit_dir writes its own
+                shutil.copytree(storage.local_copy(inputs.prepared), d, ignore=ignore, dirs_exist_ok=True)
+                with open(os.path.join(d, "prepared.json")) as f:
+                    saved = json.load(f)
+                with open(os.path.join(d, "prepared.json"), "w") as f:
+                    json.dump({**saved, "run": run}, f)
+                commit_dir(storage, d, f"{t.output.rstrip('/')}/prepared")
+    labels, rows, processor, datasets = inputs.labels, inputs.rows, inputs.processor, inputs.datasets
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
-
-    job = cfg.model_dump(mode="json")
     exact = t.data_order == "exact"
-    cached = cache_train(cfg, task, rows)
-    actors = cfg.data.preprocess_actors
-    if exact and not cached and t.max_workers > 1:
-        actors = max(1, actors // t.max_workers)  # every worker runs a preprocessing pass of its own
-        print(
-            f"train.data_order=exact with an uncached training split: each of the {t.max_workers} workers "
-            f"preprocesses the whole split ({actors} actor(s) each); data.cache_train=true or "
-            "train.data_order=streaming avoids that",
-            flush=True,
-        )
-
-    def preprocessed(ds, split: str, uri: str, actors: int):
-        return ds.map_batches(
-            Preprocessor,
-            fn_constructor_kwargs=dict(
-                job=job,
-                processor_dir=f"{t.output.rstrip('/')}/prepared",  # prepare() committed it there
-                labels=labels,
-                train=split == "train",
-                data_uri=uri,
-                keep=(SOURCE, ROW) if split == "train" else (),
-            ),
-            batch_format="pyarrow",
-            batch_size=cfg.data.preprocess_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-        )
-
-    datasets = {"train": preprocessed(train_raw, "train", cfg.data.train, actors)}
-    # exact: rows keep their file order through reading, preprocessing and the cache (data_order.py numbers
-    # them); the setting is this dataset's own, not the process's
-    datasets["train"].context.execution_options.preserve_order = exact
-    if cfg.data.eval:
-        eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
-        check_columns(column_names(eval_raw, eval_files, cfg.data.format, task), task, cfg.data.columns, training=True)
-        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors)
-    # one pass now for the eval split and a cached training split (every epoch then streams the cached blocks
-    # instead of re-reading and re-preprocessing); both passes at once, so their actor pools start together
-    passes = {k: v for k, v in datasets.items() if k == "eval" or cached}
-    datasets.update(materialized(passes, (actors + 1 if cached else 0) + cfg.data.preprocess_actors + 1))
     # exact order: every worker reads the whole training split, in order. Every worker reads the whole eval split
     # too, in order, and scores every num_workers-th batch of it (train_loop.evaluate): Ray's split into equal
     # shards leaves out up to num_workers - 1 rows (101 eval rows on 2 workers were scored as 100)
@@ -308,6 +294,60 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = ()) -> dict:
     if (result.metrics or {}).get("user_error"):  # raised by every worker alike, reported rather than retried
         raise UserError(result.metrics["user_error"])
     return finalize(cfg, storage, result, time.perf_counter() - started)
+
+
+def prepared_inputs(cfg: JobConfig, storage: Storage, run: dict, train_files: list, eval_files: list) -> Inputs:
+    """Reads the splits, prepares the labels and processor (prepared/) and preprocesses: the eval split and a
+    cached training split at once, in the Ray Data actors; a training split that is not cached stays a lazy
+    dataset that each epoch streams through them."""
+    task, t = get_task(cfg.task), cfg.train
+    prepared = f"{t.output.rstrip('/')}/prepared"
+    train_raw = read_rows(storage, cfg.data.train, cfg.data.format, task)
+    names = column_names(train_raw, train_files, cfg.data.format, task)
+    check_columns(names, task, cfg.data.columns, training=True)
+    labels, rows, processor = prepare(cfg, storage, train_raw, names, t.output.rstrip("/"), run)
+    job = cfg.model_dump(mode="json")
+    exact = t.data_order == "exact"
+    cached = cache_train(cfg, task, rows)
+    actors = cfg.data.preprocess_actors
+    if exact and not cached and t.max_workers > 1:
+        actors = max(1, actors // t.max_workers)  # every worker runs a preprocessing pass of its own
+        print(
+            f"train.data_order=exact with an uncached training split: each of the {t.max_workers} workers "
+            f"preprocesses the whole split ({actors} actor(s) each); data.cache_train=true or "
+            "train.data_order=streaming avoids that",
+            flush=True,
+        )
+
+    def preprocessed(ds, split: str, uri: str, actors: int):
+        return ds.map_batches(
+            Preprocessor,
+            fn_constructor_kwargs=dict(
+                job=job,
+                processor_dir=prepared,  # prepare() committed it there
+                labels=labels,
+                train=split == "train",
+                data_uri=uri,
+                keep=(SOURCE, ROW) if split == "train" else (),
+            ),
+            batch_format="pyarrow",
+            batch_size=cfg.data.preprocess_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+        )
+
+    datasets = {"train": preprocessed(train_raw, "train", cfg.data.train, actors)}
+    # exact: rows keep their file order through reading, preprocessing and the cache (data_order.py numbers
+    # them); the setting is this dataset's own, not the process's
+    datasets["train"].context.execution_options.preserve_order = exact
+    if cfg.data.eval:
+        eval_raw = read_rows(storage, cfg.data.eval, cfg.data.format, task)
+        check_columns(column_names(eval_raw, eval_files, cfg.data.format, task), task, cfg.data.columns, training=True)
+        datasets["eval"] = preprocessed(eval_raw, "eval", cfg.data.eval, cfg.data.preprocess_actors)
+    # one pass now for the eval split and a cached training split (every epoch then streams the cached blocks
+    # instead of re-reading and re-preprocessing); both passes at once, so their actor pools start together
+    passes = {k: v for k, v in datasets.items() if k == "eval" or cached}
+    datasets.update(materialized(passes, (actors + 1 if cached else 0) + cfg.data.preprocess_actors + 1))
+    return Inputs(labels, rows, processor, datasets, prepared, cached)
 
 
 def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:

@@ -24,7 +24,8 @@ from models import get_task
 from pipelines.cluster import connect
 from pipelines.storage import Storage, commit_dir
 from pipelines.tracking import check_tracking, end_run, open_experiment
-from pipelines.train import fine_tune
+from pipelines.readers import data_files, detect_format, with_format
+from pipelines.train import Inputs, check_same_run, fine_tune, prepared_inputs, run_identity
 
 
 TRIAL_CPUS = 0.1  # what the Tune actor that drives one trial asks for
@@ -84,14 +85,40 @@ def concurrent_trials(wanted: int, per_trial: float) -> int:
     return fits
 
 
-def run_trial(params: dict, job: dict, output: str) -> None:
+# train.* keys that change what preprocessing makes of the data (how many actors, whether order is kept)
+PREPROCESSING_TRAIN_KEYS = ("train.data_order", "train.num_workers")
+
+
+def shares_inputs(cfg: JobConfig) -> bool:
+    """Whether the trials can train on one preprocessing of the data: no searched key changes it (the
+    model, the data, the task's options; the few train.* keys above)."""
+    return all(key.startswith("train.") and key not in PREPROCESSING_TRAIN_KEYS for key in cfg.tune.space)
+
+
+def shared_inputs(cfg: JobConfig, output: str) -> Inputs:
+    """The labels, processor and preprocessed splits of the search's own config, in `output/prepared`: built
+    once for all trials (a trial otherwise starts two preprocessing actor pools of its own)."""
+    base = trial_config(cfg, {}, output, "prepared")
+    storage = Storage.from_config(base.storage)
+    task = get_task(base.task)
+    base = with_format(base, detect_format(storage, base.data.train, base.data.format, task))
+    train_files = data_files(storage, base.data.train, base.data.format, task)
+    eval_files = data_files(storage, base.data.eval, base.data.format, task)
+    run = run_identity(base, train_files)
+    check_same_run(base, storage, output, run)  # a search restored on changed data is refused
+    print(f"preprocessing the data once for all trials (in {output}/prepared)", flush=True)
+    return prepared_inputs(base, storage, run, train_files, eval_files)
+
+
+def run_trial(params: dict, job: dict, output: str, shared: Inputs | None = None) -> None:
     """One trial, in its Tune actor: a training run whose reports go to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = JobConfig.model_validate(job)
     trial = tune.get_context().get_trial_id()
-    fine_tune(trial_config(cfg, params, f"{output}/trials/{trial}", trial), callbacks=(TuneReportCallback(),))
+    trial_cfg = trial_config(cfg, params, f"{output}/trials/{trial}", trial)
+    fine_tune(trial_cfg, callbacks=(TuneReportCallback(),), shared=shared)
 
 
 def tune_search(cfg: JobConfig) -> dict:
@@ -126,8 +153,14 @@ def tune_search(cfg: JobConfig) -> dict:
 
     job = cfg.model_dump(mode="json")
     job["serve"]["api_key"] = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None
+    shared = shared_inputs(cfg, output) if shares_inputs(cfg) else None
+    if shared:  # a trial then preprocesses nothing, or streams a training split too large to cache through a pool
+        pools = 0 if shared.train_cached else 1
+        per_trial = TRIAL_CPUS + t.max_workers * t.cpus_per_worker + pools * cfg.data.preprocess_actors + 1
     # the trial only drives the training run (its workers and actors ask for their own CPUs); Tune wants some ask
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, output=output), {"CPU": TRIAL_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, job=job, output=output, shared=shared), {"CPU": TRIAL_CPUS}
+    )
     fs, search = loc.arrow_fs(), f"{loc.path.rstrip('/')}/search"
     if tune.Tuner.can_restore(search, storage_filesystem=fs):
         print(f"resuming the search in {output}/search (finished trials are not run again)", flush=True)

@@ -64,9 +64,12 @@ def test_asha_stops_the_trials_with_100x_the_learning_rate_and_a_rerun_restores_
     printed = tune(config)
     summary = json.loads((out / "tune.json").read_text())
     assert "tune.max_concurrent_trials" not in printed  # its Ray holds two trials at once
+    # only train.lr is searched: the data is preprocessed once, and every trial has its own prepared/ for a resume
+    assert f"preprocessing the data once for all trials (in {out}/prepared)" in printed
     assert f"best config: {out}/best.yaml" in printed
     trials = {t["params"]["train.lr"]: t for t in summary["trials"]}
     assert sorted(trials) == sorted([*GOOD, *BAD]), summary
+    assert all(os.path.exists(os.path.join(t["folder"], "prepared", "_COMPLETE.json")) for t in trials.values())
     for lr in BAD:  # stopped at the first rung, long before the 8 steps of a whole run
         assert trials[lr]["status"] == "stopped early" and trials[lr]["steps"] == 4, summary
         assert not os.path.exists(os.path.join(trials[lr]["folder"], "model"))
