@@ -195,7 +195,8 @@ def panoptic(ray_session, session_bucket):
     cfg = config(
         **PANOPTIC,
         data={"train": f"{root}/data/train", "eval": f"{root}/data/eval"},
-        train={"output": f"{root}/run", "max_steps": 160, "eval_every": 120, "batch_size": 8, "lr": 3e-3},
+        # 240 steps: at 160 one seed of three (train.seed 1) ended at PQ 0.29; at 240 it reached PQ 0.54
+        train={"output": f"{root}/run", "max_steps": 240, "eval_every": 120, "batch_size": 8, "lr": 3e-3},
     )
     return {"root": root, "model": f"{root}/run/model", "summary": train(cfg), "cfg": cfg}
 
