@@ -4,10 +4,12 @@ and 4x its measured capacity, on 127.0.0.1, bounded in requests and time.
     .venv/bin/python tests/benchmarks/serve_overload.py [--model minilm|tiny] [--texts 4] [--seconds 10]
         [--replicas 2] [--max-ongoing 4] [--max-queued 4] [--json FILE]
 
-Capacity is what the endpoint serves of open-loop arrivals: the goodput at 1.5x the rate that closed-loop
-clients (each sends its next request when the last is answered, as many as the replicas take at once)
-reach. The closed-loop figure alone overstates it (21.8 against 17.4 req/s on one run), and a "1x" at it
-was already shedding 28%. Each open-loop level then sends one request every 1/rate s whatever
+Capacity is the highest rate of open-loop arrivals the endpoint serves while shedding at most 1%: first
+the goodput at 1.5x the rate that closed-loop clients (each sends its next request when the last is
+answered, as many as the replicas take at once) reach, then a short sweep down from that goodput (1.0,
+0.95, ... 0.8 of it, 5 s each) stops at the first rate that sheds <= 1%. The closed-loop figure alone
+overstates it (21.8 against 17.4 req/s on one run), and a "1x" at the saturated goodput already sheds
+(15% on one run): its p99 is then the overload's. Each open-loop level then sends one request every 1/rate s whatever
 the answers take, as independent clients arrive in production. Reported per level: goodput (200s per
 second), p50/p99 of the successful requests, the share of 503s, any other status, the slowest
 `/healthz` (probed every 0.2 s meanwhile), the time the endpoint takes after the load stops to answer at
@@ -44,6 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 TEXT = "the match ended with a late goal and the team celebrated with the fans " * 3
+SWEEP = (1.0, 0.95, 0.9, 0.85, 0.8)  # shares of the saturated goodput tried for 1x, highest first
+MAX_SHED_AT_1X = 0.01
 MAX_CONNECTIONS = 512  # open requests the generator holds at most (a bound, never reached at these rates)
 
 
@@ -221,11 +225,24 @@ async def measure(port: int, texts: int, seconds: float, clients: int) -> dict:
     # goodput of open-loop arrivals at 1.5x the closed-loop figure, so that 1x is a rate the endpoint holds.
     await recovery(client, unloaded_p50)
     probe = await open_loop(client, 1.5 * closed, seconds)
-    capacity = sum(s[2] == 200 for s in probe) / seconds
+    saturated = sum(s[2] == 200 for s in probe) / seconds
     await recovery(client, unloaded_p50)
+    # 1x is the highest rate of a short sweep below that goodput at which the endpoint sheds (almost) nothing:
+    # a "1x" that already sheds has its own queue full, and its p99 is then the overload's, not the capacity's
+    capacity, sweep = saturated * SWEEP[-1], []
+    for share in SWEEP:
+        shots = await open_loop(client, share * saturated, seconds / 2)
+        shed = sum(s[2] == 503 for s in shots) / max(1, len(shots))
+        sweep.append({"rate_rps": round(share * saturated, 1), "share_503": round(shed, 3)})
+        await recovery(client, unloaded_p50)
+        if shed <= MAX_SHED_AT_1X:
+            capacity = share * saturated
+            break
     results = {
         "unloaded_p50_ms": round(unloaded_p50 * 1000, 1),
         "closed_loop_rps": round(closed, 1),
+        "saturated_goodput_rps": round(saturated, 1),
+        "sweep": sweep,
         "capacity_rps": round(capacity, 1),
         "levels": [],
     }
