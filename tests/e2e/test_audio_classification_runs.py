@@ -1,12 +1,15 @@
 """audio-classification end to end on one local Ray and the loopback S3 server: train a tiny Wav2Vec2
 on demo Parquet in S3, classify an audio folder on S3 of ordinary recordings (8 kHz FLAC, 44.1 kHz
 stereo WAV, 48 kHz WAV, 22 kHz stereo OGG) beside broken, empty and too-long files, and get the same
-answers from the Serve endpoint (base64, data: URL and multipart)."""
+answers from the Serve endpoint (base64, data: URL and multipart). A LoRA adapter over the trained model learns a
+tenant's labels; predict from its folder and the endpoint (the adapter as a named model, unmerged) answer alike."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 
 import httpx
 import numpy as np
@@ -147,12 +150,19 @@ def test_predict_reads_real_recordings_from_an_audio_folder_and_keeps_every_row(
     assert summary["errors"] == 4
 
 
-def test_the_endpoint_answers_what_batch_prediction_wrote(trained, folder, predicted):
+def test_the_endpoint_answers_what_batch_prediction_wrote(trained, folder, predicted, lora):
     _, by_name, _ = predicted
     names = [n for n in folder["files"] if n.endswith(("phone.flac", "studio.wav", "voice.ogg"))][:3]
     encoded = [base64.b64encode(folder["files"][n]).decode() for n in names]
-    cfg = config(serve={"model": trained["model"]})
+    # the LoRA adapter below (`lora`) served beside its base as a named model (base + adapter, unmerged)
+    cfg = config(serve={"model": trained["model"], "models": {"tenant": lora["uri"]}})
     with served(cfg, "audio-classes") as url, httpx.Client(timeout=60) as client:
+        tenant = [base64.b64encode(r["audio"]).decode() for r in lora["held_out"][:3]]
+        adapted = client.post(f"{url}/v1/models/tenant/predict", json={"inputs": tenant, "parameters": {"top_k": 1}})
+        assert adapted.status_code == 200, adapted.text  # what `rayformers predict` wrote from the adapter folder
+        written = [lora["by_id"][r["id"]] for r in lora["held_out"][:3]]
+        assert [a[0]["label"] for a in adapted.json()] == [w["label"] for w in written]
+        assert [a[0]["score"] for a in adapted.json()] == pytest.approx([w["score"] for w in written], abs=1e-4)
         answer = client.post(f"{url}/predict", json={"inputs": encoded, "parameters": {"top_k": 2}})
         data_url = client.post(f"{url}/predict", json={"inputs": {"audio": "data:audio/flac;base64," + encoded[0]}})
         upload = client.post(f"{url}/predict", files={"file": ("x.wav", folder["files"][names[1]], "audio/wav")})
@@ -166,3 +176,63 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, folder, predi
     assert upload.status_code == 200, upload.text
     assert upload.json()[0]["label"] == by_name[names[1]]["label"]
     assert corrupt.status_code == 422 and "not a readable audio file" in corrupt.json()["error"]
+
+
+# A tenant's own names for the sound classes, in an order that moves every class off the base's head row:
+# before training (LoRA starts as a no-op, the base's head under these names) every held-out clip is wrong
+TENANT = {"low": "hum", "beeps": "morse", "rising": "siren", "high": "whistle"}
+
+
+@pytest.fixture(scope="module")
+def lora(trained):
+    """A LoRA adapter over the module's trained Wav2Vec2 (model.source = its S3 folder), for a tenant that names
+    the classes its own way, and what `rayformers predict` writes from the adapter folder for held-out clips (the
+    endpoint test serves the adapter and compares)."""
+    import pyarrow as pa
+
+    from pipelines.predict import predict
+    from pipelines.train import train
+
+    fs, root = s3fs.S3FileSystem(), f"{trained['root']}/lora"
+    for split, n, seed in (("train", 256, 40), ("held-out", 32, 41)):
+        rows = [{**r, "label": TENANT[r["label"]]} for r in TASK.demo_data(n, seed)]
+        with fs.open(f"{root}/{split}/part-0.parquet".removeprefix("s3://"), "wb") as f:
+            pq.write_table(pa.Table.from_pylist(rows), f)
+    model, peft = {"init": None, "source": trained["model"]}, {"r": 8, "dropout": 0.0}
+    summary = train(
+        config(
+            model=model,
+            data={"train": f"{root}/train"},
+            train={"output": f"{root}/run", "batch_size": 16, "max_steps": 24, "lr": 5e-3, "peft": peft},
+        )
+    )
+    uri, output = f"{root}/run/model", f"{root}/predictions"
+    predict(config(model=model, predict={"model": uri, "input": f"{root}/held-out", "output": output, "actors": 1}))
+    by_id = {r["id"]: r for r in pq.ParquetDataset(output.removeprefix("s3://"), filesystem=fs).read().to_pylist()}
+    return {"uri": uri, "summary": summary, "held_out": rows, "by_id": by_id}
+
+
+def test_a_lora_adapter_over_the_trained_model_learns_a_tenants_labels(trained, lora):
+    """The adapter folder holds the adapter only, pointing at its base, and `rayformers predict` from it gets
+    held-out clips right where the model before training got them wrong (the endpoint test: Serve answers the same;
+    PEFT's own loader: tests/unit/test_adapters_every_task.py)."""
+    from pipelines.predictor import Predictor
+    from pipelines.storage import Storage
+
+    summary, held_out, by_id = lora["summary"], lora["held_out"], lora["by_id"]
+    assert summary["parameters"]["trainable"] < 0.2 * summary["parameters"]["total"], summary["parameters"]
+    adapter = Storage().local_copy(lora["uri"])
+    files = set(os.listdir(adapter))
+    assert {"adapter_config.json", "adapter_model.safetensors", "preprocessor_config.json"} <= files, files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}, files  # no full model
+    pointer = json.loads(open(os.path.join(adapter, "adapter_config.json")).read())["base_model_name_or_path"]
+    assert pointer == trained["model"]
+    assert [by_id[r["id"]]["error"] for r in held_out] == [None] * len(held_out)
+    after = sum(by_id[r["id"]]["label"] == r["label"] for r in held_out) / len(held_out)
+    # before training: the base's head under the tenant's names (LoRA's B matrices start at zero)
+    base = Predictor("audio-classification", Storage().local_copy(trained["model"]))
+    answers, _, _ = base.predict_rows([{"audio": r["audio"]} for r in held_out])
+    head = json.loads(open(os.path.join(adapter, "head_config.json")).read())["id2label"]
+    renamed = [head[str(base.model.config.label2id[a[0]["label"]])] for a in answers]
+    before = sum(name == r["label"] for name, r in zip(renamed, held_out)) / len(held_out)
+    assert after >= 0.8 and after >= before + 0.5, (after, before)
