@@ -1,13 +1,16 @@
 """image-classification end to end on one local Ray and the loopback S3 server: train a tiny ViT from an
 image folder on S3 (PNG, JPEG, CMYK, palette, RGBA, grayscale, 16-bit files of mixed sizes), classify a
 JSONL corpus whose paths point at files (some missing, corrupt or oversized), load the saved model in
-`transformers.pipeline`, and get the same answers from the Serve endpoint (base64 and multipart)."""
+`transformers.pipeline`, and get the same answers from the Serve endpoint (base64 and multipart). A LoRA
+adapter over the trained model, trained by two DDP workers, learns a tenant's labels; predict from its folder,
+transformers' PEFT integration and the endpoint (the adapter as a named model, unmerged) answer alike."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import random
 
 import httpx
@@ -189,12 +192,20 @@ def test_the_saved_model_loads_in_a_transformers_pipeline_with_the_same_answers(
         assert answer[0]["score"] == pytest.approx(by_id[name]["score"], abs=2e-3)
 
 
-def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predicted):
+def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predicted, lora):
     _, by_id, _ = predicted
     names = ["red-photo.jpg", "blue-print.jpg", "green-deep.png"]
     encoded = [base64.b64encode(corpus["files"][f"files/{n}"]).decode() for n in names]
-    cfg = config(serve={"model": trained["model"], "allow_uris": [corpus["root"]]})
+    # the LoRA adapter below (`lora`) served beside its base as a named model (base + adapter, unmerged)
+    models = {"tenant": lora["uri"]}
+    cfg = config(serve={"model": trained["model"], "models": models, "allow_uris": [corpus["root"]]})
     with served(cfg, "images") as url, httpx.Client(timeout=60) as client:
+        tenant = [base64.b64encode(r["image"]).decode() for r in lora["held_out"][:3]]
+        adapted = client.post(f"{url}/v1/models/tenant/predict", json={"inputs": tenant, "parameters": {"top_k": 1}})
+        assert adapted.status_code == 200, adapted.text  # what `rayformers predict` wrote from the adapter folder
+        written = [lora["by_id"][r["id"]] for r in lora["held_out"][:3]]
+        assert [a[0]["label"] for a in adapted.json()] == [w["label"] for w in written]
+        assert [a[0]["score"] for a in adapted.json()] == pytest.approx([w["score"] for w in written], abs=1e-4)
         answer = client.post(f"{url}/predict", json={"inputs": encoded, "parameters": {"top_k": 2}})
         by_uri = client.post(f"{url}/predict", json={"inputs": {"image": f"{corpus['root']}/files/red-photo.jpg"}})
         missing_uri = client.post(f"{url}/predict", json={"inputs": f"{corpus['root']}/files/nowhere.jpg"})
@@ -216,3 +227,87 @@ def test_the_endpoint_answers_what_batch_prediction_wrote(trained, corpus, predi
     assert upload.status_code == 200, upload.text
     assert upload.json()[0]["label"] == by_id["blue-print.jpg"]["label"]
     assert corrupt.status_code == 422 and "not an image" in corrupt.json()["error"]
+
+
+# A tenant's own names for the colour classes, in an order that moves every class off the base's head row:
+# before training (LoRA starts as a no-op, the base's head under these names) every held-out image is wrong
+TENANT = {"red": "apple", "yellow": "banana", "green": "frog", "blue": "sky"}
+
+
+@pytest.fixture(scope="module")
+def lora(trained):
+    """A LoRA adapter trained by 2 DDP workers over the module's trained ViT (model.source = its S3 folder), for a
+    tenant that names the classes its own way, and what `rayformers predict` writes from the adapter folder for
+    held-out images (the endpoint test serves the adapter and compares)."""
+    import pyarrow as pa
+
+    from pipelines.predict import predict
+    from pipelines.train import train
+
+    fs, root = s3fs.S3FileSystem(), f"{trained['root']}/lora"
+    for split, n, seed in (("train", 256, 30), ("held-out", 40, 31)):
+        rows = [{**r, "label": TENANT[r["label"]]} for r in TASK.demo_data(n, seed)]
+        with fs.open(f"{root}/{split}/part-0.parquet".removeprefix("s3://"), "wb") as f:
+            pq.write_table(pa.Table.from_pylist(rows), f)
+    model, data = {"init": None, "source": trained["model"]}, {"format": "parquet", "train": f"{root}/train"}
+    # preprocessed once (cache_train): uncached, each of the 2 workers runs a preprocessing pass of its own, and
+    # 2 workers + 2 actors hold all 4 of the session Ray's CPUs, so no read task ever runs (the run hangs)
+    data["cache_train"] = True
+    peft = {"r": 8, "dropout": 0.0}
+    summary = train(
+        config(
+            model=model,
+            data=data,
+            train={
+                "output": f"{root}/run",
+                "num_workers": 2,
+                "batch_size": 16,
+                "max_steps": 24,
+                "lr": 5e-3,
+                "peft": peft,
+            },
+        )
+    )
+    uri, output = f"{root}/run/model", f"{root}/predictions"
+    predict(
+        config(
+            model=model, data=data, predict={"model": uri, "input": f"{root}/held-out", "output": output, "actors": 1}
+        )
+    )
+    by_id = {r["id"]: r for r in pq.ParquetDataset(output.removeprefix("s3://"), filesystem=fs).read().to_pylist()}
+    return {"uri": uri, "summary": summary, "held_out": rows, "by_id": by_id}
+
+
+def test_a_lora_adapter_trained_on_two_workers_learns_a_tenants_labels_and_transformers_loads_it(trained, lora):
+    """The adapter folder holds the adapter only; `rayformers predict` from it gets held-out images right where the
+    model before training got them wrong, and transformers' own PEFT integration loads it onto the base to the
+    answers predict wrote (the endpoint test: Serve's too)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    from pipelines.storage import Storage
+
+    summary, held_out, by_id = lora["summary"], lora["held_out"], lora["by_id"]
+    assert len(summary["worker_nodes"]) == 2, summary
+    assert summary["parameters"]["trainable"] < 0.2 * summary["parameters"]["total"], summary["parameters"]
+    adapter = Storage().local_copy(lora["uri"])
+    files = set(os.listdir(adapter))
+    assert {"adapter_config.json", "adapter_model.safetensors", "preprocessor_config.json"} <= files, files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}, files  # no full model
+    assert [by_id[r["id"]]["error"] for r in held_out] == [None] * len(held_out)
+    after = sum(by_id[r["id"]]["label"] == r["label"] for r in held_out) / len(held_out)
+
+    # before training: the base under the tenant's labels, as the run started (LoRA's B matrices start at zero)
+    base_dir, head = Storage().local_copy(trained["model"]), AutoConfig.from_pretrained(f"{adapter}/head_config.json")
+    processor = AutoImageProcessor.from_pretrained(adapter)
+    images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in held_out]
+    untrained = AutoModelForImageClassification.from_pretrained(base_dir, config=head)
+    before = pipeline("image-classification", model=untrained, image_processor=processor)(images, top_k=1)
+    before = sum(b[0]["label"] == r["label"] for b, r in zip(before, held_out)) / len(held_out)
+    assert after >= 0.8 and after >= before + 0.5, (after, before)
+
+    # transformers' PEFT integration (load_adapter) onto the base, in a transformers pipeline
+    tuned = AutoModelForImageClassification.from_pretrained(base_dir, config=head)
+    tuned.load_adapter(adapter)
+    plain = pipeline("image-classification", model=tuned.eval(), image_processor=processor)(images[:8], top_k=1)
+    assert [p[0]["label"] for p in plain] == [by_id[r["id"]]["label"] for r in held_out[:8]]
+    assert [p[0]["score"] for p in plain] == pytest.approx([by_id[r["id"]]["score"] for r in held_out[:8]], abs=2e-3)
