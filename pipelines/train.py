@@ -221,7 +221,14 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = Non
     else:
         check_same_run(cfg, storage, t.output.rstrip("/"), run)
 
-    connect(cfg.ray.address, cfg.ray.num_cpus, t.max_workers * t.cpus_per_worker + cfg.data.preprocess_actors + 1)
+    exact = t.data_order == "exact"
+    # exact order with an uncached training split: each worker streams it through a preprocessing pool of its own
+    pools = t.max_workers if exact and t.max_workers > 1 and cfg.data.cache_train is not True else 1
+    connect(
+        cfg.ray.address,
+        cfg.ray.num_cpus,
+        t.max_workers * t.cpus_per_worker + max(cfg.data.preprocess_actors, pools) + 1,
+    )
     if shared is None:
         inputs = prepared_inputs(cfg, storage, run, train_files, eval_files)
     else:
@@ -237,7 +244,7 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = Non
                 commit_dir(storage, d, f"{t.output.rstrip('/')}/prepared")
     labels, rows, processor, datasets = inputs.labels, inputs.rows, inputs.processor, inputs.datasets
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
-    exact = t.data_order == "exact"
+    check_cpus_for_streaming(cfg, inputs)
     # exact order: every worker reads the whole training split, in order. Every worker reads the whole eval split
     # too, in order, and scores every num_workers-th batch of it (train_loop.evaluate): Ray's split into equal
     # shards leaves out up to num_workers - 1 rows (101 eval rows on 2 workers were scored as 100)
@@ -294,6 +301,31 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = Non
     if (result.metrics or {}).get("user_error"):  # raised by every worker alike, reported rather than retried
         raise UserError(result.metrics["user_error"])
     return finalize(cfg, storage, result, time.perf_counter() - started)
+
+
+def check_cpus_for_streaming(cfg: JobConfig, inputs: Inputs) -> None:
+    """An uncached training split in exact order runs one preprocessing pool per worker, during training. When
+    the workers and those pools take every CPU, Ray Data's read tasks never get one and the run waits for
+    ever (seen: 2 workers and 2 actors on a 4-CPU Ray): refused on a local Ray, a line on a cluster (it may
+    grow)."""
+    t = cfg.train
+    if inputs.train_cached or t.data_order != "exact" or t.max_workers < 2:
+        return
+    per_worker = max(1, cfg.data.preprocess_actors // t.max_workers)
+    needed = t.max_workers * (t.cpus_per_worker + per_worker) + 1
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus >= needed:
+        return
+    what = (
+        f"train.num_workers={t.max_workers} with train.data_order=exact and an uncached training split needs "
+        f"{needed:g} CPUs (each worker's CPUs and its own preprocessing actor, and one for reading); the cluster "
+        f"has {cpus:g}"
+    )
+    fixes = "set data.cache_train=true, train.data_order=streaming or fewer workers"
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        print(f"warning: {what}: the run waits until the cluster grows ({fixes})", flush=True)
+        return
+    raise UserError(f"{what}: {fixes} (ray.num_cpus for a local Ray)")
 
 
 def prepared_inputs(cfg: JobConfig, storage: Storage, run: dict, train_files: list, eval_files: list) -> Inputs:
@@ -363,8 +395,8 @@ def finalize(cfg: JobConfig, storage: Storage, result, seconds: float) -> dict:
     if best_uri:
         best = json.loads(storage.read_text(f"{best_uri}/eval_metrics.json"))
         commit_dir(storage, best_uri, f"{out}/model")
-    else:
-        best = final
+    else:  # no eval split: the last step's figures
+        best = {k: v for k, v in final.items() if k.startswith("eval_") or k in ("step", "epoch")}
         commit_dir(storage, f"{out}/checkpoints/{os.path.basename(result.checkpoint.path)}/{MODEL_DIR}", f"{out}/model")
     summary = {
         "task": cfg.task,

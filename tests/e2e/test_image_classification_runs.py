@@ -311,3 +311,24 @@ def test_a_lora_adapter_trained_on_two_workers_learns_a_tenants_labels_and_trans
     plain = pipeline("image-classification", model=tuned.eval(), image_processor=processor)(images[:8], top_k=1)
     assert [p[0]["label"] for p in plain] == [by_id[r["id"]]["label"] for r in held_out[:8]]
     assert [p[0]["score"] for p in plain] == pytest.approx([by_id[r["id"]]["score"] for r in held_out[:8]], abs=2e-3)
+
+
+def test_two_workers_that_would_each_stream_an_uncached_split_on_too_few_cpus_are_refused_in_one_line(trained, lora):
+    """Uncached (flips drawn afresh each epoch) and in exact order, each of 2 workers streams the split through a
+    preprocessing actor of its own: with the session Ray's 4 CPUs no read task would ever run, and the run would
+    wait for ever. It is refused before training, naming the keys that fix it."""
+    from errors import UserError
+    from pipelines.train import train
+
+    root = f"{trained['root']}/lora"
+    with pytest.raises(UserError) as refused:
+        train(
+            config(
+                model={"init": None, "source": trained["model"]},
+                data={"format": "parquet", "train": f"{root}/train", "cache_train": False},
+                train={"output": f"{root}/refused", "num_workers": 2, "max_steps": 4},
+            )
+        )
+    message = str(refused.value)
+    assert "needs 5 CPUs" in message and "the cluster has 4" in message, message
+    assert "data.cache_train=true" in message and "\n" not in message, message
