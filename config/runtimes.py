@@ -223,7 +223,9 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Seconds a batch waits to fill up.")
     # Under overload a request waits for what the replicas and the proxy hold: (max_ongoing_requests x replicas +
     # max_queued_requests) / throughput. The defaults hold two batches per replica (one running, the next being
-    # preprocessed meanwhile) and one more in the proxy; 32 and 64 held ~5 s of work on a 2-core CPU replica.
+    # preprocessed meanwhile) and four more in the proxy; 32 and 64 held ~5 s of work on a 2-core CPU replica.
+    # A queue of 8 dropped requests of 16 closed-loop clients on one replica (16 ongoing): Serve's count of a
+    # replica's requests lags the answers, so clients at capacity need some queue.
     max_ongoing_requests: int = Field(
         16,
         ge=1,
@@ -233,7 +235,7 @@ class ServeConfig(Section):
         ),
     )
     max_queued_requests: int = Field(
-        8,
+        32,
         ge=-1,
         description=(
             "Requests each proxy holds waiting for a replica (Ray Serve's max_queued_requests); past it a request "
