@@ -285,6 +285,7 @@ def job_console(cfg, verb: str, output: str | None):
         yield
         failed = False
     finally:
+        flush_held_worker_lines()
         for logger, level, added in reversed(console.undo):
             logger.setLevel(level)
             for h in added:
@@ -296,6 +297,24 @@ def job_console(cfg, verb: str, output: str | None):
         _active = None
         log.close()
         keep_log(cfg, verb, output, final, local, failed)
+
+
+def flush_held_worker_lines() -> None:
+    """Ray's driver holds back a worker line that looks like another's (to print "[repeated 2x ...]") and prints
+    what it holds when Ray disconnects, after the job: seen as a raw "(RayTrainWorker pid=...) worker rank 1
+    on node ..." under the summary. Printed now, through this console (Ray's own private API, hence the
+    guard: a Ray without it only loses this)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        if not ray_worker.global_worker.connected:
+            return
+        plain = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        for held, sink in ((ray_worker.stdout_deduplicator, sys.stdout), (ray_worker.stderr_deduplicator, sys.stderr)):
+            for batch in held.flush():
+                ray_worker.print_worker_logs(batch, sink, plain)
+    except (AttributeError, ImportError, RuntimeError):  # RuntimeError: Ray's log thread changed the buffer
+        pass
 
 
 def print_header(cfg, verb: str, output: str | None, final: str | None, local: str) -> None:

@@ -92,8 +92,9 @@ def test_asha_stops_the_trials_with_100x_the_learning_rate_and_a_rerun_restores_
         history = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
         if trial["status"] == "done":
             assert history["eval/loss"] == [4, 8] and history["train/loss"] == [4, 8], (trial, history)
-        else:  # ended as soon as ASHA said so: what its last step sent may not have reached the store
-            assert set(history.get("eval/loss", [])) <= {4}, (trial, history)
+        else:  # ASHA's stop reaches a trial after its step-4 report, and a tiny run's last 4 steps take under a
+            # second: it may have logged step 8 too (seen once), never written a model (checked above)
+            assert set(history.get("eval/loss", [])) <= {4, 8}, (trial, history)
         assert run.info.status == ("FINISHED" if trial["status"] == "done" else "KILLED"), trial
     assert runs[best["trial"]].data.tags["rayformers.model"] == f"{best['folder']}/model"
 
