@@ -201,20 +201,16 @@ class Inputs:
 def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = None) -> dict:
     """The run; `callbacks` go to Ray Train's RunConfig (`rayformers tune` passes Tune's reporter, and the
     search's `shared` inputs)."""
-    task = get_task(cfg.task)
     t = cfg.train
     if not t.output:
         raise UserError("train.output: required by `rayformers train` (where checkpoints and the model go)")
     if not cfg.data.train:
         raise UserError("data.train: required by `rayformers train`")
     storage = Storage.from_config(cfg.storage)
-    cfg = with_format(cfg, detect_format(storage, cfg.data.train, cfg.data.format, task))
+    cfg, train_files, eval_files, run = data_plan(cfg, storage)
     output = storage.check_writable(t.output)
-    train_files = data_files(storage, cfg.data.train, cfg.data.format, task)
-    eval_files = data_files(storage, cfg.data.eval, cfg.data.format, task) if cfg.data.eval else []
     if cfg.model.source:
         storage.model_path(cfg.model.source)  # a wrong model URI fails here, before any worker starts
-    run = run_identity(cfg, train_files)
     check_tracking(cfg)
     if t.fresh:
         start_fresh(storage, t.output.rstrip("/"))
@@ -233,15 +229,7 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = Non
         inputs = prepared_inputs(cfg, storage, run, train_files, eval_files)
     else:
         inputs = shared
-        if not is_committed(storage, f"{t.output.rstrip('/')}/prepared"):  # this run's own, as a resume reads it
-            with tempfile.TemporaryDirectory() as d:
-                ignore = shutil.ignore_patterns(COMPLETE, ".complete")  # the markers: commit_dir writes its own
-                shutil.copytree(storage.local_copy(inputs.prepared), d, ignore=ignore, dirs_exist_ok=True)
-                with open(os.path.join(d, "prepared.json")) as f:
-                    saved = json.load(f)
-                with open(os.path.join(d, "prepared.json"), "w") as f:
-                    json.dump({**saved, "run": run}, f)
-                commit_dir(storage, d, f"{t.output.rstrip('/')}/prepared")
+        adopt_prepared(storage, shared.prepared, f"{t.output.rstrip('/')}/prepared", run)
     labels, rows, processor, datasets = inputs.labels, inputs.rows, inputs.processor, inputs.datasets
     print(f"{cfg.task}: {rows} training rows, {len(labels)} labels {labels[:10]}", flush=True)
     check_cpus_for_streaming(cfg, inputs)
@@ -301,6 +289,31 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = Non
     if (result.metrics or {}).get("user_error"):  # raised by every worker alike, reported rather than retried
         raise UserError(result.metrics["user_error"])
     return finalize(cfg, storage, result, time.perf_counter() - started)
+
+
+def data_plan(cfg: JobConfig, storage: Storage) -> tuple[JobConfig, list, list, dict]:
+    """The config with its data format resolved, the training and eval files, and the run's identity
+    (`check_same_run` compares it with the run already in train.output)."""
+    task = get_task(cfg.task)
+    cfg = with_format(cfg, detect_format(storage, cfg.data.train, cfg.data.format, task))
+    train_files = data_files(storage, cfg.data.train, cfg.data.format, task)
+    eval_files = data_files(storage, cfg.data.eval, cfg.data.format, task) if cfg.data.eval else []
+    return cfg, train_files, eval_files, run_identity(cfg, train_files)
+
+
+def adopt_prepared(storage: Storage, shared: str, prepared: str, run: dict) -> None:
+    """A run given shared inputs (`rayformers tune`) commits its own copy of their prepared/ folder, with its
+    own run identity, so that it resumes and is checked like any run (once: a resume finds it committed)."""
+    if is_committed(storage, prepared):
+        return
+    with tempfile.TemporaryDirectory() as d:
+        ignore = shutil.ignore_patterns(COMPLETE, ".complete")  # the markers: commit_dir writes its own
+        shutil.copytree(storage.local_copy(shared), d, ignore=ignore, dirs_exist_ok=True)
+        with open(os.path.join(d, "prepared.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(d, "prepared.json"), "w") as f:
+            json.dump({**saved, "run": run}, f)
+        commit_dir(storage, d, prepared)
 
 
 def check_cpus_for_streaming(cfg: JobConfig, inputs: Inputs) -> None:

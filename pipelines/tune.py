@@ -24,8 +24,7 @@ from models import get_task
 from pipelines.cluster import connect
 from pipelines.storage import Storage, commit_dir
 from pipelines.tracking import check_tracking, end_run, open_experiment
-from pipelines.readers import data_files, detect_format, with_format
-from pipelines.train import Inputs, check_same_run, fine_tune, prepared_inputs, run_identity
+from pipelines.train import Inputs, check_same_run, data_plan, fine_tune, prepared_inputs
 
 
 TRIAL_CPUS = 0.1  # what the Tune actor that drives one trial asks for
@@ -98,13 +97,8 @@ def shares_inputs(cfg: JobConfig) -> bool:
 def shared_inputs(cfg: JobConfig, output: str) -> Inputs:
     """The labels, processor and preprocessed splits of the search's own config, in `output/prepared`: built
     once for all trials (a trial otherwise starts two preprocessing actor pools of its own)."""
-    base = trial_config(cfg, {}, output, "prepared")
-    storage = Storage.from_config(base.storage)
-    task = get_task(base.task)
-    base = with_format(base, detect_format(storage, base.data.train, base.data.format, task))
-    train_files = data_files(storage, base.data.train, base.data.format, task)
-    eval_files = data_files(storage, base.data.eval, base.data.format, task)
-    run = run_identity(base, train_files)
+    storage = Storage.from_config(cfg.storage)
+    base, train_files, eval_files, run = data_plan(trial_config(cfg, {}, output, "prepared"), storage)
     check_same_run(base, storage, output, run)  # a search restored on changed data is refused
     print(f"preprocessing the data once for all trials (in {output}/prepared)", flush=True)
     return prepared_inputs(base, storage, run, train_files, eval_files)
