@@ -89,7 +89,13 @@ def test_refused_credentials_are_named_without_printing_them(tmp_path):
         assert (
             "wrong-secret" not in result.stderr + result.stdout and "AKIAWRONGKEY" not in result.stderr + result.stdout
         )
-        result = rayformers("train", EXAMPLE, "train.output=s3://out/run", env=env)
+        # data that exists (the example's own demo-output/ folders exist only after `make demo`), so that the
+        # output is the first thing checked against the refusing server
+        for split in ("train", "eval"):
+            (tmp_path / "data" / split).mkdir(parents=True)
+            (tmp_path / "data" / split / "part.jsonl").write_text('{"text": "a match", "label": "sports"}\n')
+        data = [f"data.train={tmp_path}/data/train", f"data.eval={tmp_path}/data/eval"]
+        result = rayformers("train", EXAMPLE, *data, "train.output=s3://out/run", env=env)
         assert (
             one_line_error(result)
             == "rayformers: error: s3://out/run: access denied (the credentials were refused or lack permission)"
