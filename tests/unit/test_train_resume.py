@@ -63,3 +63,24 @@ def test_a_changed_file_list_is_named_and_a_fresh_start_removes_only_what_traini
     assert not is_committed(Storage(), str(tmp_path / "out" / "prepared"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
     assert capsys.readouterr().out.strip() == f"train.fresh: removed prepared from {tmp_path}/out"
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 20), (5, 5), (0, 1)])
+def test_the_learning_rate_schedule_is_transformers_linear_warmup_step_for_step(warmup, total):
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from pipelines.train_loop import linear_schedule_with_warmup
+
+    def rates(make) -> list[float]:
+        optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        schedule = make(optimizer, warmup, total)
+        out = []
+        for _ in range(total + 2):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    ours = rates(linear_schedule_with_warmup)
+    assert ours == rates(get_linear_schedule_with_warmup) and max(ours) > 0
