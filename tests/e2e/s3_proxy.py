@@ -4,7 +4,9 @@ stopped at a known point or a store failing in the middle of a folder, whatever 
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,11 +16,11 @@ class FlakyS3Proxy:
     """Forwards every request to the loopback S3 server, except:
     - a PUT whose path ends with `fail_suffix` (while set) is refused with a 400, as a store failing in the
       middle of a folder would;
-    - a request for which `hold(method, path)` (while set) is true waits for `release`, as a stalled store
-      would: a run blocked at a known point until the test has done what it must do there. Released, it is
-      forwarded, or with `drop_held` its connection is closed unanswered (the writer was killed meanwhile,
-      and what it was writing must not land late).
-    `held` counts the requests held; `passed` those let through at once, by (method, path without query)."""
+    - a request for which `hold(method, path)` (while set) is true waits, as a stalled store would: a run
+      blocked at a known point until the test has done what it must do there. It goes on when the rule lets
+      it go (asked again every 50 ms) or when `release` is set: then it is forwarded, or with `drop_held` its
+      connection is closed unanswered (its writer was killed meanwhile; what it wrote must not land late).
+    `held` counts the requests held; `passed` those let through, by (method, path without query)."""
 
     def __init__(self, upstream: str):
         self.upstream = upstream.removeprefix("http://")
@@ -29,7 +31,7 @@ class FlakyS3Proxy:
         self.release = threading.Event()
         self.drop_held = False
         self.passed: Counter = Counter()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,17 +54,17 @@ class FlakyS3Proxy:
             def forward(self):
                 data = self.body()
                 path = self.path.split("?")[0]
-                with proxy.lock:  # one decision at a time: a rule that counts passed requests sees them all
-                    hold = proxy.hold is not None and proxy.hold(self.command, path)
-                    if hold:
-                        proxy.held += 1
-                    else:
-                        proxy.passed[(self.command, path)] += 1
-                if hold:
-                    proxy.release.wait(300)
-                    if proxy.drop_held:
-                        self.close_connection = True
-                        return
+                if proxy.holds(self.command, path, first=True):
+                    deadline = time.monotonic() + 300
+                    while True:
+                        if proxy.release.wait(0.05) or time.monotonic() > deadline:
+                            if proxy.drop_held:
+                                self.close_connection = True
+                                return
+                            proxy.let_through(self.command, path)
+                            break
+                        if not proxy.holds(self.command, path):
+                            break
                 if self.command == "PUT" and proxy.fail_suffix and path.endswith(proxy.fail_suffix):
                     proxy.refused += 1
                     message = (
@@ -97,9 +99,31 @@ class FlakyS3Proxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                # a client killed mid-request (what these tests do) resets its connection: no traceback for that
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def holds(self, method: str, path: str, first: bool = False) -> bool:
+        """Whether `hold` holds this request now (asked again while it waits, so a rule may let it go); if
+        not, it is counted as let through in the same step, so that a rule counting those sees them all."""
+        with self.lock:
+            if self.hold is not None and self.hold(method, path):
+                self.held += first
+                return True
+            self.passed[(method, path)] += 1
+            return False
+
+    def let_through(self, method: str, path: str) -> None:
+        with self.lock:
+            self.passed[(method, path)] += 1
 
     def count(self, method: str, contains: str) -> int:
         """How many `method` requests whose path holds `contains` were forwarded."""

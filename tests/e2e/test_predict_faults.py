@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tests.conftest import REPO, job_config
+from tests.conftest import REPO, job_config, wait_until
+from tests.e2e.s3_proxy import FlakyS3Proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +80,7 @@ def parts(fs, output: str) -> list[str]:
         return []
 
 
-def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket):
+def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket, s3_endpoint):
     import ray
     from ray.util.state import list_actors
 
@@ -90,27 +91,36 @@ def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket):
     n = write_corpus(fs, root, rows=50)
     output = f"{root}/predictions"
     killed: list[int] = []
+    # The other units can be scored in less time than noticing the first part: the run's S3 traffic goes through
+    # a proxy that holds every part upload after the first, so the actor is killed while it writes its second
+    # unit, on any machine. Its held upload is closed unanswered: a dead actor's part does not land late.
+    proxy = FlakyS3Proxy(s3_endpoint)
+    proxy.hold = lambda method, path: (
+        method == "PUT" and f"/{bucket}/predictions/part-" in path and proxy.count("PUT", "/predictions/part-") >= 1
+    )
 
     gcs = ray.get_runtime_context().gcs_address  # other Rays may run on this machine
 
-    def kill_one_actor_mid_run():
-        deadline = time.monotonic() + 120
-        pid = None
-        while time.monotonic() < deadline and pid is None:  # find the predictor while its model loads
+    def kill_the_actor_while_it_writes():
+        try:
+            wait_until(lambda: proxy.held, 300, "the upload of a second part")
+            # this run's one predictor, and any of an earlier test's pool that Ray has not ended yet
             for actor in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True):
                 if "UnitScorer" in f"{actor.class_name} {actor.repr_name}" and actor.pid:
-                    pid = actor.pid
-            time.sleep(0.2)
-        while time.monotonic() < deadline and pid is not None:
-            if parts(fs, output):  # it is scoring: one unit written, the rest to come
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.02)
+                    try:
+                        os.kill(actor.pid, signal.SIGKILL)
+                        killed.append(actor.pid)
+                    except ProcessLookupError:
+                        pass
+        finally:
+            proxy.hold = None
+            proxy.drop_held = True
+            proxy.release.set()
 
-    killer = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
+    killer = threading.Thread(target=kill_the_actor_while_it_writes, daemon=True)
     killer.start()
     cfg = job_config(
+        storage={"endpoint_url": proxy.url},
         predict={
             "model": tiny_model,
             "input": f"{root}/corpus",
@@ -118,10 +128,13 @@ def test_a_killed_predictor_actor_costs_no_row(ray_session, tiny_model, bucket):
             "actors": 1,
             "batch_size": 1,
             "sort_window": 8,
-        }
+        },
     )
-    summary = predict(cfg)
-    killer.join(5)
+    try:
+        summary = predict(cfg)
+    finally:
+        killer.join(5)
+        proxy.close()
     assert killed, "the actor was never seen alive mid-run"
     assert len(parts(fs, output)) == FILES
     table = read_output(fs, output)
@@ -152,10 +165,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_session, tiny_model, bucket):
+def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_session, tiny_model, bucket, s3_endpoint):
     """Both runs join the session's Ray as a cluster job would, so the test pays for no Ray start;
     the cluster outlives the killed driver and drops its actors, as on a real cluster."""
     import ray
+
+    from pipelines.predict_output import COMMIT_EVERY_S
 
     fs = s3fs.S3FileSystem()
     root = f"s3://{bucket}"
@@ -172,9 +187,31 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_sessio
         f"ray.address={ray.get_runtime_context().gcs_address}",
     )
 
-    first = rayformers_predict(*command)
+    # The whole corpus can be scored in less time than noticing a third of it: the first run's S3 traffic goes
+    # through a proxy that lets part uploads through until a commit is on record and a third of the parts are
+    # written, then holds the rest, so the driver is killed mid-run on any machine. The driver commits what it
+    # has every COMMIT_EVERY_S, when a unit comes in: no part lands before that much time has passed since it
+    # opened the output, so that the first unit in is committed. Killed, its held uploads are closed unanswered.
+    opened: list[float] = []
+
+    def hold(method: str, path: str) -> bool:
+        if method != "PUT":
+            return False
+        if path.endswith("/predictions/_manifest/run.json"):
+            opened.append(time.monotonic())
+        if f"/{bucket}/predictions/part-" not in path:
+            return False
+        if not opened or time.monotonic() < opened[0] + 2 * COMMIT_EVERY_S:
+            return True
+        return proxy.count("PUT", "/predictions/_manifest/commits-") >= 1 and (
+            proxy.count("PUT", "/predictions/part-") >= files // 3
+        )
+
+    proxy = FlakyS3Proxy(s3_endpoint)
+    proxy.hold = hold
+    first = rayformers_predict(*command, f"storage.endpoint_url={proxy.url}")
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if first.poll() is not None:
                 pytest.fail("the first run ended before it could be killed:\n" + first.stdout.read()[-3000:])
@@ -185,12 +222,18 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command_again(ray_sessio
             pytest.fail("no unit was committed in time")
     finally:
         kill_tree(first)
+        proxy.drop_held = True
+        proxy.release.set()
     before = {r["unit"] for r in committed(fs, output)}
     assert 0 < len(before) < files
     assert not fs.exists(f"{output.removeprefix('s3://')}/_SUCCESS")  # a partial output says so
 
+    # straight to the loopback S3 server (the example's storage section names no endpoint)
     second = rayformers_predict(*command)
-    out, _ = second.communicate(timeout=240)
+    try:
+        out, _ = second.communicate(timeout=240)
+    finally:
+        proxy.close()
     assert second.returncode == 0, out[-3000:]
     summary = json.loads(next(line for line in out.splitlines() if line.startswith("summary: "))[len("summary: ") :])
     table = read_output(fs, output)
