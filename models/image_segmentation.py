@@ -8,7 +8,8 @@ of their class). A mask or instance map of another size than its image is resize
 aspect ratio matches and rejected when it does not. Output as `transformers.pipeline("image-segmentation")`:
 a list of `{label, score, mask}` per image, the mask a PNG (base64) at the image's size; in Parquet
 the mask is COCO run-length encoding. Metrics (segments.py): mean IoU and pixel
-accuracy (confusion matrix), panoptic quality when training panoptic.
+accuracy (confusion matrix), panoptic quality when training panoptic. What only Mask2Former needs (its
+sizes, processor and model, mask-classification inputs, instance/panoptic answers) is in mask2former.py.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForSemanticSegmentation,
-    Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
-    Mask2FormerImageProcessorPil,
     SegformerConfig,
     SegformerForSemanticSegmentation,
     SegformerImageProcessorPil,
-    SwinConfig,
 )
 
 from config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
@@ -49,6 +47,14 @@ from models.images import (
     resize,
     to_png_base64,
 )
+from models.mask2former import (
+    MASK2FORMER_SIZES,
+    is_universal,
+    mask2former_inputs,
+    mask2former_model,
+    mask2former_processor,
+    mask2former_segments,
+)
 from models.parameters import THRESHOLD, Choice, sanitize
 from models.segments import IGNORE, SegmentationMetric, segments
 from models.spec import Column, Features, TaskSpec, one_field_rows
@@ -56,8 +62,8 @@ from models.spec import Column, Features, TaskSpec, one_field_rows
 if TYPE_CHECKING:
     from transformers import BaseImageProcessor  # noqa: F401  (named in the TaskSpec base below)
 
-# From-scratch sizes; "tiny" trains on 64 px images in a minute on a laptop CPU, "mini".."base" follow MiT-b0..b2 /
-# Swin-T.
+# From-scratch sizes; "tiny" trains on 64 px images in a minute on a laptop CPU, "mini".."base" follow MiT-b0..b2
+# (Mask2Former's sizes: models/mask2former.py).
 SEGFORMER_SIZES = {
     "tiny": dict(
         hidden_sizes=[16, 32, 64, 128],
@@ -88,52 +94,6 @@ SEGFORMER_SIZES = {
         image_size=512,
     ),
 }
-MASK2FORMER_SIZES = {
-    "tiny": dict(
-        swin=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=4),
-        hidden=32,
-        ffn=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        heads=2,
-        num_queries=16,
-        train_num_points=1024,
-        image_size=64,
-    ),
-    "mini": dict(
-        swin=dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=7),
-        hidden=128,
-        ffn=512,
-        encoder_layers=3,
-        decoder_layers=6,
-        heads=4,
-        num_queries=50,
-        train_num_points=4096,
-        image_size=256,
-    ),
-    "small": dict(
-        swin=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
-        hidden=256,
-        ffn=1024,
-        encoder_layers=6,
-        decoder_layers=10,
-        heads=8,
-        num_queries=100,
-        train_num_points=12544,
-        image_size=384,
-    ),
-    "base": dict(
-        swin=dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7),
-        hidden=256,
-        ffn=2048,
-        encoder_layers=6,
-        decoder_layers=10,
-        heads=8,
-        num_queries=100,
-        train_num_points=12544,
-        image_size=384,
-    ),
-}
 
 
 class Options(BaseModel):
@@ -144,11 +104,6 @@ class Options(BaseModel):
     ignore_index: int = Field(IGNORE, ge=0, le=65535)  # the mask value of pixels to leave out of loss and metrics
     augment: bool = True  # random horizontal flips of the training split
     pq_threshold: float = Field(0.8, gt=0, lt=1)  # segment score kept when evaluating panoptic quality
-
-
-def is_universal(processor) -> bool:
-    """Mask2Former's processor can post-process panoptic output; SegFormer's cannot."""
-    return hasattr(processor, "post_process_panoptic_segmentation")
 
 
 def model_class(model_type: str):
@@ -206,11 +161,7 @@ class ImageSegmentation(TaskSpec["BaseImageProcessor"]):
         side = int(init.overrides.get("image_size", sizes[init.size]["image_size"]))
         if init.architecture == "segformer":
             return SegformerImageProcessorPil(size={"height": side, "width": side}, do_reduce_labels=False)
-        if side < 64:  # its stride-32 features would be 1x1, which GroupNorm refuses for a single image
-            raise UserError(f"model.init.overrides.image_size: Mask2Former needs at least 64 px, got {side}")
-        return Mask2FormerImageProcessorPil(
-            size={"height": side, "width": side}, size_divisor=32, do_reduce_labels=False, ignore_index=IGNORE
-        )
+        return mask2former_processor(side)
 
     def build_model(self, model_cfg: ModelConfig, source_dir, labels, processor):
         if len(labels) > 255:
@@ -242,28 +193,7 @@ class ImageSegmentation(TaskSpec["BaseImageProcessor"]):
             return SegformerForSemanticSegmentation(
                 SegformerConfig(**size, semantic_loss_ignore_index=IGNORE, **named, **overrides)
             )
-        size = MASK2FORMER_SIZES[init.size]
-        side = image_size(processor)[0]
-        backbone = SwinConfig(
-            image_size=side, patch_size=4, out_features=["stage1", "stage2", "stage3", "stage4"], **size["swin"]
-        )
-        config = Mask2FormerConfig(
-            backbone_config=backbone,
-            feature_size=size["hidden"],
-            mask_feature_size=size["hidden"],
-            hidden_dim=size["hidden"],
-            encoder_feedforward_dim=size["ffn"],
-            dim_feedforward=size["ffn"],
-            encoder_layers=size["encoder_layers"],
-            decoder_layers=size["decoder_layers"],
-            num_attention_heads=size["heads"],
-            num_queries=size["num_queries"],
-            train_num_points=size["train_num_points"],
-            ignore_value=IGNORE,
-            **named,
-            **overrides,
-        )
-        return Mask2FormerForUniversalSegmentation(config)
+        return mask2former_model(init.size, image_size(processor)[0], named, overrides)
 
     def load(self, model_dir):
         model_type = AutoConfig.from_pretrained(model_dir).model_type
@@ -369,18 +299,10 @@ class ImageSegmentation(TaskSpec["BaseImageProcessor"]):
 
     def collate(self, arrays, processor):
         inputs = {"pixel_values": pixel_values(arrays["pixels"], processor)}
-        universal = is_universal(processor)
-        if universal:
-            b, _, h, w = inputs["pixel_values"].shape
-            inputs["pixel_mask"] = torch.ones(b, h, w, dtype=torch.long)
+        if is_universal(processor):
+            return inputs | mask2former_inputs(inputs["pixel_values"], arrays)
         if arrays.get("labels") is not None:
-            if universal:
-                inputs["mask_labels"] = [torch.from_numpy(m).float() for m in arrays["segment_masks"]]
-                inputs["class_labels"] = [
-                    torch.from_numpy(np.asarray(c, dtype=np.int64)) for c in arrays["segment_classes"]
-                ]
-            else:
-                inputs["labels"] = torch.from_numpy(np.stack(arrays["labels"]).astype(np.int64))
+            inputs["labels"] = torch.from_numpy(np.stack(arrays["labels"]).astype(np.int64))
         return inputs
 
     def sanitize_parameters(self, parameters, options):
@@ -399,8 +321,8 @@ class ImageSegmentation(TaskSpec["BaseImageProcessor"]):
         subtask = parameters.get("subtask") or ("panoptic" if universal else "semantic")
         sizes = [tuple(int(s) for s in size) for size in arrays["size"]]
         id2label = model.config.id2label
-        results = []
         if subtask == "semantic":
+            results = []
             for seg in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes):
                 seg = seg.cpu().numpy()
                 results.append(
@@ -418,31 +340,7 @@ class ImageSegmentation(TaskSpec["BaseImageProcessor"]):
             raise UserError(
                 f"parameters.subtask: {subtask!r} is not available for {model.config.model_type} (semantic only)"
             )
-        method = (
-            processor.post_process_panoptic_segmentation
-            if subtask == "panoptic"
-            else processor.post_process_instance_segmentation
-        )
-        found = method(
-            outputs,
-            threshold=float(parameters.get("threshold", 0.9)),
-            mask_threshold=float(parameters.get("mask_threshold", 0.5)),
-            overlap_mask_area_threshold=float(parameters.get("overlap_mask_area_threshold", 0.5)),
-            target_sizes=sizes,
-        )
-        for result in found:
-            seg = result["segmentation"].cpu().numpy()
-            results.append(
-                [
-                    {
-                        "score": info["score"],
-                        "label": id2label[info["label_id"]],
-                        "mask": to_png_base64(((seg == info["id"]) * 255).astype(np.uint8)),
-                    }
-                    for info in result["segments_info"]
-                ]
-            )
-        return results
+        return mask2former_segments(outputs, processor, subtask, sizes, id2label, parameters)
 
     def to_columns(self, predictions):
         def segment(s):
