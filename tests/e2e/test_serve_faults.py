@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.conftest import free_port, job_config
+from tests.conftest import free_port, job_config, wait_until
 
 pytestmark = pytest.mark.e2e
 TEXT_APP, IMAGE_APP = "faults-text", "faults-image"
@@ -209,10 +209,12 @@ def endpoint(ray_session, s3_endpoint, tmp_path_factory):
             "max_image_pixels": 1_000_000,
         },
     )
+    started = time.monotonic()
     run_apps(text, TEXT_APP, "/text")  # and /text/healthz, an app of its own
+    text_start_s = time.monotonic() - started  # two replicas starting side by side: this machine's pace
     run_apps(image, IMAGE_APP, "/image")
     base = f"http://127.0.0.1:{port}"
-    yield {"text": f"{base}/text", "image": f"{base}/image", "bucket": bucket}
+    yield {"text": f"{base}/text", "image": f"{base}/image", "bucket": bucket, "text_start_s": text_start_s}
     serve.shutdown()
 
 
@@ -377,16 +379,28 @@ def test_a_killed_replica_is_replaced_while_traffic_flows(endpoint):
     url = f"{endpoint['text']}/predict"
     before = replica_pids(TEXT_APP)
     assert len(before) == 2 and running_replicas(TEXT_APP) == 2
+    # Replaced within 30 s, or twice the app's start on this machine where that is longer: a replica's start (a
+    # process, torch, the model) is CPU work that takes twice as long on a machine half as fast; under traffic
+    # it took 1.07x and 1.22x the app's start measured in the same run (21.0 s / 19.6 s, 26.3 s / 21.6 s, with
+    # other tests running), where a fixed 30 s left 1.1x.
+    bound = max(30.0, 2 * endpoint["text_start_s"])
     traffic, stop = Traffic(), threading.Event()
     threads = drive(
-        url, {"inputs": [TEXT] * 4}, clients=4, max_requests=5000, max_seconds=60, stop=stop, traffic=traffic
+        url,
+        {"inputs": [TEXT] * 4},
+        clients=4,
+        max_requests=5000,
+        max_seconds=bound + 60,
+        stop=stop,
+        traffic=traffic,
     )
     try:
-        time.sleep(2)
+        # killed while traffic flows: once answers come (the clients' start is slower on a slower or busier machine)
+        wait_until(lambda: traffic.statuses().get(200, 0) >= 8, 60, "answers before the kill")
         killed_at = time.monotonic()
         os.kill(before[0], signal.SIGKILL)
         back = None
-        while time.monotonic() - killed_at < 45:
+        while time.monotonic() - killed_at < bound + 15:
             pids = replica_pids(TEXT_APP)
             if len(pids) == 2 and before[0] not in pids and running_replicas(TEXT_APP) == 2:
                 back = time.monotonic() - killed_at
@@ -400,9 +414,10 @@ def test_a_killed_replica_is_replaced_while_traffic_flows(endpoint):
     failed = sum(n for status, n in traffic.statuses().items() if status != 200)  # none fail before the kill
     print(
         f"\nreplica loss: sent before the kill {traffic.statuses(until=killed_at)}, after it "
-        f"{traffic.statuses(since=killed_at)}; {failed} failed; capacity back after {back and round(back, 1)} s"
+        f"{traffic.statuses(since=killed_at)}; {failed} failed; capacity back after {back and round(back, 1)} s "
+        f"(bound {bound:.1f} s; the app started in {endpoint['text_start_s']:.1f} s)"
     )
-    assert back is not None and back < 30, "the killed replica was not replaced within 30 s"
+    assert back is not None and back < bound, f"the killed replica was not replaced within {bound:.1f} s"
     assert traffic.statuses(since=killed_at + 1).get(200, 0) > 0  # the endpoint kept answering
     # only what was in flight on the killed replica fails: at most its max_ongoing_requests
     assert failed <= 4, traffic.statuses()
