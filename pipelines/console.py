@@ -1,4 +1,4 @@
-"""What a person sees on the console while `train` or `predict` runs, and the log file kept with the output.
+"""What a person sees on the console while `train`, `predict` or `tune` runs, and the log file kept with the output.
 
 On a terminal (stdout is a TTY) progress is one bar redrawn in place: the training step lines that rank 0
 prints (Ray forwards them to the driver) and predict's progress become that bar, other lines scroll
@@ -58,15 +58,16 @@ def step_bar(line: str) -> str | None:
     )
 
 
-def shown_line(line: str, verbose: bool) -> str | None:
+def shown_line(line: str, verbose: bool, workers: bool = True) -> str | None:
     """What the console shows of one line: without -v, the log records of Ray's own processes (its C++ core's,
     the raylet's) go to the log file only (None), and a line our train loop printed loses Ray's prefix; lines
-    of any other actor keep theirs, so that what Ray's internals print is told apart from ours."""
+    of any other actor keep theirs, so that what Ray's internals print is told apart from ours. Without
+    `workers` (tune: several runs at once, which the driver reports trial by trial) no forwarded line is shown."""
     if verbose:
         return line
     m = FORWARDED.match(line)
     body = line[m.end() :] if m else line
-    if NATIVE_LOG.match(ANSI.sub("", body)) or (m and m.group("ray")):
+    if NATIVE_LOG.match(ANSI.sub("", body)) or (m and (m.group("ray") or not workers)):
         return None
     return body if m and m.group("actor") == "RayTrainWorker" else line
 
@@ -74,8 +75,9 @@ def shown_line(line: str, verbose: bool) -> str | None:
 class JobConsole:
     """Stands in for sys.stdout and sys.stderr while a job runs (see the module's docstring)."""
 
-    def __init__(self, stdout, stderr, log, tty: bool, verbose: bool = False):
+    def __init__(self, stdout, stderr, log, tty: bool, verbose: bool = False, workers: bool = True):
         self.stdout, self.stderr, self.log, self.tty, self.verbose = stdout, stderr, log, tty, verbose
+        self.workers = workers  # whether lines forwarded from Ray's workers are shown (see shown_line)
         self.lock = threading.RLock()
         self.partial = {False: "", True: ""}  # stdout's and stderr's text after their last newline
         self.shown = ""  # the bar now on screen
@@ -89,7 +91,7 @@ class JobConsole:
             lines = (self.partial[err] + text).split("\n")
             self.partial[err] = lines.pop()
             for line in lines:
-                shown = shown_line(line, self.verbose)
+                shown = shown_line(line, self.verbose, self.workers)
                 if shown is not None:
                     self._line(shown, err)
 
@@ -258,7 +260,7 @@ def attach_log_handlers() -> None:
 
 @contextmanager
 def job_console(cfg, verb: str, output: str | None):
-    """For the length of a `train` or `predict` run: the console (bar or lines), the log file, the header."""
+    """For the length of a `train`, `predict` or `tune` run: the console (bar or lines), the log file, the header."""
     global _active
     if _active is not None:  # nested (a test calling train twice in one process): the outer one does it
         yield
@@ -269,7 +271,7 @@ def job_console(cfg, verb: str, output: str | None):
     from pipelines.cluster import verbose
 
     real_out, real_err = sys.stdout, sys.stderr
-    console = JobConsole(real_out, real_err, log, tty=real_out.isatty(), verbose=verbose())
+    console = JobConsole(real_out, real_err, log, tty=real_out.isatty(), verbose=verbose(), workers=verb != "tune")
     try:
         native = NativeStderr(console)
     except OSError:  # no file descriptor 2 to stand in for
@@ -326,6 +328,8 @@ def print_header(cfg, verb: str, output: str | None, final: str | None, local: s
     else:
         data = f"train {cfg.data.train}" + (f", eval {cfg.data.eval}" if cfg.data.eval else "")
         workers = f"workers {cfg.train.num_workers}"
+        if verb == "tune":
+            workers += f" per trial, {cfg.tune.max_concurrent_trials} trials at once at most"
     ray_at = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
     print(f"rayformers {verb}: {cfg.task} | model {model} | {data} | output {output} | {workers} | Ray: {ray_at}")
     if final:

@@ -15,6 +15,7 @@ At the end: a table of the trials, `tune.output/best.yaml` (the best trial's res
 from __future__ import annotations
 
 import json
+import os
 
 import yaml
 
@@ -22,6 +23,7 @@ from config import JobConfig, set_dotted, validate
 from errors import UserError
 from models import get_task
 from pipelines.cluster import connect
+from pipelines.console import job_console
 from pipelines.storage import Storage, commit_dir
 from pipelines.tracking import check_tracking, end_run, open_experiment
 from pipelines.train import Inputs, check_same_run, data_plan, fine_tune, prepared_inputs
@@ -115,10 +117,40 @@ def run_trial(params: dict, job: dict, output: str, shared: Inputs | None = None
     fine_tune(trial_cfg, callbacks=(TuneReportCallback(),), shared=shared)
 
 
-def tune_search(cfg: JobConfig) -> dict:
+def trial_lines(keys: list[str], metric: str, storage: Storage, output: str):
+    """A Tune callback that prints each trial's start, its eval figures and its end, one line each: the console
+    of a search shows these instead of the lines of several runs' workers at once (those go to the log file)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    def name(trial) -> str:
+        params = ", ".join(f"{k}={format_value(trial.config.get(k))}" for k in keys)
+        return f"trial {trial.trial_id} ({params})"
+
+    class TrialLines(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"{name(trial)}: started", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get(metric) is not None:
+                print(f"{name(trial)}: step {result.get('step')} {metric}={result[metric]:.4f}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            step = (trial.last_result or {}).get("step")
+            # a run that ends writes metrics.json; one the scheduler stopped never does
+            finished = storage.exists(f"{output}/trials/{trial.trial_id}/metrics.json")
+            print(f"{name(trial)}: {'finished' if finished else 'stopped early'} at step {step}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            try:
+                lines = [line for line in (trial.get_error() or "").splitlines() if line.strip()]
+            except Exception:  # the line is for the person watching; the summary names the failure too
+                lines = []
+            print(f"{name(trial)}: failed: {lines[-1].strip() if lines else 'see the log'}", flush=True)
+
+    return TrialLines()
+
+
+def tune_search(cfg: JobConfig) -> dict:
     task, t, s = get_task(cfg.task), cfg.train, cfg.tune
     output = (s.output or t.output or "").rstrip("/")
     if not output:
@@ -136,8 +168,19 @@ def tune_search(cfg: JobConfig) -> dict:
         )
     tracked = trial_config(cfg, {}, f"{output}/trials/check", "check")  # what a trial tracks to
     check_tracking(tracked)
+    Storage.from_config(cfg.storage).check_writable(output)
+    with job_console(cfg, "tune", output):
+        return search(cfg, output, tracked, metric, mode)
+
+
+def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: str) -> dict:
+    """The search itself, once its config is checked: Ray, the shared preprocessing, Tune, the summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t, s = cfg.train, cfg.tune
     storage = Storage.from_config(cfg.storage)
-    loc = storage.check_writable(output)
+    loc = storage.resolve(output)
     # a trial's CPUs at most: its workers, the train and eval preprocessing pools (started together, one CPU
     # per actor) and a read task. Trials that do not all fit starve each other's pools: two at once on 4 CPUs
     # hung in their first data pass (Ray Data waits for an actor's CPU without a time limit).
@@ -179,9 +222,25 @@ def tune_search(cfg: JobConfig) -> dict:
                 max_concurrent_trials=concurrent_trials(s.max_concurrent_trials, per_trial),
                 scheduler=scheduler,
             ),
-            run_config=tune.RunConfig(name="search", storage_path=loc.path, storage_filesystem=fs, verbose=0),
+            run_config=tune.RunConfig(
+                name="search",
+                storage_path=loc.path,
+                storage_filesystem=fs,
+                verbose=0,
+                callbacks=[trial_lines(list(s.space), metric, storage, output)],
+            ),
         )
-    results = tuner.fit()
+    # Tune's newer console output prints its experiment table and paths even at verbose=0; the older one,
+    # chosen by this variable (read when the search starts), prints nothing at 0: trial_lines speaks instead
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        results = tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT")
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
     return summarize(cfg, storage, output, results, metric, mode)
 
 

@@ -24,9 +24,10 @@ GOOD, BAD = (1e-2, 2e-2), (1.0, 2.0)  # lr 0.1 once ended best at step 8: 8 step
 
 
 def tune(config: Path) -> str:
+    """What `rayformers tune` printed, stdout and stderr."""
     done = subprocess.run([RAYFORMERS, "tune", str(config)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def test_asha_stops_the_trials_with_100x_the_learning_rate_and_a_rerun_restores_the_search(
@@ -67,15 +68,23 @@ def test_asha_stops_the_trials_with_100x_the_learning_rate_and_a_rerun_restores_
     # only train.lr is searched: the data is preprocessed once, and every trial has its own prepared/ for a resume
     assert f"preprocessing the data once for all trials (in {out}/prepared)" in printed
     assert f"best config: {out}/best.yaml" in printed
+    # the console: our header and a line per trial event, not the lines of the trials' workers or Tune's tables
+    assert printed.startswith("rayformers tune: text-classification | model bert tiny"), printed[:500]
+    internals = ("pid=", "core_worker", "Configuration for experiment", "View detailed results", "Traceback")
+    assert not [line for line in printed.splitlines() if any(i in line for i in internals)], printed[-3000:]
     trials = {t["params"]["train.lr"]: t for t in summary["trials"]}
     assert sorted(trials) == sorted([*GOOD, *BAD]), summary
     assert all(os.path.exists(os.path.join(t["folder"], "prepared", "_COMPLETE.json")) for t in trials.values())
     for lr in BAD:  # stopped at the first rung, long before the 8 steps of a whole run
         assert trials[lr]["status"] == "stopped early" and trials[lr]["steps"] == 4, summary
         assert not os.path.exists(os.path.join(trials[lr]["folder"], "model"))
+        name = f"trial {trials[lr]['trial']} (train.lr={lr:g})"
+        assert f"{name}: started" in printed and f"{name}: stopped early at step 4" in printed, printed[-3000:]
+        assert f"{name}: step 4 eval_loss=" in printed
     best = summary["best"]
     assert best["params"]["train.lr"] in GOOD and best["status"] == "done" and best["steps"] == 8, summary
     assert best["eval_loss"] < min(trials[lr]["eval_loss"] for lr in BAD)
+    assert f"trial {best['trial']} (train.lr={best['params']['train.lr']:g}): finished at step 8" in printed
     best_cfg = load_config(str(out / "best.yaml"))  # a config `rayformers train` takes as it is
     assert best_cfg.train.lr == best["params"]["train.lr"] and best_cfg.train.output == best["folder"]
     assert (out / "best" / "model.safetensors").exists() and (out / "best" / "_COMPLETE.json").exists()

@@ -91,6 +91,16 @@ def test_ray_internals_go_to_the_log_file_only_unless_verbose():
         assert "(PlacementGroupCleaner pid=77)\x1b[0m ConnectionError" in err.getvalue()
 
 
+def test_a_search_shows_its_own_lines_and_sends_every_workers_line_to_the_log_file():
+    out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
+    console = JobConsole(out, err, log, tty=False, workers=False)  # tune: several runs' workers at once
+    console.write("trial a_00001 (train.lr=0.01): step 4 eval_loss=1.4264\n")
+    console.write("\x1b[36m(run_trial pid=9604)\x1b[0m text-classification: 160 training rows\n")
+    feed(console)  # the step lines of a trial's rank 0, then the console closes
+    assert out.getvalue() == "trial a_00001 (train.lr=0.01): step 4 eval_loss=1.4264\n" and not err.getvalue()
+    assert "step 40/40" in log.getvalue() and "160 training rows" in log.getvalue()
+
+
 def test_a_record_that_rays_cpp_core_writes_to_fd_2_goes_to_the_log_and_other_fd_2_output_passes(capfd):
     out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
     console = JobConsole(out, err, log, tty=False)
