@@ -39,3 +39,34 @@ def test_a_trial_is_the_job_with_its_values_its_own_output_and_no_search(tmp_pat
     assert trial.train.lr == 3e-4 and trial.train.output == str(tmp_path / "search/trials/abc")
     assert trial.track.run_name == "abc" and trial.tune.space == {} and trial.tune.num_samples == 4
     assert trial.serve.api_key.get_secret_value() == "s3cret"  # not the masked text of a dump
+
+
+def test_the_console_gets_one_line_per_trial_event_and_a_failure_names_its_error(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from pipelines.storage import Storage
+    from pipelines.tune import trial_lines
+
+    def trial(trial_id, lr, step, error=""):
+        return SimpleNamespace(
+            trial_id=trial_id, config={"train.lr": lr}, last_result={"step": step}, get_error=lambda: error
+        )
+
+    lines = trial_lines(["train.lr"], "eval_loss", Storage(), str(tmp_path))
+    done, stopped = trial("t_0", 0.01, 8), trial("t_1", 1.0, 4)
+    failed = trial("t_2", 0.1, None, "Traceback (most recent call last):\n  ...\nValueError: labels out of range\n\n")
+    (tmp_path / "trials" / "t_0").mkdir(parents=True)
+    (tmp_path / "trials" / "t_0" / "metrics.json").write_text("{}")  # what a run that ends writes
+    lines.on_trial_start(0, [], done)
+    lines.on_trial_result(0, [], done, {"step": 4, "eval_loss": 1.23456})
+    lines.on_trial_result(0, [], done, {"step": 5})  # a report without the metric: no line
+    lines.on_trial_complete(0, [], done)
+    lines.on_trial_complete(0, [], stopped)
+    lines.on_trial_error(0, [], failed)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial t_0 (train.lr=0.01): started",
+        "trial t_0 (train.lr=0.01): step 4 eval_loss=1.2346",
+        "trial t_0 (train.lr=0.01): finished at step 8",
+        "trial t_1 (train.lr=1): stopped early at step 4",
+        "trial t_2 (train.lr=0.1): failed: ValueError: labels out of range",
+    ]
