@@ -8,6 +8,7 @@ passes RAYFORMERS_TEST_S3, or here when pytest runs alone). Nothing is patched i
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -32,9 +33,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on, below the kernel's ephemeral range: a port from that range (what binding
+    port 0 gives) can be taken, between this call and the server's bind, by an outgoing connection of another
+    process or its TIME_WAIT leftover; on a busy machine Ray's dashboard once failed to start that way ("Failed
+    to bind to 127.0.0.1:32821 because it's already occupied")."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default start of the range; elsewhere the same as good a guess
+    for _ in range(1000):
+        port = random.randrange(10000, ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port between 10000 and {ephemeral}")
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:

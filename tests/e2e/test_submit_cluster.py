@@ -23,6 +23,7 @@ import s3fs
 import yaml
 
 from infra.local.cluster import local_cluster
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +62,9 @@ def cluster():
         # second one is still starting (and never gets a node).
         patch.setenv("RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S", "300")
         # 2 logical CPUs per node: one train worker per node (STRICT_SPREAD) and room for Ray Data.
-        with local_cluster(workers=1, cpus_per_node=2) as cluster:
+        # ports from tests.conftest.free_port (below the ephemeral range), not picked in it by local_cluster
+        ports = dict(s3_port=free_port(), dashboard_port=free_port(), ray_port=free_port())
+        with local_cluster(workers=1, cpus_per_node=2, **ports) as cluster:
             run(
                 [RAYFORMERS, "demo-data", "text-classification", cluster.s3_uri("demo"), "--rows", str(DEMO_ROWS)],
                 cluster.env,

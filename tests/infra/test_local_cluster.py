@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from infra.local.cluster import is_running, local_cluster
+from tests.conftest import free_port
 
 # The job's driver places one task on the worker node (the only node with the worker_node resource).
 JOB_CODE = """
@@ -33,18 +34,22 @@ nodes = [{{"id": node["NodeID"], "alive": node["Alive"], "resources": node["Reso
 ray.shutdown()
 
 client = JobSubmissionClient(dashboard_url)
+submitted = time.monotonic()
 job_id = client.submit_job(entrypoint="python -c " + {shlex.quote(JOB_CODE)!r})
-deadline = time.monotonic() + 45
+deadline = submitted + 150
 while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
     time.sleep(0.5)
+seconds = time.monotonic() - submitted
 status, logs = str(client.get_job_status(job_id)), client.get_job_logs(job_id)
-print(json.dumps({{"nodes": nodes, "job_status": status, "job_logs": logs}}))
+print(json.dumps({{"nodes": nodes, "job_status": status, "job_logs": logs, "job_seconds": seconds}}))
 """
 
 
 @pytest.mark.e2e
 def test_local_cluster_runs_a_job_on_two_nodes_and_stops_cleanly():
-    with local_cluster(workers=1, cpus_per_node=1) as cluster:
+    # ports from tests.conftest.free_port (below the ephemeral range), not picked in it by local_cluster
+    ports = dict(s3_port=free_port(), dashboard_port=free_port(), ray_port=free_port())
+    with local_cluster(workers=1, cpus_per_node=1, **ports) as cluster:
         pids = dict(cluster.pids)
         assert set(pids) == {"head", "worker-1", "s3"}
         assert all(is_running(pid) for pid in pids.values())
@@ -54,10 +59,11 @@ def test_local_cluster_runs_a_job_on_two_nodes_and_stops_cleanly():
             env=cluster.env,
             capture_output=True,
             text=True,
-            timeout=90,
+            timeout=240,
         )
         assert probe.returncode == 0, probe.stderr
         report = json.loads(probe.stdout.strip().splitlines()[-1])
+        print(f"\nthe job ended after {report['job_seconds']:.1f} s: {report['job_status']}")
 
         alive = [node for node in report["nodes"] if node["alive"]]
         assert len(alive) == 2
