@@ -23,7 +23,7 @@ from config import JobConfig, set_dotted, validate
 from errors import UserError
 from models import get_task
 from pipelines.cluster import connect
-from pipelines.console import job_console
+from pipelines.console import flush_held_worker_lines, job_console
 from pipelines.storage import Storage, commit_dir
 from pipelines.tracking import check_tracking, end_run, open_experiment
 from pipelines.train import Inputs, check_same_run, data_plan, fine_tune, prepared_inputs
@@ -169,8 +169,19 @@ def tune_search(cfg: JobConfig) -> dict:
     tracked = trial_config(cfg, {}, f"{output}/trials/check", "check")  # what a trial tracks to
     check_tracking(tracked)
     Storage.from_config(cfg.storage).check_writable(output)
+    import ray
+
+    owns_ray = not ray.is_initialized()  # the CLI's search starts or joins Ray itself; a caller's Ray stays up
     with job_console(cfg, "tune", output):
-        return search(cfg, output, tracked, metric, mode)
+        try:
+            return search(cfg, output, tracked, metric, mode)
+        finally:
+            if owns_ray:
+                # the workers of a trial the scheduler stopped still print for a moment, and Ray's driver prints what
+                # arrives after the console closed as it came ("(RayTrainWorker pid=...) step 4/8 ..." under the
+                # summary, seen once): what it holds goes through the console, then Ray disconnects
+                flush_held_worker_lines()
+                ray.shutdown()
 
 
 def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: str) -> dict:
