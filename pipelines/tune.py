@@ -150,6 +150,29 @@ def trial_lines(keys: list[str], metric: str, storage: Storage, output: str):
     return TrialLines()
 
 
+def reenter(path: str) -> None:
+    """Enters the driver's working folder again when it was replaced. In a job that `rayformers submit` started,
+    the driver stands in the job's working_dir, which Ray unpacks under the session folder; the nodes of
+    infra/local share that folder, and the worker node unpacking the same package for the search's actors
+    swaps it under the driver: Tune then failed in os.path.relpath with FileNotFoundError (the submitted tune
+    test, run alone, 3 times of 3)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(path)
+
+
+def working_dir_keeper(path: str):
+    """A Tune callback that calls `reenter` after each step of the search's loop."""
+    from ray import tune
+
+    class KeepWorkingDir(tune.Callback):
+        def on_step_end(self, iteration, trials, **info):
+            reenter(path)
+
+    return KeepWorkingDir()
+
+
 def tune_search(cfg: JobConfig) -> dict:
     task, t, s = get_task(cfg.task), cfg.train, cfg.tune
     output = (s.output or t.output or "").rstrip("/")
@@ -171,10 +194,11 @@ def tune_search(cfg: JobConfig) -> dict:
     Storage.from_config(cfg.storage).check_writable(output)
     import ray
 
+    cwd = os.getcwd()  # before Ray starts: see reenter
     owns_ray = not ray.is_initialized()  # the CLI's search starts or joins Ray itself; a caller's Ray stays up
     with job_console(cfg, "tune", output):
         try:
-            return search(cfg, output, tracked, metric, mode)
+            return search(cfg, output, tracked, metric, mode, cwd)
         finally:
             if owns_ray:
                 # the workers of a trial the scheduler stopped still print for a moment, and Ray's driver prints what
@@ -184,7 +208,7 @@ def tune_search(cfg: JobConfig) -> dict:
                 ray.shutdown()
 
 
-def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: str) -> dict:
+def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: str, cwd: str) -> dict:
     """The search itself, once its config is checked: Ray, the shared preprocessing, Tune, the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -209,6 +233,7 @@ def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: s
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, job=job, output=output, shared=shared), {"CPU": TRIAL_CPUS}
     )
+    reenter(cwd)  # the shared preprocessing's actors may have swapped it already
     fs, search = loc.arrow_fs(), f"{loc.path.rstrip('/')}/search"
     if tune.Tuner.can_restore(search, storage_filesystem=fs):
         print(f"resuming the search in {output}/search (finished trials are not run again)", flush=True)
@@ -238,7 +263,7 @@ def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: s
                 storage_path=loc.path,
                 storage_filesystem=fs,
                 verbose=0,
-                callbacks=[trial_lines(list(s.space), metric, storage, output)],
+                callbacks=[trial_lines(list(s.space), metric, storage, output), working_dir_keeper(cwd)],
             ),
         )
     # Tune's newer console output prints its experiment table and paths even at verbose=0; the older one,
@@ -252,6 +277,7 @@ def search(cfg: JobConfig, output: str, tracked: JobConfig, metric: str, mode: s
             os.environ.pop("RAY_AIR_NEW_OUTPUT")
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
+    reenter(cwd)
     return summarize(cfg, storage, output, results, metric, mode)
 
 
