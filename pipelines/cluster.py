@@ -51,6 +51,19 @@ def train_log_level() -> str:
     return "INFO" if verbose() else "WARNING"
 
 
+def reenter(path: str) -> None:
+    """Enters the driver's working folder `path` again when it was replaced. In a job that `rayformers submit`
+    started, the driver stands in the job's working_dir, which Ray unpacks under the session folder; joining the
+    cluster, or a node of infra/local (they share that folder) unpacking the same package for the job's actors,
+    puts a fresh copy at the same path, and relative paths (Tune's analysis at the end of a search) resolve
+    against the old one: os.path.relpath failed with FileNotFoundError (the submitted tune test run alone,
+    3 times of 3)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(path)
+
+
 def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
@@ -77,13 +90,7 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
     if address:
         cwd = os.getcwd()
         ray.init(address=address, runtime_env=runtime_env, logging_level=ray_log_level())
-        try:
-            os.getcwd()
-        except FileNotFoundError:
-            # in a job that `rayformers submit` started, joining the cluster put a fresh copy of the job's
-            # working_dir at the same path (infra/local's two nodes: os.getcwd() failed right after ray.init), and
-            # relative paths (Tune's analysis at the end of a search) resolve against it: enter it again by its path
-            os.chdir(cwd)
+        reenter(cwd)  # os.getcwd() failed right after ray.init on infra/local's two nodes
     else:
         # Train workers take their CPUs for the whole run; Ray Data's preprocessing actors need CPUs
         # of their own or they are never scheduled (a known deadlock), so a laptop gets extra logical

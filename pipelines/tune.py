@@ -22,7 +22,7 @@ import yaml
 from config import JobConfig, set_dotted, validate
 from errors import UserError
 from models import get_task
-from pipelines.cluster import connect
+from pipelines.cluster import connect, reenter
 from pipelines.console import flush_held_worker_lines, job_console
 from pipelines.storage import Storage, commit_dir
 from pipelines.tracking import check_tracking, end_run, open_experiment
@@ -148,18 +148,6 @@ def trial_lines(keys: list[str], metric: str, storage: Storage, output: str):
             print(f"{name(trial)}: failed: {lines[-1].strip() if lines else 'see the log'}", flush=True)
 
     return TrialLines()
-
-
-def reenter(path: str) -> None:
-    """Enters the driver's working folder again when it was replaced. In a job that `rayformers submit` started,
-    the driver stands in the job's working_dir, which Ray unpacks under the session folder; the nodes of
-    infra/local share that folder, and the worker node unpacking the same package for the search's actors
-    swaps it under the driver: Tune then failed in os.path.relpath with FileNotFoundError (the submitted tune
-    test, run alone, 3 times of 3)."""
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        os.chdir(path)
 
 
 def working_dir_keeper(path: str):
