@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 
@@ -51,17 +52,23 @@ def train_log_level() -> str:
     return "INFO" if verbose() else "WARNING"
 
 
-def reenter(path: str) -> None:
+def reenter(path: str, wait_s: float = 30) -> None:
     """Enters the driver's working folder `path` again when it was replaced. In a job that `rayformers submit`
-    started, the driver stands in the job's working_dir, which Ray unpacks under the session folder; joining the
-    cluster, or a node of infra/local (they share that folder) unpacking the same package for the job's actors,
-    puts a fresh copy at the same path, and relative paths (Tune's analysis at the end of a search) resolve
-    against the old one: os.path.relpath failed with FileNotFoundError (the submitted tune test run alone,
-    3 times of 3)."""
+    started, the driver stands in the job's working_dir, which Ray unpacks under the node's temp dir. Where
+    nodes share a temp dir (Ray's default for a worker node on the head's machine, or one on a shared disk),
+    another node setting up the job's working_dir removes that folder and unpacks it again at the same path
+    (`overwrite=True` in ray/_private/runtime_env/working_dir.py): the driver's cwd is gone (os.getcwd fails)
+    and, for a moment, so is the path. infra/local gives each node a temp dir of its own; this covers the
+    rest, waiting up to `wait_s` for the fresh copy."""
     try:
         os.getcwd()
+        return
     except FileNotFoundError:
-        os.chdir(path)
+        pass
+    deadline = time.monotonic() + wait_s
+    while not os.path.isdir(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.chdir(path)
 
 
 def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float = 0) -> None:

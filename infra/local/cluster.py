@@ -45,7 +45,7 @@ class LocalCluster:
     s3_bucket: str  # bucket that already exists in the emulator
     env: dict[str, str]  # os.environ plus the cluster's variables: pass it to subprocesses
     pids: dict[str, int]  # "head", "worker-1", ..., "s3": the processes stop-cluster.sh stops
-    state_dir: Path  # pids/, logs/ (one log per process), ray/ (Ray's session dir)
+    state_dir: Path  # pids/, logs/ (one log per process), ray/ (the head's Ray temp dir), ray-wN/ (worker node N's)
 
     def s3_uri(self, *parts: str) -> str:
         """s3://BUCKET/part/part... in the emulator's bucket."""

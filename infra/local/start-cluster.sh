@@ -13,7 +13,8 @@
 #   PYTHON                  interpreter of the venv holding ray and moto [<repo>/.venv/bin/python];
 #                           `ray` is taken from the same bin directory
 #   RAYFORMERS_CLUSTER_DIR  state dir: pids/, logs/, ray/ (Ray's temp dir), env.sh, cluster.json
-#                           [/tmp/rayformers-cluster]; keep it short, Ray puts unix sockets under it
+#                           [/tmp/rayformers-cluster]; keep it short, Ray puts unix sockets under it;
+#                           worker node N has a temp dir of its own, ray-wN/
 #   RAYFORMERS_WORKERS      worker nodes [1]
 #   CPUS_PER_NODE           logical CPUs each node advertises, head included [2]
 #   RAY_PORT                GCS port of the head [6379]
@@ -74,7 +75,7 @@ die() { log "$*"; exit 1; }
 [[ -x "$RAY" ]] || die "no ray executable next to $PYTHON"
 [[ "$WORKERS" =~ ^[0-9]+$ ]] || die "--workers must be a number, got '$WORKERS'"
 # Ray's unix sockets live under <temp dir>/session_<date>_<pid>/sockets/; paths over 107 bytes fail.
-(( ${#RAY_TEMP_DIR} <= 48 )) || die "state dir '$STATE_DIR' is too long for Ray's socket paths; use a shorter RAYFORMERS_CLUSTER_DIR"
+(( ${#RAY_TEMP_DIR} + 2 + ${#WORKERS} <= 48 )) || die "state dir '$STATE_DIR' is too long for Ray's socket paths; use a shorter RAYFORMERS_CLUSTER_DIR"
 
 # Refuse to start over a running cluster; forget the state of a dead one.
 if compgen -G "$PID_DIR/*.pid" > /dev/null; then
@@ -163,14 +164,17 @@ GCS_ADDRESS="$HEAD_IP:$RAY_PORT"
 
 for ((i = 1; i <= WORKERS; i++)); do
     log "Ray worker node $i joins $GCS_ADDRESS"
-    # One log monitor per machine: the head's already forwards the shared session's logs to drivers.
+    # Each worker node gets a temp dir of its own, as on a machine of its own. Sharing the head's (Ray's
+    # default) shares runtime_resources/: a node setting up a job's working_dir removes and unpacks it
+    # again at the same path (overwrite=True in ray/_private/runtime_env/working_dir.py), under the driver
+    # of a submitted job that stands in the head's copy (os.getcwd / chdir failed: FileNotFoundError).
     start_background "worker-$i" "$RAY" start --address "$GCS_ADDRESS" --block \
         --num-cpus "$CPUS_PER_NODE" \
         --resources "$WORKER_RESOURCES" \
         --dashboard-agent-listen-port "$(free_port)" \
         --min-worker-port 0 --max-worker-port 0 \
         --object-store-memory "$OBJECT_STORE_BYTES" \
-        --include-log-monitor false \
+        --temp-dir "$STATE_DIR/ray-w$i" \
         --disable-usage-stats
 done
 
