@@ -97,7 +97,7 @@ def connect(address: str | None, num_cpus: int | None = None, needed_cpus: float
     if address:
         cwd = os.getcwd()
         ray.init(address=address, runtime_env=runtime_env, logging_level=ray_log_level())
-        reenter(cwd)  # os.getcwd() failed right after ray.init on infra/local's two nodes
+        reenter(cwd)  # where nodes share a temp dir, joining can replace the folder a submitted driver stands in
     else:
         # Train workers take their CPUs for the whole run; Ray Data's preprocessing actors need CPUs
         # of their own or they are never scheduled (a known deadlock), so a laptop gets extra logical
