@@ -246,7 +246,9 @@ def fine_tune(cfg: JobConfig, callbacks: tuple = (), shared: Inputs | None = Non
         train_loop,
         train_loop_config={
             "job": cfg.model_dump(mode="json"),
-            "processor": processor,
+            # by reference: Ray Train's controller unpickles this config, and a tokenizer object there costs it
+            # transformers' imports (~2 s on 2 cores) before it starts any worker; the workers ray.get it
+            "processor": ray.put(processor),
             "labels": labels,
             "train_rows": rows,
             "has_eval": "eval" in datasets,

@@ -88,7 +88,8 @@ def evaluate(model, task, processor, labels, options, device, autocast) -> tuple
 def train_loop(config: dict) -> None:
     quiet_logs()
     cfg = JobConfig.model_validate(config["job"])
-    task, processor, labels, options = get_task(cfg.task), config["processor"], config["labels"], cfg.options()
+    task, labels, options = get_task(cfg.task), config["labels"], cfg.options()
+    processor = ray.get(config["processor"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
