@@ -194,7 +194,9 @@ def test_a_tune_job_runs_its_trials_on_the_cluster_and_writes_the_best_config_an
         "tune",
         *data_overrides(cluster),
         f"tune.output={search}",
-        "tune.space={train.lr: {grid: [1.0e-3, 1.0e-1]}}",  # one trial after the other, one worker each
+        # one trial: choosing the best of several (and ASHA stopping some) is tests/e2e/test_tune.py's; here the
+        # search runs as a submitted job and writes its trials, state, best config and model to S3
+        "tune.space={train.lr: {grid: [1.0e-3]}}",
         "tune.num_samples=1",
         "tune.metric=eval_loss",
         "tune.mode=min",
@@ -202,7 +204,7 @@ def test_a_tune_job_runs_its_trials_on_the_cluster_and_writes_the_best_config_an
         "train.eval_every=2",
         "train.log_every=2",
         "train.batch_size=16",
-        timeout=600,  # two training runs, one after the other: 320-345 s on 2 cores busy with other tests
+        timeout=600,  # one training run: 130 s with two (one after the other) on 2 cores at stop 25
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -213,7 +215,7 @@ def test_a_tune_job_runs_its_trials_on_the_cluster_and_writes_the_best_config_an
     root = search.removeprefix("s3://")
     trials = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/trials")]
     summary = json.loads(fs.cat(f"{root}/tune.json"))
-    assert sorted(trials) == sorted(t["trial"] for t in summary["trials"]) and len(trials) == 2, summary
+    assert sorted(trials) == sorted(t["trial"] for t in summary["trials"]) and len(trials) == 1, summary
     best = yaml.safe_load(fs.cat(f"{root}/best.yaml"))
     assert best["train"]["lr"] == summary["best"]["params"]["train.lr"]
     assert best["train"]["output"] == f"{search}/trials/{summary['best']['trial']}"
