@@ -204,7 +204,7 @@ def test_a_tune_job_runs_its_trials_on_the_cluster_and_writes_the_best_config_an
         "train.eval_every=2",
         "train.log_every=2",
         "train.batch_size=16",
-        timeout=600,  # one training run: 130 s with two (one after the other) on 2 cores at stop 25
+        timeout=600,  # one training run (the two-trial version took 130 s on 2 cores at stop 25)
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
